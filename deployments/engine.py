@@ -1,0 +1,99 @@
+"""The engine interface: what a model deployment offers the ingress.
+
+Requests and chunks are plain dataclasses so they cross Ray process boundaries cheaply
+and carry nothing of HTTP. Engines raise `EngineError` subclasses; the ingress maps
+their `code` to an HTTP status and an OpenAI error object.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: either chat `messages` (role/content dicts) or a raw `prompt`."""
+
+    request_id: str
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    messages: tuple[dict[str, str], ...] | None = None
+    prompt: str | None = None
+
+
+@dataclass
+class GenerationChunk:
+    """Text produced since the previous chunk, with running token counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+
+    def merge(self, later: GenerationChunk) -> GenerationChunk:
+        return GenerationChunk(
+            text=self.text + later.text,
+            prompt_tokens=later.prompt_tokens,
+            completion_tokens=later.completion_tokens,
+            finish_reason=later.finish_reason,
+        )
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `code` names the OpenAI error code."""
+
+    code = "engine_error"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.param))
+
+
+class InvalidGenerationRequest(EngineError):
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(EngineError):
+    code = "context_length_exceeded"
+
+
+class EngineUnavailable(EngineError):
+    code = "model_unavailable"
+
+
+class Engine(abc.ABC):
+    """A loaded model that turns requests into streams of chunks."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load weights; raise on failure so the replica fails its start-up instead of serving."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream chunks; closing the iterator early cancels the generation and frees its slot."""
+
+    @abc.abstractmethod
+    async def check_health(self) -> None:
+        """Raise if the engine can no longer serve."""
+
+    async def stop(self) -> None:
+        """Release resources (called on replica shutdown)."""

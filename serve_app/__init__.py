@@ -1,0 +1,1 @@
+"""modelserve: an OpenAI-compatible LLM server on Ray Serve."""

@@ -1,0 +1,233 @@
+"""Configuration models: the `args` of the Serve application, as plain validated data.
+
+Everything a deployment needs travels in these models, so a config with a typo is
+rejected before any deployment starts (never half an app).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Backend = Literal["llama_cpp", "vllm"]
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+
+
+class _Strict(BaseModel):
+    """Base for config sections: unknown keys are typos, not extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineSettings(_Strict):
+    """How the engine loads and runs the model (backend-specific keys are ignored by the other)."""
+
+    n_ctx: int = Field(2048, ge=32, description="Context window in tokens (llama.cpp).")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads for decoding; None = llama.cpp default.")
+    n_batch: int = Field(512, ge=1, description="Prompt-processing batch size (llama.cpp).")
+    chat_format: str | None = Field(
+        None, description="llama-cpp-python chat format name (e.g. 'gemma'); overrides the GGUF template."
+    )
+    chat_template: str | None = Field(None, description="Jinja chat template; overrides chat_format and GGUF.")
+    stream_interval_ms: float = Field(
+        20.0, ge=0, description="Tokens produced within this window are sent as one stream item."
+    )
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra backend keyword arguments.")
+
+
+class AutoscalingSettings(_Strict):
+    """Ray Serve autoscaling, by the names Serve uses."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    metrics_interval_s: float | None = Field(None, gt=0)
+    look_back_period_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class DeploymentSettings(_Strict):
+    """Ray Serve deployment options, passed through to `Deployment.options()`."""
+
+    num_replicas: int | None = Field(None, ge=0)
+    autoscaling_config: AutoscalingSettings | None = None
+    ray_actor_options: dict[str, Any] = Field(default_factory=dict)
+    max_ongoing_requests: int = Field(4, ge=1)
+    max_queued_requests: int = Field(16, ge=-1)
+    health_check_period_s: float | None = Field(None, gt=0)
+    health_check_timeout_s: float | None = Field(None, gt=0)
+    graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> DeploymentSettings:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """The keyword arguments for `Deployment.options()`."""
+        options = self.model_dump(exclude_none=True)
+        if self.num_replicas is None and self.autoscaling_config is None:
+            options["num_replicas"] = 1
+        return options
+
+
+class StorageSettings(_Strict):
+    """How to reach the S3 API (MinIO) holding `s3://` sources; credentials come from the environment."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint; None = AWS_ENDPOINT_URL or AWS default.")
+    region: str | None = Field(None, description="Region; None = AWS_REGION / AWS_DEFAULT_REGION or us-east-1.")
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
+
+
+class ModelSpec(_Strict):
+    """One served model: its OpenAI id, engine, weights and Serve deployment."""
+
+    name: str = Field(description="The OpenAI `model` id clients send.")
+    backend: Backend = "llama_cpp"
+    source: str = Field(description="Where the weights are: a path, file://, s3:// or package:// URI.")
+    owned_by: str = "modelserve"
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _MODEL_NAME.match(value):
+            raise ValueError("model name must be 1-128 characters of letters, digits and . _ : / @ -")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _valid_source(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0] if "://" in value else "file"
+        if scheme not in {"file", "s3", "package"}:
+            raise ValueError(f"unsupported source scheme {scheme!r} (use a path, file://, s3:// or package://)")
+        if not value.strip():
+            raise ValueError("source must not be empty")
+        return value
+
+    @property
+    def deployment_name(self) -> str:
+        """Serve deployment name: stable, derived from the model id."""
+        return "model-" + re.sub(r"[^A-Za-z0-9_-]+", "-", self.name).strip("-")
+
+
+class IngressSettings(_Strict):
+    """Serve options of the ingress deployment."""
+
+    deployment: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(max_ongoing_requests=256, max_queued_requests=-1)
+    )
+    first_token_timeout_s: float = Field(
+        120.0, gt=0, description="How long a request may wait for a model to produce anything before 503."
+    )
+
+
+class AppArgs(_Strict):
+    """The `args` of the modelserve Serve application."""
+
+    models: list[ModelSpec] = Field(min_length=1)
+    model_defaults: dict[str, Any] = Field(default_factory=dict, description="Merged into every model entry.")
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_model_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        defaults = data.get("model_defaults") or {}
+        models = data.get("models")
+        if not isinstance(defaults, dict) or not isinstance(models, list):
+            return data
+        merged = [deep_merge(defaults, m) if isinstance(m, dict) else m for m in models]
+        return {**data, "models": merged}
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AppArgs:
+        seen: dict[str, str] = {}
+        for model in self.models:
+            for key in (model.name, model.deployment_name):
+                if key in seen:
+                    raise ValueError(f"model {model.name!r} collides with model {seen[key]!r}")
+                seen[key] = model.name
+        return self
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge `override` onto `base`: nested dicts merge key by key, anything else is replaced."""
+    result = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = deep_merge(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be deployed, with a message naming each bad field."""
+
+
+def describe_validation_error(error: ValidationError, data: Any = None) -> str:
+    """One line per problem: dotted field path (model names where known), message and bad value."""
+    lines = []
+    for err in error.errors():
+        parts: list[str] = []
+        node = data
+        for loc in err["loc"]:
+            if isinstance(loc, int):
+                name = node[loc].get("name") if isinstance(node, list) and isinstance(node[loc], dict) else None
+                parts[-1:] = [f"{parts[-1] if parts else ''}[{loc}]" + (f" ({name})" if name else "")]
+            else:
+                parts.append(str(loc))
+            try:
+                node = node[loc]  # type: ignore[index]
+            except (KeyError, IndexError, TypeError):
+                node = None
+        where = ".".join(parts) or "args"
+        value = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        lines.append(f"{where}: {err['msg']}{value}")
+    return "\n".join(lines)
+
+
+def parse_app_args(args: dict[str, Any] | None) -> AppArgs:
+    """Validate application args, raising ConfigError with field-level messages."""
+    try:
+        return AppArgs.model_validate(args or {})
+    except ValidationError as exc:
+        raise ConfigError("invalid modelserve config:\n" + describe_validation_error(exc, args)) from None
+
+
+def load_serve_config(path: str | Path) -> dict[str, Any]:
+    """Read a Serve config file (the one `serve deploy` takes)."""
+    with open(path, encoding="utf-8") as handle:
+        config = yaml.safe_load(handle)
+    if not isinstance(config, dict) or not isinstance(config.get("applications"), list):
+        raise ConfigError(f"{path}: not a Serve config (no 'applications' list)")
+    return config
+
+
+def modelserve_applications(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The applications in a Serve config that run this app builder."""
+    return [
+        app for app in config["applications"] if str(app.get("import_path", "")).startswith("serve_app.app:")
+    ]

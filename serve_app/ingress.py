@@ -1,0 +1,337 @@
+"""The OpenAI-compatible ingress: the only door to the model deployments.
+
+Requests are validated by the protocol models, turned into engine-neutral
+`GenerationRequest`s and sent to the model's deployment handle. Every failure leaves as
+an OpenAI error object with a meaningful status; nothing answers a bare 500.
+"""
+
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.engine import (
+    ContextLengthExceeded,
+    EngineError,
+    EngineUnavailable,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+)
+from serve_app.config import AppArgs, ModelSpec
+from serve_app.protocol import (
+    AssistantMessage,
+    ChatChunkChoice,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    SamplingFields,
+    Usage,
+    new_id,
+    now,
+)
+
+logger = logging.getLogger("modelserve.ingress")
+
+RETRY_AFTER_S = "1"
+
+app = FastAPI(title="modelserve", description="OpenAI-compatible LLM serving on Ray Serve.")
+
+
+@app.exception_handler(OpenAIError)
+async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body.model_dump(), status_code=exc.status, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI answers 422; OpenAI clients expect 400 invalid_request_error naming the field."""
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [part for part in first.get("loc", ()) if part != "body"]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    if first.get("type") == "json_invalid":
+        message, param = "We could not parse the JSON body of your request: " + first.get("msg", ""), None
+    elif first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'." if param else "Missing request body."
+    else:
+        message = f"Invalid value for '{param}': {first.get('msg')}." if param else str(first.get("msg"))
+    return _openai_error_response(OpenAIError(400, message, param=param, code="invalid_request"))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kinds = {404: "not_found", 405: "method_not_allowed"}
+    error = OpenAIError(exc.status_code, str(exc.detail), code=kinds.get(exc.status_code), headers=exc.headers)
+    return _openai_error_response(error)
+
+
+@app.exception_handler(Exception)
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error in ingress")
+    error = OpenAIError(500, "The server had an error while processing your request.", type="server_error")
+    return _openai_error_response(error)
+
+
+def _openai_error_response(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body.model_dump(), status_code=exc.status, headers=exc.headers)
+
+
+def model_error(exc: BaseException, model: str) -> OpenAIError:
+    """Map a failure from a model deployment (possibly wrapped by Ray) to an OpenAI error."""
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    retry = {"Retry-After": RETRY_AFTER_S}
+    if isinstance(cause, ContextLengthExceeded):
+        return OpenAIError(400, cause.message, param=cause.param, code=cause.code)
+    if isinstance(cause, EngineUnavailable):
+        return OpenAIError(503, cause.message, type="server_error", code=cause.code, headers=retry)
+    if isinstance(cause, EngineError):
+        return OpenAIError(400, cause.message, param=cause.param, code=cause.code)
+    if isinstance(cause, BackPressureError):
+        message = f"Model '{model}' is overloaded: too many requests are queued. Retry shortly."
+        return OpenAIError(503, message, type="server_error", code="model_overloaded", headers=retry)
+    if isinstance(cause, TimeoutError):
+        message = f"Model '{model}' is not ready (no replica answered in time). Retry shortly."
+        return OpenAIError(503, message, type="server_error", code="model_not_ready", headers=retry)
+    if isinstance(cause, (RayActorError, DeploymentUnavailableError, RayTaskError)):
+        logger.warning("model %s replica failure: %s", model, cause)
+        message = f"Model '{model}' is unavailable (replica failure). Retry shortly."
+        return OpenAIError(503, message, type="server_error", code="model_unavailable", headers=retry)
+    logger.error("unexpected error from model %s: %r", model, cause)
+    return OpenAIError(500, "The server had an error while processing your request.", type="server_error")
+
+
+def unsupported(param: str, message: str) -> OpenAIError:
+    return OpenAIError(400, message, param=param, code="unsupported_parameter")
+
+
+def sampling_params(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    if body.n not in (None, 1):
+        raise unsupported("n", "Only n=1 is supported: request several completions separately.")
+    if body.logprobs:
+        raise unsupported("logprobs", "logprobs are not supported by this server.")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=tuple(body.stop_list()),
+        seed=body.seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+    )
+
+
+def sse(payload: Any) -> str:
+    return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+
+
+def usage_of(chunk: GenerationChunk) -> Usage:
+    return Usage(
+        prompt_tokens=chunk.prompt_tokens,
+        completion_tokens=chunk.completion_tokens,
+        total_tokens=chunk.prompt_tokens + chunk.completion_tokens,
+    )
+
+
+@serve.deployment(name="ingress")
+@serve.ingress(app)
+class OpenAIIngress:
+    """Routes OpenAI requests to per-model deployments by the `model` field."""
+
+    def __init__(self, args: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+        self._args = AppArgs.model_validate(args)
+        self._handles = models
+        self._created = now()
+
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models(self) -> ModelList:
+        return ModelList(data=[self._card(spec) for spec in self._args.models])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str) -> ModelCard:
+        return self._card(self._model(model_id))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+        spec = self._model(body.model)
+        request = GenerationRequest(
+            request_id=new_id("chatcmpl"),
+            sampling=sampling_params(body, body.token_limit()),
+            messages=tuple({"role": m.role, "content": m.text()} for m in body.messages),
+        )
+        first, stream = await self._open(spec, request)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self._sse_response(self._chat_events(request.request_id, spec.name, first, stream, include_usage))
+        text, last = await self._collect(spec, first, stream)
+        return ChatCompletionResponse(
+            id=request.request_id,
+            created=now(),
+            model=spec.name,
+            choices=[ChatCompletionChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)],
+            usage=usage_of(last),
+        )
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> Any:
+        spec = self._model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise unsupported("prompt", "Send one prompt per request (batched prompts are not supported).")
+        if body.suffix:
+            raise unsupported("suffix", "suffix (fill-in-the-middle) is not supported.")
+        request = GenerationRequest(
+            request_id=new_id("cmpl"), sampling=sampling_params(body, body.token_limit()), prompt=prompts[0]
+        )
+        first, stream = await self._open(spec, request)
+        prefix = prompts[0] if body.echo else ""
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = self._completion_events(request.request_id, spec.name, prefix, first, stream, include_usage)
+            return self._sse_response(events)
+        text, last = await self._collect(spec, first, stream)
+        return CompletionResponse(
+            id=request.request_id,
+            created=now(),
+            model=spec.name,
+            choices=[CompletionChoice(text=prefix + text, finish_reason=last.finish_reason)],
+            usage=usage_of(last),
+        )
+
+    def _model(self, name: str) -> ModelSpec:
+        spec = self._args.model(name)
+        if spec is None:
+            raise OpenAIError(
+                404, f"The model '{name}' does not exist or you do not have access to it.",
+                param="model", code="model_not_found",
+            )
+        return spec
+
+    def _card(self, spec: ModelSpec) -> ModelCard:
+        return ModelCard(id=spec.name, created=self._created, owned_by=spec.owned_by)
+
+    async def _open(
+        self, spec: ModelSpec, request: GenerationRequest
+    ) -> tuple[GenerationChunk, DeploymentResponseGenerator]:
+        """Start a generation and wait for its first chunk, so early failures get a proper status."""
+        stream = self._handles[spec.name].options(stream=True).generate.remote(request)
+        try:
+            first = await asyncio.wait_for(stream.__anext__(), self._args.ingress.first_token_timeout_s)
+        except BaseException as exc:
+            stream.cancel()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise model_error(exc, spec.name) from None
+        return first, stream
+
+    async def _collect(
+        self, spec: ModelSpec, first: GenerationChunk, stream: DeploymentResponseGenerator
+    ) -> tuple[str, GenerationChunk]:
+        parts, last = [first.text], first
+        try:
+            while last.finish_reason is None:
+                last = await stream.__anext__()
+                parts.append(last.text)
+        except StopAsyncIteration:
+            pass
+        except Exception as exc:
+            raise model_error(exc, spec.name) from None
+        finally:
+            stream.cancel()
+        return "".join(parts), last
+
+    @staticmethod
+    def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @staticmethod
+    async def _chunks(
+        model: str, first: GenerationChunk, stream: DeploymentResponseGenerator
+    ) -> AsyncIterator[GenerationChunk]:
+        """All chunks of a started generation; cancels the model side however the client leaves."""
+        try:
+            yield first
+            if first.finish_reason is None:
+                async for chunk in stream:
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        break
+        except (StopAsyncIteration, GeneratorExit, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise model_error(exc, model) from None
+        finally:
+            stream.cancel()
+
+    async def _chat_events(
+        self, rid: str, model: str, first: GenerationChunk, stream: DeploymentResponseGenerator, include_usage: bool
+    ) -> AsyncIterator[str]:
+        created = now()
+
+        def frame(delta: DeltaMessage, finish: str | None = None) -> ChatCompletionChunk:
+            choice = ChatChunkChoice(delta=delta, finish_reason=finish)
+            return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
+
+        yield sse(frame(DeltaMessage(role="assistant", content="")))
+        last = first
+        try:
+            async for chunk in self._chunks(model, first, stream):
+                last = chunk
+                if chunk.text:
+                    yield sse(frame(DeltaMessage(content=chunk.text)))
+            yield sse(frame(DeltaMessage(), last.finish_reason))
+            if include_usage:
+                yield sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage_of(last)))
+        except OpenAIError as exc:
+            yield f"data: {exc.body.model_dump_json()}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def _completion_events(
+        self,
+        rid: str,
+        model: str,
+        prefix: str,
+        first: GenerationChunk,
+        stream: DeploymentResponseGenerator,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        created = now()
+
+        def frame(text: str, finish: str | None = None, usage: Usage | None = None) -> CompletionResponse:
+            choices = [] if usage else [CompletionChoice(text=text, finish_reason=finish)]
+            return CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
+
+        if prefix:
+            yield sse(frame(prefix))
+        last = first
+        try:
+            async for chunk in self._chunks(model, first, stream):
+                last = chunk
+                if chunk.text or chunk.finish_reason:
+                    yield sse(frame(chunk.text, chunk.finish_reason))
+            if include_usage:
+                yield sse(frame("", usage=usage_of(last)))
+        except OpenAIError as exc:
+            yield f"data: {exc.body.model_dump_json()}\n\n"
+        yield "data: [DONE]\n\n"
