@@ -144,11 +144,11 @@ def ray_pod_templates(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("overrides", [{}, GPU_SETTINGS], ids=["cpu+minio", "gpu+external-s3"])
 def test_every_rendered_object_validates_against_its_schema(overrides: dict[str, Any]) -> None:
-    files = render.render_manifests(serve_config(), settings(**overrides))
+    deploy = settings(**overrides)
+    files = render.render_manifests(serve_config(), deploy)
     docs = documents(files)
-    expected = {"Namespace", "RayService"} | (
-        {"PersistentVolumeClaim", "Deployment", "Service", "Job"} if not overrides else set()
-    )
+    minio_kinds = {"PersistentVolumeClaim", "Deployment", "Service", "Job"}
+    expected = {"Namespace", "RayService"} | (minio_kinds if deploy.minio.enabled else set())
     assert {doc["kind"] for doc in docs} == expected
     for doc in docs:
         assert_valid(doc)
