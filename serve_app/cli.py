@@ -1,0 +1,165 @@
+"""`modelserve` command line: bring the app up locally, validate configs, and the operator subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import yaml
+
+from serve_app.config import ConfigError, load_serve_config, modelserve_applications, parse_app_args
+
+DASHBOARD = "http://127.0.0.1:8265"
+
+
+def _validate(path: str) -> list[Any]:
+    """Parse every modelserve application in a Serve config; raise ConfigError naming the bad fields."""
+    config = load_serve_config(path)
+    apps = modelserve_applications(config)
+    if not apps:
+        raise ConfigError(f"{path}: no application with import_path serve_app.app:build_app")
+    parsed = []
+    for app in apps:
+        try:
+            parsed.append(parse_app_args(app.get("args")))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: application {app.get('name', '?')!r}: {exc}") from None
+    return parsed
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        for app_args in _validate(args.config):
+            for spec in app_args.models:
+                print(f"ok  {spec.name}  backend={spec.backend}  source={spec.source}  "
+                      f"deployment={spec.deployment_name}")
+    except (ConfigError, OSError, yaml.YAMLError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=False, text=True, capture_output=True, **kwargs)
+
+
+def _ray_running() -> bool:
+    return _run(["ray", "status"]).returncode == 0
+
+
+def _serve_status() -> dict[str, Any]:
+    result = _run(["serve", "status", "--address", DASHBOARD])
+    if result.returncode != 0:
+        return {}
+    return yaml.safe_load(result.stdout) or {}
+
+
+def _wait_until_running(app_names: list[str], timeout_s: float) -> str | None:
+    """Poll `serve status` until every app is RUNNING; return an error message on failure."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        apps = (_serve_status().get("applications") or {})
+        states = {name: (apps.get(name) or {}).get("status", "NOT_STARTED") for name in app_names}
+        if all(state == "RUNNING" for state in states.values()):
+            return None
+        failed = [name for name, state in states.items() if state in ("DEPLOY_FAILED", "UNHEALTHY")]
+        if failed:
+            return yaml.safe_dump({name: apps[name] for name in failed}, sort_keys=False)
+        summary = ", ".join(f"{n}={s}" for n, s in states.items())
+        if summary != last:
+            print(f"  waiting: {summary}", flush=True)
+            last = summary
+        time.sleep(2)
+    return f"timed out after {timeout_s:.0f}s waiting for {', '.join(app_names)}"
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    try:
+        _validate(args.config)
+    except (ConfigError, OSError, yaml.YAMLError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    config = load_serve_config(args.config)
+    if not _ray_running():
+        cpus = str(args.num_cpus or max(4, os.cpu_count() or 1))
+        print(f"starting a local Ray head (127.0.0.1, {cpus} CPU slots, dashboard {DASHBOARD}) ...", flush=True)
+        started = _run(
+            ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+             "--num-cpus", cpus, "--disable-usage-stats"]
+        )
+        if started.returncode != 0:
+            print(f"error: ray start failed:\n{started.stderr or started.stdout}", file=sys.stderr)
+            return 1
+    print(f"deploying {args.config} ...", flush=True)
+    deployed = _run(["serve", "deploy", args.config, "--address", DASHBOARD])
+    if deployed.returncode != 0:
+        print(f"error: serve deploy failed:\n{deployed.stderr or deployed.stdout}", file=sys.stderr)
+        return 1
+    problem = _wait_until_running([app["name"] for app in modelserve_applications(config)], args.timeout)
+    if problem:
+        print(f"error: the application did not become healthy:\n{problem}", file=sys.stderr)
+        return 1
+    http = config.get("http_options") or {}
+    base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    model = _validate(args.config)[0].models[0].name
+    print(f"\nmodelserve is up: {base}/v1  (Ray dashboard: {DASHBOARD})\n")
+    print(
+        f"curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        f"  -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], "
+        f"\"max_tokens\": 32}}'"
+    )
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    if not _ray_running():
+        print("no local Ray cluster is running")
+        return 0
+    _run(["serve", "shutdown", "--yes", "--address", DASHBOARD])
+    if not args.keep_ray:
+        stopped = _run(["ray", "stop"])
+        print(stopped.stdout.strip() or "ray stopped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelserve", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    up = subparsers.add_parser("up", help="start local Ray if needed, deploy the config, wait until healthy")
+    up.add_argument("config", nargs="?", default="serve_config.yaml")
+    up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the app to be healthy")
+    up.add_argument("--num-cpus", type=int, default=None, help="CPU slots of a newly started local Ray")
+    up.set_defaults(func=cmd_up)
+
+    down = subparsers.add_parser("down", help="remove the Serve apps and stop the local Ray")
+    down.add_argument("--keep-ray", action="store_true", help="only shut Serve down")
+    down.set_defaults(func=cmd_down)
+
+    validate = subparsers.add_parser("validate", help="check a Serve config without deploying it")
+    validate.add_argument("config", nargs="?", default="serve_config.yaml")
+    validate.set_defaults(func=cmd_validate)
+
+    for module in _operator_modules():
+        module.register(subparsers)
+    return parser
+
+
+def _operator_modules() -> list[Any]:
+    from serve_app import cli_weights, render
+
+    return [cli_weights, render]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Session fixtures: one real local Ray (with its dashboard) running the real app, deployed by `serve deploy`.
+
+The app is deployed from a test copy of serve_config.yaml: the demo Gemma model plus a
+tiny random-weight GGUF, with fractional CPUs so everything fits on 2 cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_gguf import write_tiny_llama_gguf  # noqa: E402
+
+HTTP_PORT = 8000
+DASHBOARD_PORT = 8265
+BASE_URL = f"http://127.0.0.1:{HTTP_PORT}"
+APP_NAME = "modelserve"
+GEMMA = "gemma-3-270m"
+TINY = "tiny-llama"
+
+
+def make_test_config(tiny_path: Path) -> dict[str, Any]:
+    """serve_config.yaml as shipped, sized for a 2-core test machine, plus the tiny model."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": HTTP_PORT}
+    app = next(a for a in config["applications"] if a["import_path"] == "serve_app.app:build_app")
+    app["name"] = APP_NAME
+    args = app["args"]
+    args["model_defaults"]["deployment"] = {
+        "num_replicas": 1,
+        "max_ongoing_requests": 4,
+        "max_queued_requests": 8,
+        "ray_actor_options": {"num_cpus": 0.5},
+    }
+    gemma = next(m for m in args["models"] if m["name"] == GEMMA)
+    tiny = copy.deepcopy(gemma)
+    tiny.update(name=TINY, source=str(tiny_path), engine={"n_ctx": 256, "n_threads": 1})
+    tiny["deployment"] = {"max_ongoing_requests": 2, "max_queued_requests": 4, "ray_actor_options": {"num_cpus": 0.25}}
+    args["models"] = [gemma, tiny]
+    args["ingress"] = {"deployment": {"ray_actor_options": {"num_cpus": 0.25}}}
+    return config
+
+
+def serve_cli(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the `serve` CLI against the test cluster's dashboard."""
+    cmd = ["serve", *argv, "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"]
+    result = subprocess.run(cmd, text=True, capture_output=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def wait_for_app(name: str = APP_NAME, timeout_s: float = 300) -> dict[str, Any]:
+    """Wait until `serve status` reports the app RUNNING; fail with the status on DEPLOY_FAILED."""
+    deadline = time.monotonic() + timeout_s
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = yaml.safe_load(serve_cli("status").stdout) or {}
+        app = (status.get("applications") or {}).get(name) or {}
+        if app.get("status") == "RUNNING":
+            return app
+        if app.get("status") == "DEPLOY_FAILED":
+            raise AssertionError(f"deploy failed: {app}")
+        time.sleep(1)
+    raise AssertionError(f"app {name} not running after {timeout_s}s: {status}")
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A real local Ray with the dashboard (needed by `serve deploy`), owned by this test session."""
+    import ray
+
+    os.environ.setdefault("MODELSERVE_CACHE_DIR", str(tmp_path_factory.mktemp("weight-cache")))
+    ray.init(
+        num_cpus=8,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=DASHBOARD_PORT,
+        logging_level="warning",
+    )
+    try:
+        yield
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def config_path(ray_cluster: None, tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(make_test_config(tiny_path), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def app_url(config_path: Path) -> str:
+    """The app deployed with `serve deploy` exactly as an operator would."""
+    serve_cli("deploy", str(config_path))
+    wait_for_app()
+    httpx.get(f"{BASE_URL}/health", timeout=30).raise_for_status()
+    return BASE_URL
+
+
+@pytest.fixture(scope="session")
+def client(app_url: str) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -1,0 +1,135 @@
+"""Bad input gets an OpenAI error object with the right status, never a 500 or a crash."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import GEMMA, ROOT, TINY
+
+from serve_app.app import build_app
+from serve_app.config import ConfigError
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def post(app_url: str, path: str, content: bytes | str) -> httpx.Response:
+    return httpx.post(f"{app_url}{path}", content=content, headers={"Content-Type": "application/json"}, timeout=60)
+
+
+def assert_error(response: httpx.Response, status: int, code: str, param: str | None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS
+    error = body["error"]
+    assert error["code"] == code and error["param"] == param
+    assert error["message"] and "Traceback" not in error["message"]
+    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ('{"model": "' + GEMMA + '"}', "messages"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "model"),
+        ('{"model": "' + GEMMA + '", "messages": 5}', "messages"),
+        ('{"model": "' + GEMMA + '", "messages": []}', "messages"),
+        ('{"model": "' + GEMMA + '", "messages": [{"role": "wizard", "content": "hi"}]}', "messages[0].role"),
+        ('{"model": "' + GEMMA + '", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"}',
+         "max_tokens"),
+        ('{"model": "' + GEMMA + '", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}',
+         "temperature"),
+        ('{"model": "' + GEMMA + '", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}',
+         "max_tokens"),
+        ('{"model": "' + GEMMA + '", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream"),
+    ],
+)
+def test_invalid_chat_fields(app_url: str, body: str, param: str) -> None:
+    error = assert_error(post(app_url, "/v1/chat/completions", body), 400, "invalid_request", param)
+    assert param.split("[")[0] in error["message"]
+
+
+def test_malformed_json(app_url: str) -> None:
+    assert_error(post(app_url, "/v1/chat/completions", "{not json"), 400, "invalid_request", None)
+
+
+def test_unknown_fields_are_ignored(app_url: str) -> None:
+    body = '{"model": "%s", "prompt": "hi", "max_tokens": 2, "vendor_extension": {"x": 1}}' % TINY
+    assert post(app_url, "/v1/completions", body).status_code == 200
+
+
+def test_unknown_model(app_url: str) -> None:
+    body = '{"model": "gpt-99", "messages": [{"role": "user", "content": "hi"}]}'
+    assert_error(post(app_url, "/v1/chat/completions", body), 404, "model_not_found", "model")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ('{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "n": 2}' % TINY, "n"),
+        ('{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "logprobs": true}' % TINY, "logprobs"),
+    ],
+)
+def test_parameters_it_cannot_serve(app_url: str, body: str, param: str) -> None:
+    assert_error(post(app_url, "/v1/chat/completions", body), 400, "unsupported_parameter", param)
+
+
+def test_batched_prompts_rejected(app_url: str) -> None:
+    body = '{"model": "%s", "prompt": ["a", "b"]}' % TINY
+    assert_error(post(app_url, "/v1/completions", body), 400, "unsupported_parameter", "prompt")
+
+
+def test_prompt_longer_than_context(app_url: str) -> None:
+    long_prompt = "word " * 600  # the tiny model's context is 256 tokens
+    body = '{"model": "%s", "messages": [{"role": "user", "content": "%s"}]}' % (TINY, long_prompt)
+    error = assert_error(post(app_url, "/v1/chat/completions", body), 400, "context_length_exceeded", "messages")
+    assert "256" in error["message"]
+
+
+def test_max_tokens_beyond_context(app_url: str) -> None:
+    body = '{"model": "%s", "prompt": "hello", "max_tokens": 100000}' % TINY
+    assert_error(post(app_url, "/v1/completions", body), 400, "context_length_exceeded", "max_tokens")
+
+
+def test_unknown_route_is_an_openai_error(app_url: str) -> None:
+    response = httpx.get(f"{app_url}/v1/nothing-here", timeout=30)
+    assert response.status_code == 404 and set(response.json()["error"]) == ERROR_KEYS
+
+
+def _bad_config(tmp_path: Path) -> Path:
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["applications"][0]["args"]["models"][0]["engine"]["n_ctx"] = "lots"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_modelserve_validate(tmp_path: Path) -> None:
+    good = subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", "validate", str(ROOT / "serve_config.yaml")],
+        capture_output=True, text=True,
+    )
+    assert good.returncode == 0 and GEMMA in good.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", "validate", str(_bad_config(tmp_path))],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode == 1
+    assert f"models[0] ({GEMMA}).engine.n_ctx" in bad.stderr and "'lots'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_build_app_rejects_bad_args_naming_field_and_value() -> None:
+    args = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
+    args["models"].append({"name": "second", "source": "/models/x.gguf", "backend": "tensorrt"})
+    with pytest.raises(ConfigError) as info:
+        build_app(args)
+    assert "models[1] (second).backend" in str(info.value) and "'tensorrt'" in str(info.value)
+    args["models"][1] = {"name": GEMMA, "source": "/models/x.gguf"}
+    with pytest.raises(ConfigError, match="collides"):
+        build_app(args)
