@@ -247,7 +247,7 @@ def _part_size(client: Any, bucket: str, info: ObjectInfo) -> int | None:
     if not _MULTIPART_MD5.match(info.etag):
         return None  # e.g. SSE-KMS ETags are not content digests
     try:
-        return client.head_object(Bucket=bucket, Key=info.key, PartNumber=1, IfMatch=f'"{info.etag}"')["ContentLength"]
+        return client.head_object(Bucket=bucket, Key=info.key, PartNumber=1)["ContentLength"]
     except (boto_errors.ClientError, boto_errors.BotoCoreError):
         logger.debug("store does not report part sizes; ETag of %s not verified", info.key)
         return None

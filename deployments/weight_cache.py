@@ -96,11 +96,14 @@ class _Job:
         return WeightFetchError(f"{who}cannot fetch weights from {self.source}: {reason}")
 
 
-def entry_name(source: str, endpoint_url: str | None = None) -> str:
-    """Readable, filesystem-safe cache entry name, unique per (source, endpoint)."""
+def entry_name(source: str) -> str:
+    """Readable, filesystem-safe cache entry name, unique per source.
+
+    The endpoint is not part of it: the same object reached through another URL is reused,
+    and a different object under the same URI has another ETag, so it is refreshed.
+    """
     readable = re.sub(r"[^A-Za-z0-9._-]+", "-", source.split("://", 1)[-1]).strip("-.")[:80]
-    digest = hashlib.sha256(f"{source} {endpoint_url or ''}".encode()).hexdigest()[:10]
-    return f"{readable}-{digest}"
+    return f"{readable}-{hashlib.sha256(source.encode()).hexdigest()[:10]}"
 
 
 def _tree_size(path: Path, skip_partial: bool = False) -> int:
@@ -212,11 +215,13 @@ class WeightCache:
         except Timeout:
             logger.info("%s: waiting for another process downloading %s", job.what, job.source)
             lock.acquire()
+        entry_dir = self.root / "entries" / name
         try:
-            entry_dir = self.root / "entries" / name
             entry_dir.mkdir(parents=True, exist_ok=True)
             yield entry_dir
         finally:
+            if entry_dir.exists() and not any(entry_dir.iterdir()):
+                entry_dir.rmdir()  # a failed first download leaves no empty entry behind
             lock.release()
 
     def _cached(self, name: str, fingerprint: dict[str, Any], job: _Job) -> Path | None:
@@ -343,7 +348,7 @@ class WeightCache:
         try:
             bucket, key = s3_store.parse_s3_uri(job.source)
             client = s3_store.make_client(storage)
-            name = entry_name(job.source, client.meta.endpoint_url)
+            name = entry_name(job.source)
             fetch = self._fetch_s3_file if key and not key.endswith("/") else self._fetch_s3_prefix
             try:
                 return fetch(job, client, bucket, key, name)

@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 TEST_CREDENTIALS = {
@@ -194,5 +195,6 @@ class FaultProxy:
 def subprocess_env(endpoint_url: str, **extra: str) -> dict[str, str]:
     """Environment for a child process talking to the test S3 server."""
     env = {**os.environ, **TEST_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint_url, **extra}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH", "")]))
+    repo_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH", "")]))
     return env
