@@ -166,12 +166,12 @@ class FaultProxy:
                 if not data:
                     break
                 if cut_at is not None and forwarded + len(data) >= cut_at:
-                    sink.sendall(data[: cut_at - forwarded])
                     self._count(cut_at - forwarded, is_response)
+                    sink.sendall(data[: cut_at - forwarded])
                     break
+                self._count(len(data), is_response)  # before sending: the client never sees it uncounted
                 sink.sendall(data)
                 forwarded += len(data)
-                self._count(len(data), is_response)
                 if is_response and self.rate_bytes_per_s:
                     ahead = forwarded / self.rate_bytes_per_s - (time.monotonic() - started)
                     if ahead > 0:

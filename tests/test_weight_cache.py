@@ -156,7 +156,7 @@ def test_connection_cut_mid_body_resumes_byte_identical(moto, proxy, bucket, cac
 
 
 def test_killed_download_leaves_nothing_complete_and_resumes(moto, bucket, tmp_path):
-    data = os.urandom(17 * MB)  # chunks of 8, 8 and 1 MiB: the small one finishes first
+    data = os.urandom(17 * MB)  # chunks of 16 and 1 MiB: the small one finishes first
     put(moto, bucket, "killed.gguf", data)
     slow_proxy = FaultProxy(moto.port, rate_bytes_per_s=4 * MB)
     go = tmp_path / "go"

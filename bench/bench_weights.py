@@ -1,0 +1,86 @@
+"""Weight cache throughput against raw boto3, both measured in this run on the same object.
+
+Starts moto's S3 server on 127.0.0.1 (in its own process, so the client's CPU use does not
+slow the server), uploads a random object, then times: raw boto3 `download_file`, a cold
+WeightCache fetch (download + verification + atomic rename), and a warm fetch (one HEAD).
+The last line prints the cold-pull ratio (target >= 0.9x).
+
+    python bench/bench_weights.py            # ~200 MB object
+    python bench/bench_weights.py --quick    # ~64 MB object, well under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deployments.weight_cache import WeightCache  # noqa: E402
+from serve_app.cli_weights import push_path  # noqa: E402
+from serve_app.config import StorageSettings  # noqa: E402
+from tests.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3  # noqa: E402
+
+MB = 1024 * 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smaller object (finishes within a minute)")
+    parser.add_argument("--size-mb", type=int, help="object size in MiB (default 200, 64 with --quick)")
+    parser.add_argument("--rounds", type=int, help="alternating raw/cache rounds (default 3, 5 with --quick)")
+    args = parser.parse_args()
+    size = (args.size_mb or (64 if args.quick else 200)) * MB
+    rounds = args.rounds or (5 if args.quick else 3)
+    os.environ.update(TEST_CREDENTIALS)
+
+    with MotoS3(in_subprocess=True) as store, tempfile.TemporaryDirectory(prefix="bench-weights-") as scratch:
+        work = Path(scratch)
+        client = store.client()
+        client.create_bucket(Bucket="bench")
+        model = work / "model.gguf"
+        with open(model, "wb") as handle:
+            for _ in range(size // MB):
+                handle.write(os.urandom(MB))
+        push_path(client, model, "s3://bench/model.gguf")
+        storage = StorageSettings(endpoint_url=store.endpoint_url)
+        raw_client = store.client()
+
+        raw_times, cache_times = [], []
+        for round_index in range(rounds):  # alternate so drift in the server hits both alike
+            target = work / "raw.bin"
+            started = time.perf_counter()
+            raw_client.download_file("bench", "model.gguf", str(target))
+            raw_times.append(time.perf_counter() - started)
+            target.unlink()
+
+            cache = WeightCache(work / f"cache-{round_index}")
+            started = time.perf_counter()
+            cache.fetch("s3://bench/model.gguf", storage, label="bench")
+            cache_times.append(time.perf_counter() - started)
+
+        proxy = FaultProxy(store.port)  # counts the bytes a warm start transfers
+        started = time.perf_counter()
+        warm = cache.fetch("s3://bench/model.gguf", StorageSettings(endpoint_url=proxy.endpoint_url), label="bench")
+        warm_seconds = time.perf_counter() - started
+        assert warm.stat().st_size == size and cache.last_stats and cache.last_stats.cache_hit
+        warm_bytes = proxy.bytes_served
+        proxy.close()
+
+    raw_rate = size / MB / statistics.median(raw_times)
+    cache_rate = size / MB / statistics.median(cache_times)
+    print(f"object: {size // MB} MiB, {rounds} rounds each (median)")
+    print(f"raw boto3 download_file: {raw_rate:7.1f} MiB/s  ({', '.join(f'{t:.2f}s' for t in raw_times)})")
+    print(f"WeightCache cold pull:   {cache_rate:7.1f} MiB/s  ({', '.join(f'{t:.2f}s' for t in cache_times)})")
+    print(f"warm start: {warm_seconds * 1000:.0f} ms, {warm_bytes} bytes from the store (one HEAD, no body)")
+    print(f"cold pull ratio WeightCache / boto3: {cache_rate / raw_rate:.2f}x (target >= 0.9x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
