@@ -1,0 +1,295 @@
+"""Access policy: who may use which models and how much, and the checks the ingress runs per request.
+
+A policy document (a YAML file in policies/, delivered to the ingress as its Serve `user_config`) holds
+the auth settings, one `TenantPolicy` per tenant, the policy for unknown tenants (deny by default) and
+hashed static API keys. `AccessGate` is what the ingress calls, in request order: `authenticate` (401),
+`allows` (404, the same answer as for a model that does not exist), `max_tokens` (clamp or 400),
+`admit` (429). The request's `RequestAccount` then collects usage until the response ends and is settled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ray.serve.handle import DeploymentResponseGenerator
+
+from deployments.engine import GenerationChunk, GenerationRequest
+from serve_app.auth import Authenticator, AuthError, AuthSettings, Principal
+from serve_app.config import ConfigError, describe_validation_error
+from serve_app.limits import Admission, Limits, LimiterUnavailable, Quota, SharedLimiter
+from serve_app.protocol import OpenAIError
+
+logger = logging.getLogger("modelserve.policy")
+
+ANONYMOUS = Principal(tenant="anonymous", roles=frozenset({"admin"}), subject="anonymous")
+CHARS_PER_TOKEN = 4
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TenantPolicy(_Strict):
+    """What one tenant may use. Limits left unset are unlimited."""
+
+    models: list[str] = Field(default_factory=list, description="Glob patterns (case-sensitive) of usable model ids.")
+    max_tokens: int | None = Field(None, ge=1, description="Cap on max_tokens; also the value when a request sets none.")
+    over_max_tokens: Literal["clamp", "reject"] = Field("clamp", description="Above the cap: lower it, or answer 400.")
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1, description="Prompt + completion tokens.")
+    max_concurrent_requests: int | None = Field(None, ge=1)
+
+    @field_validator("models")
+    @classmethod
+    def _patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if not pattern.strip():
+                raise ValueError("a model pattern must not be empty")
+        return patterns
+
+    def allows(self, model: str) -> bool:
+        return any(fnmatchcase(model, pattern) for pattern in self.models)
+
+    def limits(self) -> Limits:
+        return Limits(self.requests_per_minute, self.tokens_per_minute, self.max_concurrent_requests)
+
+
+class ApiKeyEntry(_Strict):
+    """A static API key for a service account; only its SHA-256 is stored (`modelserve api-key` makes one)."""
+
+    name: str = Field(min_length=1)
+    sha256: str
+    tenant: str = Field(min_length=1)
+    roles: list[str] = Field(default_factory=list)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        if not _SHA256_HEX.match(value):
+            raise ValueError("must be the 64-character lowercase hex SHA-256 of the key (never the key itself)")
+        return value
+
+
+class PolicyDocument(_Strict):
+    """One policy file = the ingress `user_config`: auth settings, tenants, the unknown-tenant default, API keys."""
+
+    enabled: bool = Field(True, description="false turns auth, policy and limits off (benchmarks only).")
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    default: TenantPolicy = Field(default_factory=TenantPolicy, description="Unknown tenants; no models = deny.")
+    tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
+    api_keys: list[ApiKeyEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PolicyDocument:
+        if any(not name.strip() for name in self.tenants):
+            raise ValueError("tenant names must not be empty")
+        hashes = [key.sha256 for key in self.api_keys]
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("api_keys: the same key hash is listed twice")
+        return self
+
+    def tenant(self, name: str) -> TenantPolicy:
+        return self.tenants.get(name, self.default)
+
+    def api_key_principals(self) -> dict[str, Principal]:
+        return {k.sha256: Principal(k.tenant, frozenset(k.roles), f"api-key:{k.name}") for k in self.api_keys}
+
+
+def parse_policy(data: Any, source: str = "policy") -> PolicyDocument:
+    """Validate a policy document, raising ConfigError with one line per bad field."""
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(f"invalid {source}: expected a mapping, got {type(data).__name__}")
+    try:
+        return PolicyDocument.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {source}:\n" + describe_validation_error(exc, data)) from None
+
+
+def load_policy_file(path: str | Path) -> dict[str, Any]:
+    """A policy file's data, validated (raw, so it is inlined as written)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read policy {path}: {exc}") from None
+    parse_policy(data, str(path))
+    return data or {}
+
+
+def policy_revision(data: Mapping[str, Any] | None) -> str:
+    """A short content hash, logged with every audit line so operators see which policy answered."""
+    return hashlib.sha256(json.dumps(data or {}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def reset_duration(seconds: float) -> str:
+    """OpenAI's reset format: '20ms', '1.5s', '6m0s'."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.3g}s"
+
+
+def rate_limit_headers(requests: Quota | None, tokens: Quota | None) -> dict[str, str]:
+    headers = {}
+    for kind, quota in (("requests", requests), ("tokens", tokens)):
+        if quota is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(quota.limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(quota.remaining)
+            headers[f"x-ratelimit-reset-{kind}"] = reset_duration(quota.reset_s)
+    return headers
+
+
+def estimated_tokens(request: GenerationRequest) -> int:
+    """What a request may cost before it runs: prompt characters / 4 plus its completion budget."""
+    chars = len(request.prompt or "") + sum(len(m.get("content", "")) for m in request.messages or ())
+    return math.ceil(chars / CHARS_PER_TOKEN) + (request.sampling.max_tokens or 0)
+
+
+class RequestAccount:
+    """One authenticated request: who, which model, its rate-limit lease and the usage seen so far."""
+
+    def __init__(self, principal: Principal, policy: TenantPolicy, revision: str) -> None:
+        self.principal = principal
+        self.policy = policy
+        self.revision = revision
+        self.model: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.admission: Admission | None = None
+        self._limiter: SharedLimiter | None = None
+
+    def hold(self, admission: Admission, limiter: SharedLimiter) -> None:
+        """Keep the limiter's answer (for the rate-limit headers) and, if admitted, the lease to settle."""
+        self.admission = admission
+        self._limiter = limiter if admission.admitted else None
+
+    def record(self, chunk: GenerationChunk) -> None:
+        self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+
+    def rate_headers(self) -> dict[str, str]:
+        """The x-ratelimit-* headers of an admitted request (a refusal carries its own on the 429)."""
+        if self.admission is None or not self.admission.admitted:
+            return {}
+        return rate_limit_headers(self.admission.requests, self.admission.tokens)
+
+    def settle(self) -> None:
+        """Close the lease with the real usage; called once the response has ended, however it ended."""
+        if self._limiter is not None and self.admission is not None and self.admission.lease_id is not None:
+            self._limiter.release(self.admission.lease_id, self.prompt_tokens + self.completion_tokens)
+        self._limiter = None
+
+
+class MeteredStream:
+    """A model's chunk stream that keeps the running usage on the request's account as chunks pass."""
+
+    def __init__(self, stream: DeploymentResponseGenerator, account: RequestAccount) -> None:
+        self._stream = stream
+        self._account = account
+
+    def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        chunk = await self._stream.__anext__()
+        self._account.record(chunk)
+        return chunk
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+
+@dataclass(frozen=True)
+class ActivePolicy:
+    document: PolicyDocument
+    authenticator: Authenticator | None
+    revision: str
+
+
+def unauthorized(message: str) -> OpenAIError:
+    return OpenAIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+class AccessGate:
+    """The ingress's access checks, against the policy of the latest `configure` (swapped atomically)."""
+
+    def __init__(self, limiter_name: str) -> None:
+        self._limiter = SharedLimiter(limiter_name)
+        self._active: ActivePolicy | None = None
+
+    def configure(self, user_config: Mapping[str, Any] | None) -> None:
+        """Apply a policy document (the ingress user_config); a bad one raises and leaves the old one active."""
+        document = parse_policy(user_config, "ingress user_config (policy document)")
+        authenticator = Authenticator(document.auth, document.api_key_principals()) if document.enabled else None
+        self._active = ActivePolicy(document, authenticator, policy_revision(user_config))
+        if not document.enabled:
+            logger.warning("access control is DISABLED: every caller is an anonymous admin")
+        logger.info("access policy %s applied: tenants %s", self._active.revision, sorted(document.tenants))
+
+    async def authenticate(self, request: Request) -> RequestAccount:
+        """Who is calling (401 otherwise); the account is kept on the request for settlement and audit."""
+        active = self._active
+        if active is None:
+            raise OpenAIError(503, "Access policy not loaded yet.", type="server_error", code="not_ready")
+        if active.authenticator is None:
+            principal = ANONYMOUS
+        else:
+            try:
+                principal = await active.authenticator.authenticate(request.headers.get("authorization"))
+            except AuthError as exc:
+                raise unauthorized(str(exc)) from None
+        account = RequestAccount(principal, active.document.tenant(principal.tenant), active.revision)
+        request.state.account = account
+        return account
+
+    @staticmethod
+    def allows(account: RequestAccount, model: str) -> bool:
+        return account.principal.is_admin or account.policy.allows(model)
+
+    @staticmethod
+    def max_tokens(account: RequestAccount, requested: int | None) -> int | None:
+        """The completion budget to run with: the request's, or the tenant cap (clamped or refused above it)."""
+        cap = account.policy.max_tokens
+        if cap is None or (requested is not None and requested <= cap):
+            return requested if requested is not None else cap
+        if requested is not None and account.policy.over_max_tokens == "reject":
+            raise OpenAIError(
+                400, f"max_tokens is {requested}, above this tenant's limit of {cap}.",
+                param="max_tokens", code="max_tokens_exceeded",
+            )
+        return cap
+
+    async def admit(self, account: RequestAccount, request: GenerationRequest) -> None:
+        """Take the tenant's request/token/concurrency allowance in the shared limiter, or answer 429."""
+        limits = account.policy.limits()
+        if limits.unlimited or self._active is None or not self._active.document.enabled:
+            return
+        try:
+            admission = await self._limiter.acquire(account.principal.tenant, limits, estimated_tokens(request))
+        except LimiterUnavailable as exc:
+            logger.error("rate limiter %s unavailable: %s", self._limiter.name, exc)
+            raise OpenAIError(
+                503, "Rate limiting is temporarily unavailable. Retry shortly.",
+                type="server_error", code="rate_limiter_unavailable", headers={"Retry-After": "1"},
+            ) from None
+        account.hold(admission, self._limiter)
+        if not admission.admitted:
+            what = {"requests": "requests per minute", "tokens": "tokens per minute"}.get(
+                admission.exceeded or "", "concurrent requests"
+            )
+            retry_after = str(max(1, math.ceil(admission.retry_after_s)))
+            headers = {"Retry-After": retry_after, **rate_limit_headers(admission.requests, admission.tokens)}
+            message = f"Rate limit reached for tenant '{account.principal.tenant}' on {what}. Retry later."
+            kind = "tokens" if admission.exceeded == "tokens" else "requests"
+            raise OpenAIError(429, message, type=kind, code="rate_limit_exceeded", headers=headers)

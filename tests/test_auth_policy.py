@@ -1,0 +1,371 @@
+"""Auth, tenant policy, global rate limits and live reload.
+
+Unit level: the token verification matrix, policy validation, limiter arithmetic, the CLI helpers.
+End to end: the unmodified `openai` client against the app on a real local Ray cluster of this module's
+own (started with `ray start --block` in a private temp dir, deployed and live-reloaded with
+`serve deploy`, stopped at the end by signalling only that `ray start` process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from serve_app.auth import AuthError, Authenticator, AuthSettings, Principal, api_key_hash
+from serve_app.cli_auth import dev_secret, mint_token, parse_ttl, sync_policy
+from serve_app.config import ConfigError
+from serve_app.limits import Limits, TokenBuckets
+from serve_app.policy import AccessGate, RequestAccount, TenantPolicy, parse_policy, reset_duration
+from serve_app.protocol import OpenAIError
+
+SECRET_1 = "k1-" + "a" * 40
+SECRET_2 = "k2-" + "b" * 40
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forged(header: dict[str, Any], claims: dict[str, Any], key: bytes | None) -> str:
+    """A token built by hand, for the attacks pyjwt refuses to produce (alg none, HS256 keyed by a PEM)."""
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
+    signature = b"" if key is None else hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(signature)}"
+
+
+def claims(tenant: str = "team-a", ttl_s: int = 300, **extra: Any) -> dict[str, Any]:
+    now = int(time.time())
+    return {"sub": f"user@{tenant}", "tenant": tenant, "roles": [], "iat": now, "exp": now + ttl_s, **extra}
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two HMAC secrets in a kid directory (a mounted Secret), an RSA and an EC key pair as PEM files."""
+    root = tmp_path_factory.mktemp("keys")
+    secret_dir = root / "jwt-secrets"
+    secret_dir.mkdir()
+    (secret_dir / "k1").write_text(SECRET_1)
+    (secret_dir / "k2").write_text(SECRET_2)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    pems = {}
+    for name, private in (("rsa", rsa_key), ("ec", ec_key)):
+        pem = private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        (root / f"{name}.pem").write_bytes(pem)
+        pems[name] = pem
+    return {
+        "secret_dir": secret_dir, "rsa": rsa_key, "ec": ec_key, "rsa_pem": pems["rsa"],
+        "rsa_path": root / "rsa.pem", "ec_path": root / "ec.pem",
+    }
+
+
+def authenticator(keys: dict[str, Any], api_keys: dict[str, Principal] | None = None, **auth: Any) -> Authenticator:
+    settings = AuthSettings.model_validate(
+        {"algorithms": ["HS256", "RS256", "ES256"], "public_key_files": {"rsa-1": str(keys["rsa_path"]),
+         "ec-1": str(keys["ec_path"])}, **auth}
+    )
+    return Authenticator(settings, api_keys or {}, environ={"MODELSERVE_JWT_SECRET_FILE": str(keys["secret_dir"])})
+
+
+def authenticate(auth: Authenticator, header: str | None) -> Principal:
+    return asyncio.run(auth.authenticate(header))
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+# --- token verification matrix -------------------------------------------------------------------------
+
+
+def test_valid_tokens_of_every_key_give_the_tenant_and_roles(keys: dict[str, Any]) -> None:
+    auth = authenticator(keys)
+    admin = claims("ops", roles=["admin"])
+    for token in (
+        jwt.encode(admin, SECRET_1, "HS256", headers={"kid": "k1"}),
+        jwt.encode(admin, SECRET_2, "HS256", headers={"kid": "k2"}),
+        jwt.encode(admin, SECRET_2, "HS256"),  # no kid: every HMAC secret is tried
+        jwt.encode(admin, keys["rsa"], "RS256", headers={"kid": "rsa-1"}),
+        jwt.encode(admin, keys["ec"], "ES256"),
+    ):
+        principal = authenticate(auth, bearer(token))
+        assert principal == Principal("ops", frozenset({"admin"}), "user@ops") and principal.is_admin
+
+
+@pytest.mark.parametrize(
+    ("name", "make_token", "message"),
+    [
+        ("expired", lambda k: jwt.encode(claims(ttl_s=-120), SECRET_1, "HS256"), "expired"),
+        ("not yet valid", lambda k: jwt.encode(claims(nbf=int(time.time()) + 600), SECRET_1, "HS256"), "not yet"),
+        ("issued in the future", lambda k: jwt.encode(claims(iat=int(time.time()) + 600), SECRET_1, "HS256"), "not yet"),
+        ("no exp", lambda k: jwt.encode({"tenant": "a", "sub": "a"}, SECRET_1, "HS256"), "exp"),
+        ("wrong signature", lambda k: jwt.encode(claims(), "x" * 40, "HS256"), "signature"),
+        ("alg none", lambda k: forged({"alg": "none", "typ": "JWT"}, claims(), None), "'none'"),
+        ("HS256 keyed with the RS public key", lambda k: forged({"alg": "HS256"}, claims(), k["rsa_pem"]), "signature"),
+        ("RS256 by an unknown key", lambda k: jwt.encode(claims(), rsa.generate_private_key(65537, 2048), "RS256"),
+         "signature"),
+        ("unknown kid", lambda k: jwt.encode(claims(), SECRET_1, "HS256", headers={"kid": "k9"}), "kid"),
+        ("kid of another family", lambda k: jwt.encode(claims(), SECRET_1, "HS256", headers={"kid": "rsa-1"}), "kid"),
+        ("disallowed algorithm", lambda k: jwt.encode(claims(), SECRET_1 * 2, "HS512"), "HS512"),
+        ("unexpected audience", lambda k: jwt.encode(claims(aud="other"), SECRET_1, "HS256"), "(?i)audience"),
+        ("no tenant", lambda k: jwt.encode({"exp": int(time.time()) + 60}, SECRET_1, "HS256"), "tenant"),
+        ("malformed", lambda k: "abc.def.ghi", "Malformed"),
+    ],
+)
+def test_bad_tokens_are_refused_with_a_reason(keys: dict[str, Any], name: str, make_token: Any, message: str) -> None:
+    with pytest.raises(AuthError, match=message):
+        authenticate(authenticator(keys), bearer(make_token(keys)))
+
+
+@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer   ", "Basic dXNlcjpwYXNz", "Token abc"])
+def test_missing_or_non_bearer_credentials_are_refused(keys: dict[str, Any], header: str | None) -> None:
+    with pytest.raises(AuthError, match="Missing bearer token"):
+        authenticate(authenticator(keys), header)
+
+
+def test_issuer_and_audience_are_enforced_when_configured(keys: dict[str, Any]) -> None:
+    auth = authenticator(keys, issuer="https://idp.test/", audience="modelserve")
+    good = claims(iss="https://idp.test/", aud="modelserve")
+    assert authenticate(auth, bearer(jwt.encode(good, SECRET_1, "HS256"))).tenant == "team-a"
+    for bad, reason in (({**good, "iss": "https://evil.test/"}, "issuer"), ({**good, "aud": "other"}, "audience"),
+                        ({k: v for k, v in good.items() if k != "iss"}, "iss")):
+        with pytest.raises(AuthError, match=f"(?i){reason}"):
+            authenticate(auth, bearer(jwt.encode(bad, SECRET_1, "HS256")))
+
+
+def test_key_rotation_picks_up_added_and_removed_kid_files(keys: dict[str, Any], tmp_path: Path) -> None:
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "old").write_text(SECRET_1)
+    settings = AuthSettings(keys_reload_s=0)
+    auth = Authenticator(settings, {}, environ={"MODELSERVE_JWT_SECRET_FILE": str(secrets_dir)})
+    old = jwt.encode(claims(), SECRET_1, "HS256", headers={"kid": "old"})
+    new = jwt.encode(claims(), SECRET_2, "HS256", headers={"kid": "new"})
+    assert authenticate(auth, bearer(old)).tenant == "team-a"
+    with pytest.raises(AuthError, match="kid"):
+        authenticate(auth, bearer(new))
+    (secrets_dir / "new").write_text(SECRET_2)  # rotation step 1: both valid
+    assert authenticate(auth, bearer(old)).tenant == authenticate(auth, bearer(new)).tenant == "team-a"
+    (secrets_dir / "old").unlink()  # step 2: the old key is retired
+    assert authenticate(auth, bearer(new)).tenant == "team-a"
+    with pytest.raises(AuthError, match="kid"):
+        authenticate(auth, bearer(old))
+
+
+def test_jwks_file_keys_verify_and_symmetric_entries_are_ignored(keys: dict[str, Any], tmp_path: Path) -> None:
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(keys["rsa"].public_key()))
+    oct_key = {"kty": "oct", "kid": "sym", "k": b64url(b"s" * 40)}
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "idp-1", "alg": "RS256"}, oct_key]}))
+    auth = Authenticator(AuthSettings(algorithms=["RS256", "HS256"], jwks_file=str(tmp_path / "jwks.json")), {},
+                         environ={"MODELSERVE_JWT_SECRET": SECRET_1})
+    token = jwt.encode(claims(), keys["rsa"], "RS256", headers={"kid": "idp-1"})
+    assert authenticate(auth, bearer(token)).tenant == "team-a"
+    with pytest.raises(AuthError, match="kid"):
+        authenticate(auth, bearer(jwt.encode(claims(), b"s" * 40, "HS256", headers={"kid": "sym"})))
+
+
+def test_claim_names_fallbacks_and_static_api_keys(keys: dict[str, Any]) -> None:
+    service = Principal("batch", frozenset(), "api-key:nightly")
+    auth = authenticator(keys, {api_key_hash("msk-secret-key"): service}, tenant_claim="org", roles_claim="groups")
+    token = jwt.encode(claims(org="acme", groups="admin, reader"), SECRET_1, "HS256")
+    assert authenticate(auth, bearer(token)) == Principal("acme", frozenset({"admin", "reader"}), "user@team-a")
+    only_sub = jwt.encode({"sub": "solo", "role": "admin", "exp": int(time.time()) + 60}, SECRET_1, "HS256")
+    assert authenticate(auth, bearer(only_sub)) == Principal("solo", frozenset({"admin"}), "solo")
+    assert authenticate(auth, bearer("msk-secret-key")) == service
+    with pytest.raises(AuthError, match="Incorrect API key"):
+        authenticate(auth, bearer("msk-wrong-key"))
+
+
+def test_settings_refuse_none_and_keys_in_config_text(keys: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="algorithms"):
+        AuthSettings.model_validate({"algorithms": ["none"]})
+    with pytest.raises(ValueError, match="secret"):
+        AuthSettings.model_validate({"secret": "in-config"})
+    with pytest.raises(ValueError, match="no verification keys"):
+        Authenticator(AuthSettings(), {}, environ={})
+    with pytest.raises(ValueError, match="shorter than 32"):
+        Authenticator(AuthSettings(), {}, environ={"MODELSERVE_JWT_SECRET": "short"})
+
+
+# --- policy documents ----------------------------------------------------------------------------------
+
+
+def test_policy_errors_name_each_bad_field() -> None:
+    bad = {
+        "tenants": {"dev": {"models": ["*"], "max_tokens": 0, "rpm": 5}},
+        "default": {"over_max_tokens": "truncate"},
+        "auth": {"algorithms": ["none"]},
+        "api_keys": [{"name": "k", "sha256": "plain-text-key", "tenant": "dev"}],
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_policy(bad, "policies/bad.yaml")
+    message = str(info.value)
+    assert message.startswith("invalid policies/bad.yaml:")
+    for expected in ("tenants.dev.max_tokens: Input should be greater than or equal to 1 (got 0)",
+                     "tenants.dev.rpm: Extra inputs are not permitted",
+                     "default.over_max_tokens: Input should be 'clamp' or 'reject'",
+                     "auth.algorithms[0]: Input should be",
+                     "api_keys[0] (k).sha256: Value error, must be the 64-character"):
+        assert expected in message
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse_policy(["dev"])
+
+
+def test_shipped_policies_validate_and_default_denies_unknown_tenants() -> None:
+    root = Path(__file__).resolve().parent.parent / "policies"
+    default = parse_policy(yaml.safe_load((root / "default.yaml").read_text()))
+    assert default.tenant("dev").allows("anything") and default.tenant("dev").requests_per_minute
+    assert not default.tenant("stranger").allows("anything")
+    example = parse_policy(yaml.safe_load((root / "example-multitenant.yaml").read_text()))
+    assert example.tenant("search").allows("gemma-3-270m") and not example.tenant("search").allows("llama-3")
+
+
+def test_globs_admin_and_max_tokens_clamp_or_reject() -> None:
+    def account(policy: TenantPolicy, roles: frozenset[str] = frozenset()) -> RequestAccount:
+        return RequestAccount(Principal("t", roles, "s"), policy, "rev")
+
+    clamp = account(TenantPolicy(models=["gemma-*", "tiny-?"], max_tokens=64))
+    assert [AccessGate.allows(clamp, m) for m in ("gemma-3-270m", "tiny-a", "tiny-ab", "Gemma-3")] == [
+        True, True, False, False]
+    assert AccessGate.allows(account(TenantPolicy(), frozenset({"admin"})), "anything")
+    assert [AccessGate.max_tokens(clamp, n) for n in (None, 10, 64, 500)] == [64, 10, 64, 64]
+    reject = account(TenantPolicy(max_tokens=64, over_max_tokens="reject"))
+    assert AccessGate.max_tokens(reject, None) == 64
+    with pytest.raises(OpenAIError) as info:
+        AccessGate.max_tokens(reject, 65)
+    assert info.value.status == 400 and info.value.body.error.param == "max_tokens"
+    assert AccessGate.max_tokens(account(TenantPolicy()), None) is None
+
+
+# --- limiter arithmetic --------------------------------------------------------------------------------
+
+
+def test_requests_per_minute_bucket_refills_continuously() -> None:
+    buckets, limits = TokenBuckets(), Limits(requests_per_minute=3)
+    admitted = [buckets.acquire("t", limits, 0, now=0.0) for _ in range(4)]
+    assert [a.admitted for a in admitted] == [True, True, True, False]
+    assert [a.requests.remaining for a in admitted] == [2, 1, 0, 0]
+    refused = admitted[-1]
+    assert refused.exceeded == "requests" and refused.retry_after_s == pytest.approx(20.0)
+    assert refused.requests.reset_s == pytest.approx(60.0)
+    assert not buckets.acquire("t", limits, 0, now=19.9).admitted
+    assert buckets.acquire("t", limits, 0, now=20.0).admitted
+    assert buckets.acquire("other-tenant", limits, 0, now=20.0).admitted
+
+
+def test_tokens_per_minute_reserve_then_settle_with_real_usage() -> None:
+    buckets, limits = TokenBuckets(), Limits(tokens_per_minute=100)
+    first = buckets.acquire("t", limits, 60, now=0.0)
+    assert first.admitted and first.tokens.remaining == 40
+    refused = buckets.acquire("t", limits, 60, now=0.0)
+    assert not refused.admitted and refused.exceeded == "tokens" and refused.retry_after_s == pytest.approx(12.0)
+    buckets.release(first.lease_id, used_tokens=10)  # refund 50 of the 60 reserved
+    second = buckets.acquire("t", limits, 60, now=0.0)
+    assert second.admitted and second.tokens.remaining == 30
+    buckets.release(second.lease_id, used_tokens=150)  # used more than reserved: debt
+    debt = buckets.acquire("t", limits, 1, now=0.0)
+    assert not debt.admitted and debt.tokens.remaining == 0
+    assert debt.retry_after_s == pytest.approx((1 + 60) * 60 / 100)
+    huge = buckets.acquire("t2", limits, 10_000, now=0.0)  # a reservation is capped at the bucket size
+    assert huge.admitted and huge.tokens.remaining == 0
+
+
+def test_concurrency_leases_release_and_expire() -> None:
+    buckets, limits = TokenBuckets(), Limits(max_concurrent_requests=2)
+    a, b = (buckets.acquire("t", limits, 0, now=0.0) for _ in range(2))
+    refused = buckets.acquire("t", limits, 0, now=0.0)
+    assert not refused.admitted and refused.exceeded == "concurrency"
+    buckets.release(a.lease_id, 0)
+    buckets.release(a.lease_id, 0)  # settling twice is harmless
+    assert buckets.open_leases("t") == 1
+    assert buckets.acquire("t", limits, 0, now=1.0).admitted
+    assert not buckets.acquire("t", limits, 0, now=2.0).admitted
+    assert buckets.acquire("t", limits, 0, now=10_000.0).admitted  # leases of a dead replica expire
+    assert buckets.open_leases("t") == 1
+
+
+def test_limit_changes_apply_to_existing_buckets() -> None:
+    buckets = TokenBuckets()
+    for _ in range(10):
+        buckets.acquire("t", Limits(requests_per_minute=100), 0, now=0.0)
+    lowered = buckets.acquire("t", Limits(requests_per_minute=5), 0, now=0.0)
+    assert lowered.admitted and lowered.requests.limit == 5 and lowered.requests.remaining == 4
+
+
+def test_reset_durations_use_openai_format() -> None:
+    assert [reset_duration(s) for s in (0.02, 1.5, 12, 360)] == ["20ms", "1.5s", "12s", "6m0s"]
+
+
+# --- CLI helpers ---------------------------------------------------------------------------------------
+
+
+def test_dev_secret_is_generated_once_private_and_env_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MODELSERVE_JWT_SECRET", raising=False)
+    monkeypatch.delenv("MODELSERVE_JWT_SECRET_FILE", raising=False)
+    state = tmp_path / "state"
+    first = dev_secret(state)
+    assert len(first) >= 32 and dev_secret(state) == first
+    assert stat.S_IMODE((state / "jwt-secret").stat().st_mode) == 0o600
+    assert sorted(p.name for p in state.iterdir()) == ["jwt-secret"]
+    assert dev_secret(tmp_path / "other") != first
+    (tmp_path / "file-secret").write_text(SECRET_2 + "\n")
+    monkeypatch.setenv("MODELSERVE_JWT_SECRET_FILE", str(tmp_path / "file-secret"))
+    assert dev_secret(state) == SECRET_2
+    monkeypatch.setenv("MODELSERVE_JWT_SECRET", SECRET_1)
+    assert dev_secret(state) == SECRET_1
+
+
+def test_minted_tokens_verify_and_expire(keys: dict[str, Any]) -> None:
+    token = mint_token(SECRET_1, "dev", ["admin"], parse_ttl("1h"), kid="k1")
+    assert jwt.get_unverified_header(token)["kid"] == "k1"
+    principal = authenticate(authenticator(keys), bearer(token))
+    assert principal.tenant == "dev" and principal.is_admin
+    assert [parse_ttl(t) for t in ("90", "90s", "30m", "1h", "7d")] == [90, 90, 1800, 3600, 604800]
+    for bad in ("0", "1w", "-5m", "soon"):
+        with pytest.raises(ValueError, match="invalid TTL"):
+            parse_ttl(bad)
+
+
+def test_policy_sync_inlines_the_file_keeps_comments_and_checks(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    config = tmp_path / "serve_config.yaml"
+    config.write_text((root / "serve_config.yaml").read_text())
+    before = yaml.safe_load(config.read_text())
+    policy = root / "policies" / "default.yaml"
+    assert sync_policy(config, policy, None, check=True) == ["modelserve"]
+    assert config.read_text() == (root / "serve_config.yaml").read_text()  # --check writes nothing
+    assert sync_policy(config, policy, None, check=False) == ["modelserve"]
+    after = yaml.safe_load(config.read_text())
+    ingress = next(d for d in after["applications"][0]["deployments"] if d["name"] == "ingress")
+    assert ingress["user_config"] == yaml.safe_load(policy.read_text())
+    after["applications"][0].pop("deployments")
+    assert after == before  # nothing else changed
+    assert "# Merged into every model entry" in config.read_text()
+    assert sync_policy(config, policy, None, check=True) == []
+    other = root / "policies" / "example-multitenant.yaml"
+    assert sync_policy(config, other, None, check=True) == ["modelserve"]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("tenants: {dev: {max_tokens: -1}}\n")
+    with pytest.raises(ConfigError, match="tenants.dev.max_tokens"):
+        sync_policy(config, broken, None, check=False)
+    shadowed = yaml.safe_load(config.read_text())
+    shadowed["applications"][0]["args"]["access"] = {}
+    config.write_text(yaml.safe_dump(shadowed))
+    with pytest.raises(ConfigError, match="args.access"):
+        sync_policy(config, policy, None, check=False)
