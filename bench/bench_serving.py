@@ -131,7 +131,8 @@ def llama_server_backend(path: str, threads: int) -> tuple[Stream, Callable[[], 
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1", "--port", str(port),
-         "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads)],
+         "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads),
+         "--interrupt_requests", "False"],  # its default aborts a running stream when another request arrives
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
@@ -162,7 +163,7 @@ def modelserve_backend(path: str, threads: int) -> tuple[Stream, Callable[[], No
     from serve_app.app import build_app
 
     port = free_port()
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="error")
+    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="error")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "models": [{

@@ -90,6 +90,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
     os.environ.setdefault("MODELSERVE_CACHE_DIR", str(tmp_path_factory.mktemp("weight-cache")))
     ray.init(
+        address="local",  # always a fresh cluster of our own, even if `ray start` runs here
         num_cpus=8,
         _node_ip_address="127.0.0.1",
         include_dashboard=True,
