@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deployments.weight_cache import WeightCache  # noqa: E402
-from serve_app.cli_weights import push_path  # noqa: E402
-from serve_app.config import StorageSettings  # noqa: E402
-from tests.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3  # noqa: E402
+from deployments.weight_cache import WeightCache
+from serve_app.cli_weights import push_path
+from serve_app.config import StorageSettings
+from tests.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3
 
 MB = 1024 * 1024
 
@@ -45,8 +45,7 @@ def main() -> int:
         client.create_bucket(Bucket="bench")
         model = work / "model.gguf"
         with open(model, "wb") as handle:
-            for _ in range(size // MB):
-                handle.write(os.urandom(MB))
+            handle.writelines(os.urandom(MB) for _ in range(size // MB))
         push_path(client, model, "s3://bench/model.gguf")
         storage = StorageSettings(endpoint_url=store.endpoint_url)
         raw_client = store.client()

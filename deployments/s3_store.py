@@ -1,4 +1,4 @@
-"""The S3 side of the weight cache: clients, verified resumable downloads, uploads.
+"""The S3 side of the weight cache: clients, error messages, verified resumable downloads.
 
 Downloads use parallel ranged GETs pinned to one object version (`If-Match: <ETag>`) into
 a preallocated `.partial` file; a `.partial.json` next to it records finished chunks so an
@@ -105,7 +105,9 @@ def make_client(storage: StorageSettings, credentials: dict[str, str] | None = N
         }
     try:
         with _SESSION_LOCK:
-            return _SESSION.client("s3", endpoint_url=endpoint, region_name=region, config=config, **(credentials or {}))
+            return _SESSION.client(
+                "s3", endpoint_url=endpoint, region_name=region, config=config, **(credentials or {})
+            )
     except (boto_errors.BotoCoreError, ValueError) as exc:
         raise StoreError(f"cannot create an S3 client for {public_endpoint(endpoint)} ({type(exc).__name__})") from None
 
@@ -141,7 +143,7 @@ def _bucket_exists(client: Any, bucket: str) -> bool:
     except boto_errors.ClientError as exc:
         return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404
     except boto_errors.BotoCoreError:
-        return True
+        pass
     return True
 
 
@@ -168,12 +170,11 @@ def list_objects(client: Any, bucket: str, prefix: str) -> list[ObjectInfo]:
 
 
 class TransferProgress:
-    """Counts bytes for the caller's callback and logs progress (bytes, rate) every few seconds."""
+    """Counts bytes for the caller's callback and logs progress (bytes, rate) every 5 seconds."""
 
-    def __init__(self, what: str, total: int, callback: Callable[[int, int], None] | None, every_s: float = 5.0):
-        self.what, self.total, self.callback, self.every_s = what, total, callback, every_s
-        self.done = 0
-        self.downloaded = 0
+    def __init__(self, what: str, total: int, callback: Callable[[int, int], None] | None):
+        self.what, self.total, self.callback = what, total, callback
+        self.done = self.downloaded = 0
         self._started = self._logged = time.monotonic()
         self._lock = threading.Lock()
 
@@ -183,35 +184,33 @@ class TransferProgress:
             self.downloaded += size if downloaded else 0
             if self.callback:
                 self.callback(self.done, self.total)
-            now = time.monotonic()
-            if now - self._logged >= self.every_s:
-                self._logged = now
-                logger.info("%s: %s of %s (%.1f MB/s)", self.what, _mb(self.done), _mb(self.total), self.rate())
+            if time.monotonic() - self._logged >= 5.0:
+                self._logged = time.monotonic()
+                self.log(f"{_mb(self.done)} of {_mb(self.total)}")
 
-    def rate(self) -> float:
-        return self.downloaded / 1e6 / max(time.monotonic() - self._started, 1e-9)
-
-    def finish(self) -> None:
-        seconds = time.monotonic() - self._started
-        logger.info("%s: downloaded %s in %.1f s (%.1f MB/s)", self.what, _mb(self.downloaded), seconds, self.rate())
+    def log(self, event: str) -> None:
+        rate = self.downloaded / 1e6 / max(time.monotonic() - self._started, 1e-9)
+        logger.info("%s: %s (%.1f MB/s)", self.what, event, rate)
 
 
 def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
+_NETWORK_ERRORS = (
+    boto_errors.HTTPClientError,  # connection refused/reset/closed, timeouts
+    boto_errors.ResponseStreamingError,
+    boto_errors.IncompleteReadError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, boto_errors.ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return status >= 500 or exc.response.get("Error", {}).get("Code") in {"SlowDown", "RequestTimeout"}
-    transient = (
-        boto_errors.HTTPClientError,
-        boto_errors.ResponseStreamingError,
-        boto_errors.IncompleteReadError,
-        ConnectionError,
-        TimeoutError,
-    )
-    return isinstance(exc, transient)
+    return isinstance(exc, _NETWORK_ERRORS)
 
 
 class _Verifier:
@@ -232,7 +231,9 @@ class _Verifier:
     def advance(self, upto: int) -> None:
         while self.position < upto:
             part_end = (self.position // self.part_size + 1) * self.part_size if self.part_size else upto
-            block = os.pread(self.descriptor, min(_BLOCK, upto - self.position, part_end - self.position), self.position)
+            block = os.pread(
+                self.descriptor, min(_BLOCK, upto - self.position, part_end - self.position), self.position
+            )
             if not block:
                 break
             self.position += len(block)
@@ -278,28 +279,25 @@ def _part_size(client: Any, bucket: str, info: ObjectInfo) -> int | None:
         return None
 
 
-def download_verified(
-    client: Any, bucket: str, info: ObjectInfo, partial: Path, progress: TransferProgress, retry: RetryPolicy
-) -> int:
-    """Download `info` into `partial` (resuming what an earlier attempt left) and verify it.
+@dataclass
+class Download:
+    """Downloads one object version into `partial` (resuming what an earlier attempt left) and verifies it.
 
-    Returns the bytes transferred. On failure the partial file is removed, except after a
-    network outage: then it stays for the next fetch to resume.
+    `run()` returns the bytes transferred. On failure the partial file is removed, except
+    after a network outage: then it stays for the next fetch to resume.
     """
-    return _Download(client, bucket, info, partial, progress, retry).run()
 
+    client: Any
+    bucket: str
+    info: ObjectInfo
+    partial: Path
+    progress: TransferProgress
+    retry: RetryPolicy
 
-class _Download:
-    """One object version fetched into a partial file by parallel ranged GETs."""
-
-    def __init__(
-        self, client: Any, bucket: str, info: ObjectInfo, partial: Path, progress: TransferProgress, retry: RetryPolicy
-    ):
-        self.client, self.bucket, self.info, self.partial = client, bucket, info, partial
-        self.progress, self.retry = progress, retry
-        self.state_path = partial.with_name(partial.name + ".json")
-        self.identity = {"etag": info.etag, "size": info.size, "chunk": CHUNK_BYTES}
-        self.chunks = math.ceil(info.size / CHUNK_BYTES)
+    def __post_init__(self) -> None:
+        self.state_path = self.partial.with_name(self.partial.name + ".json")
+        self.identity = {"etag": self.info.etag, "size": self.info.size, "chunk": CHUNK_BYTES}
+        self.chunks = math.ceil(self.info.size / CHUNK_BYTES)
         self.stop = threading.Event()
         self.deadline = 0.0
 
@@ -376,7 +374,9 @@ class _Download:
             futures: dict[Future[None], int] = {}
             for index in sorted(set(range(self.chunks)) - done):
                 start = index * CHUNK_BYTES
-                futures[pool.submit(self._fetch_range, descriptor, start, min(start + CHUNK_BYTES, self.info.size))] = index
+                futures[pool.submit(self._fetch_range, descriptor, start, min(start + CHUNK_BYTES, self.info.size))] = (
+                    index
+                )
             try:
                 verifier.advance(self._prefix_bytes(done))
                 pending = set(futures)
@@ -411,7 +411,7 @@ class _Download:
                         return
                 if position < end:
                     raise boto_errors.IncompleteReadError(actual_bytes=position - start, expected_bytes=end - start)
-            except Exception as exc:  # noqa: BLE001 - classified here, the rest re-raised
+            except Exception as exc:  # classified here; anything else is re-raised
                 if not _is_transient(exc):
                     if isinstance(exc, (boto_errors.ClientError, boto_errors.BotoCoreError)):
                         raise describe(exc, self.client, self.bucket, key) from None

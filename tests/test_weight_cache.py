@@ -111,7 +111,10 @@ def test_directory_source_downloads_only_what_changed(moto, proxy, bucket, cache
     path = cache.fetch(f"s3://{bucket}/models/qwen/", storage, label="qwen")
     assert path.is_dir() and (path / "model.safetensors").read_bytes() == big
     assert sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()) == [
-        "config.json", "model.safetensors", "old.txt", "tokenizer/vocab.txt"
+        "config.json",
+        "model.safetensors",
+        "old.txt",
+        "tokenizer/vocab.txt",
     ]
     put(moto, bucket, "models/qwen/config.json", b'{"a": 2}')
     moto.client().delete_object(Bucket=bucket, Key="models/qwen/old.txt")
@@ -129,8 +132,13 @@ def test_four_processes_download_once(moto, bucket, tmp_path):
     command = [sys.executable, "-c", FETCH_IN_CHILD, str(tmp_path / "cache"), f"s3://{bucket}/shared.gguf"]
     env = subprocess_env(slow_proxy.endpoint_url)
     children = [
-        subprocess.Popen([*command, slow_proxy.endpoint_url, str(go)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [*command, slow_proxy.endpoint_url, str(go)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(4)
     ]
     try:
@@ -162,8 +170,12 @@ def test_killed_download_leaves_nothing_complete_and_resumes(moto, bucket, tmp_p
     go = tmp_path / "go"
     go.touch()
     command = [sys.executable, "-c", FETCH_IN_CHILD, str(tmp_path / "cache"), f"s3://{bucket}/killed.gguf"]
-    child = subprocess.Popen([*command, slow_proxy.endpoint_url, str(go)], env=subprocess_env(slow_proxy.endpoint_url),
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [*command, slow_proxy.endpoint_url, str(go)],
+        env=subprocess_env(slow_proxy.endpoint_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     cache = WeightCache(tmp_path / "cache")
     try:
         deadline = time.monotonic() + 30
@@ -232,7 +244,8 @@ def test_eviction_never_removes_leased_entries(moto, proxy, bucket, tmp_path):
 def test_disk_full_is_reported_and_cleaned(moto, proxy, bucket, tmp_path):
     small = tmp_path / "small"
     small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True).returncode:
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)]
+    if subprocess.run(mount, check=False, capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here")
     try:
         put(moto, bucket, "big.gguf", os.urandom(3 * MB))
@@ -319,4 +332,3 @@ def _write(path: Path, data: bytes) -> Path:
 
 def _states(cache: WeightCache) -> list[Path]:
     return list((cache.root / "entries").rglob("*.partial.json"))
-
