@@ -130,6 +130,8 @@ def describe(exc: Exception, client: Any, bucket: str, key: str = "") -> StoreEr
         if status == 412:
             return ObjectChanged(f"{where} changed during the download")
         return StoreError(f"S3 error {code or 'unknown'} (HTTP {status}) for {where}")
+    if isinstance(exc, boto_errors.FlexibleChecksumError):
+        return StoreError(f"{where}: received bytes do not match the object's checksum (corrupt transfer)")
     if isinstance(exc, boto_errors.NoCredentialsError):
         return StoreError("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     if isinstance(exc, (boto_errors.EndpointConnectionError, boto_errors.ConnectTimeoutError)):

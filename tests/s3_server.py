@@ -64,7 +64,8 @@ class MotoS3:
             self._server.start()
         _wait_for_port(self.port)
 
-    def client(self, endpoint_url: str | None = None, **credentials: str) -> Any:
+    def client(self, endpoint_url: str | None = None, checksums: bool = True, **credentials: str) -> Any:
+        """A boto3 client for this server; `checksums=False` uploads objects without a CRC (MD5 ETag only)."""
         import boto3
         from botocore.config import Config
 
@@ -74,7 +75,11 @@ class MotoS3:
             region_name="us-east-1",
             aws_access_key_id=credentials.get("key", TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"]),
             aws_secret_access_key=credentials.get("secret", TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]),
-            config=Config(s3={"addressing_style": "path"}, max_pool_connections=16),
+            config=Config(
+                s3={"addressing_style": "path"},
+                max_pool_connections=16,
+                request_checksum_calculation="when_supported" if checksums else "when_required",
+            ),
         )
 
     @contextmanager
@@ -113,7 +118,8 @@ class FaultProxy:
     """TCP proxy to `upstream_port` that counts response bytes and can throttle or cut connections.
 
     `cut_connections(after_bytes, count)` arms the next `count` new connections to be closed
-    after `after_bytes` response bytes; `rate_bytes_per_s` throttles each connection.
+    after `after_bytes` response bytes; `corrupt_connections(at_byte, count)` flips the byte at
+    that response offset instead; `rate_bytes_per_s` throttles each connection.
     """
 
     def __init__(self, upstream_port: int, rate_bytes_per_s: float | None = None):
@@ -123,6 +129,8 @@ class FaultProxy:
         self.connections = 0
         self._cut_after: int | None = None
         self._cuts_left = 0
+        self._flip_at: int | None = None
+        self._flips_left = 0
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -133,6 +141,10 @@ class FaultProxy:
     def cut_connections(self, after_bytes: int, count: int = 1) -> None:
         with self._lock:
             self._cut_after, self._cuts_left = after_bytes, count
+
+    def corrupt_connections(self, at_byte: int, count: int = 1) -> None:
+        with self._lock:
+            self._flip_at, self._flips_left = at_byte, count
 
     def reset_counters(self) -> None:
         with self._lock:
@@ -152,15 +164,24 @@ class FaultProxy:
                 self.connections += 1
                 cut_at = self._cut_after if self._cuts_left > 0 else None
                 self._cuts_left = max(0, self._cuts_left - 1)
+                flip_at = self._flip_at if self._flips_left > 0 else None
+                self._flips_left = max(0, self._flips_left - 1)
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             except OSError:
                 client.close()
                 continue
-            threading.Thread(target=self._pump, args=(client, upstream, False, None), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True, cut_at), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True, cut_at, flip_at), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, is_response: bool, cut_at: int | None) -> None:
+    def _pump(
+        self,
+        source: socket.socket,
+        sink: socket.socket,
+        is_response: bool,
+        cut_at: int | None = None,
+        flip_at: int | None = None,
+    ) -> None:
         forwarded = 0
         started = time.monotonic()
         try:
@@ -168,6 +189,10 @@ class FaultProxy:
                 data = source.recv(65536)
                 if not data:
                     break
+                if flip_at is not None and forwarded <= flip_at < forwarded + len(data):
+                    damaged = bytearray(data)
+                    damaged[flip_at - forwarded] ^= 0xFF
+                    data = bytes(damaged)
                 if cut_at is not None and forwarded + len(data) >= cut_at:
                     self._count(cut_at - forwarded, is_response)
                     sink.sendall(data[: cut_at - forwarded])

@@ -222,6 +222,23 @@ def test_corrupt_object_rejected_and_nothing_left(moto, proxy, bucket, cache):
     assert cache_files(cache) == [] and cache.entries() == []
 
 
+def test_bytes_damaged_in_transit_fail_the_etag_check(moto, proxy, bucket, cache):
+    moto.client(checksums=False).put_object(Bucket=bucket, Key="single.gguf", Body=os.urandom(2 * MB))  # MD5 only
+    multipart = _write(cache.root.parent / "multi.gguf", os.urandom(17 * MB))
+    moto.client().upload_file(str(multipart), bucket, "multi.gguf")  # 8 MiB parts, no sha256 metadata
+    storage = StorageSettings(endpoint_url=proxy.endpoint_url)
+    proxy.corrupt_connections(at_byte=MB, count=1000)
+    with pytest.raises(
+        WeightFetchError, match=r"model 'one'.*single.gguf.*does not match its ETag \(corrupt transfer\)"
+    ):
+        cache.fetch(f"s3://{bucket}/single.gguf", storage, label="one")
+    with pytest.raises(WeightFetchError, match=r"model 'multi'.*multi.gguf.*multipart ETag \(corrupt transfer\)"):
+        cache.fetch(f"s3://{bucket}/multi.gguf", storage, label="multi")
+    assert cache_files(cache) == []
+    proxy.corrupt_connections(at_byte=MB, count=0)
+    assert cache.fetch(f"s3://{bucket}/multi.gguf", storage).read_bytes() == multipart.read_bytes()
+
+
 def test_eviction_never_removes_leased_entries(moto, proxy, bucket, tmp_path):
     cache = WeightCache(tmp_path / "cache", max_bytes=9 * MB)
     storage = StorageSettings(endpoint_url=proxy.endpoint_url)
