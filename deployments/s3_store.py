@@ -118,24 +118,29 @@ def describe(exc: Exception, client: Any, bucket: str, key: str = "") -> StoreEr
     if isinstance(exc, boto_errors.ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         code = exc.response.get("Error", {}).get("Code", "")
+        http = f"HTTP {status}" + (f" {code}" if code and code != str(status) else "")
         if code == "NoSuchBucket" or (status == 404 and not _bucket_exists(client, bucket)):
             return StoreError(f"bucket {bucket!r} does not exist at {public_endpoint(client.meta.endpoint_url)}")
         if status == 404 or code in {"NoSuchKey", "404"}:
             return StoreError(f"{where} does not exist")
         if status == 403 or code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}:
             return StoreError(
-                f"access denied to {where} (HTTP 403 {code}): check AWS_ACCESS_KEY_ID / "
+                f"access denied to {where} ({http}): check AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY and the bucket policy"
             )
         if status == 412:
             return ObjectChanged(f"{where} changed during the download")
-        return StoreError(f"S3 error {code or 'unknown'} (HTTP {status}) for {where}")
+        return StoreError(f"S3 request for {where} failed ({http})")
     if isinstance(exc, boto_errors.FlexibleChecksumError):
         return StoreError(f"{where}: received bytes do not match the object's checksum (corrupt transfer)")
     if isinstance(exc, boto_errors.NoCredentialsError):
         return StoreError("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     if isinstance(exc, (boto_errors.EndpointConnectionError, boto_errors.ConnectTimeoutError)):
         return StoreError(f"S3 endpoint {public_endpoint(client.meta.endpoint_url)} is unreachable")
+    if isinstance(exc, _NETWORK_ERRORS):
+        return StoreError(
+            f"network error talking to {public_endpoint(client.meta.endpoint_url)} ({type(exc).__name__})"
+        )
     return StoreError(f"S3 request for {where} failed ({type(exc).__name__})")
 
 

@@ -111,6 +111,13 @@ def _tree_size(path: Path, skip_partial: bool = False) -> int:
     return sum(p.stat().st_size for p in files if not (skip_partial and ".partial" in p.name))
 
 
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Readers see the old content or the new, never half of it."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, sort_keys=True))
+    os.replace(temporary, path)
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -129,8 +136,11 @@ class WeightCache:
         self.stats_listeners: list[Callable[[FetchStats], None]] = []
         self.last_stats: FetchStats | None = None
         self.retry = RetryPolicy()
-        for sub in ("entries", "locks"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("entries", "locks"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WeightFetchError(f"cannot use {self.root} as the weight cache: {exc.strerror or exc}") from None
 
     def fetch(
         self, source: str, storage: StorageSettings | None = None, *, label: str = "", progress: Progress | None = None
@@ -235,9 +245,7 @@ class WeightCache:
     def _commit(self, entry_dir: Path, job: _Job, relpath: str, fingerprint: dict[str, Any], fetched: int) -> Path:
         """Publish a verified entry: from now on `fetch` serves it."""
         meta = {"source": job.source, "label": job.label, "relpath": relpath, "fingerprint": fingerprint}
-        temporary = entry_dir / f"{_META}.tmp"
-        temporary.write_text(json.dumps(meta, sort_keys=True))
-        os.replace(temporary, entry_dir / _META)
+        _write_json(entry_dir / _META, meta)
         self._record(job, cache_hit=False, bytes_downloaded=fetched)
         return entry_dir / relpath
 
@@ -394,11 +402,12 @@ class WeightCache:
         with self._locked(name, job) as entry_dir:
             if path := self._cached(name, fingerprint, job):
                 return path
-            old = (_read_json(entry_dir / _META) or {}).get("fingerprint", {}).get("files", {})
             (entry_dir / _META).unlink(missing_ok=True)
+            verified_path = entry_dir / "verified.json"  # files in place: a failed fetch resumes from here
+            verified = _read_json(verified_path) or {}
             dirname = PurePosixPath(prefix.rstrip("/")).name or bucket
             target = entry_dir / dirname
-            stale = {rel for rel, obj in listing.items() if old.get(rel) != [obj.etag, obj.size]}
+            stale = {rel for rel, obj in listing.items() if verified.get(rel) != [obj.etag, obj.size]}
             stale |= {rel for rel in listing if not (target / rel).is_file()}
             self._make_room(sum(listing[rel].size for rel in stale), keep=name, job=job)
             progress = s3_store.TransferProgress(job.what, sum(listing[rel].size for rel in stale), job.progress)
@@ -411,8 +420,11 @@ class WeightCache:
                 partial = destination.with_name(destination.name + ".partial")
                 s3_store.Download(client, bucket, info, partial, progress, self.retry).run()
                 os.replace(partial, destination)
+                verified[rel] = [info.etag, info.size]
+                _write_json(verified_path, verified)
             progress.log(f"downloaded {progress.downloaded} bytes in {time.monotonic() - job.started:.1f} s")
             for local in [p for p in target.rglob("*") if p.is_file()]:
                 if local.relative_to(target).as_posix() not in listing and ".partial" not in local.name:
                     local.unlink()  # removed from the store
+            _write_json(verified_path, fingerprint["files"])
             return self._commit(entry_dir, job, dirname, fingerprint, progress.downloaded)

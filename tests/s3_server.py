@@ -119,7 +119,8 @@ class FaultProxy:
 
     `cut_connections(after_bytes, count)` arms the next `count` new connections to be closed
     after `after_bytes` response bytes; `corrupt_connections(at_byte, count)` flips the byte at
-    that response offset instead; `rate_bytes_per_s` throttles each connection.
+    that response offset instead; `set_down(True)` drops every open connection and refuses new
+    ones (an outage) until `set_down(False)`; `rate_bytes_per_s` throttles each connection.
     """
 
     def __init__(self, upstream_port: int, rate_bytes_per_s: float | None = None):
@@ -131,6 +132,8 @@ class FaultProxy:
         self._cuts_left = 0
         self._flip_at: int | None = None
         self._flips_left = 0
+        self._down = False
+        self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -145,6 +148,16 @@ class FaultProxy:
     def corrupt_connections(self, at_byte: int, count: int = 1) -> None:
         with self._lock:
             self._flip_at, self._flips_left = at_byte, count
+
+    def set_down(self, down: bool) -> None:
+        with self._lock:
+            self._down = down
+            dropped = list(self._open) if down else []
+        for connection in dropped:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def reset_counters(self) -> None:
         with self._lock:
@@ -161,6 +174,9 @@ class FaultProxy:
             except OSError:
                 return
             with self._lock:
+                if self._down:
+                    client.close()
+                    continue
                 self.connections += 1
                 cut_at = self._cut_after if self._cuts_left > 0 else None
                 self._cuts_left = max(0, self._cuts_left - 1)
@@ -171,6 +187,8 @@ class FaultProxy:
             except OSError:
                 client.close()
                 continue
+            with self._lock:
+                self._open |= {client, upstream}
             threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, True, cut_at, flip_at), daemon=True).start()
 
@@ -207,6 +225,8 @@ class FaultProxy:
         except OSError:
             pass
         finally:
+            with self._lock:
+                self._open -= {source, sink}
             for end in (source, sink):
                 try:
                     end.shutdown(socket.SHUT_RDWR)

@@ -124,6 +124,25 @@ def test_directory_source_downloads_only_what_changed(moto, proxy, bucket, cache
     assert cache.last_stats.bytes_downloaded == 8 and proxy.bytes_served < 64 * 1024  # big file not again
 
 
+def test_directory_fetch_resumes_after_an_outage(moto, proxy, bucket, cache, tmp_path):
+    _write(tmp_path / "llm" / "a.bin", os.urandom(2 * MB))
+    _write(tmp_path / "llm" / "b.bin", second := os.urandom(2 * MB))
+    cli_weights.push_path(moto.client(), tmp_path / "llm", f"s3://{bucket}/llm/")
+    storage = StorageSettings(endpoint_url=proxy.endpoint_url)
+
+    def outage_after_first_file(done: int, total: int) -> None:
+        if done >= 2 * MB:
+            proxy.set_down(True)
+
+    with pytest.raises(WeightFetchError, match=r"model 'llm'.*s3://.*/llm/"):
+        cache.fetch(f"s3://{bucket}/llm/", storage, label="llm", progress=outage_after_first_file)
+    proxy.set_down(False)
+    proxy.reset_counters()
+    path = cache.fetch(f"s3://{bucket}/llm/", storage, label="llm")
+    assert (path / "b.bin").read_bytes() == second and (path / "a.bin").stat().st_size == 2 * MB
+    assert 2 * MB <= proxy.bytes_served < 2 * MB + 64 * 1024  # a.bin was kept, only b.bin came again
+
+
 def test_four_processes_download_once(moto, bucket, tmp_path):
     data = os.urandom(16 * MB)
     put(moto, bucket, "shared.gguf", data)
