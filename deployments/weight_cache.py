@@ -38,6 +38,7 @@ from serve_app.config import StorageSettings
 logger = logging.getLogger("modelserve.weights")
 
 Progress = Callable[[int, int], None]
+_Producer = Callable[[Path], "tuple[str, int]"]  # fills an entry dir; returns (relpath, bytes fetched)
 _META = "meta.json"
 
 
@@ -230,24 +231,30 @@ class WeightCache:
                 entry_dir.rmdir()  # a failed first download leaves no empty entry behind
             lock.release()
 
+    def _fill(self, name: str, fingerprint: dict[str, Any], job: _Job, produce: _Producer) -> Path:
+        """The one discipline for every source: serve a matching entry, else produce it once under
+        the entry lock (checking again after the wait) and publish it with `meta.json` last."""
+        if path := self._cached(name, fingerprint, job):
+            return path
+        with self._locked(name, job) as entry_dir:
+            if path := self._cached(name, fingerprint, job):  # produced by another process meanwhile
+                return path
+            (entry_dir / _META).unlink(missing_ok=True)  # incomplete until verified and in place
+            relpath, fetched = produce(entry_dir)
+            meta = {"source": job.source, "label": job.label, "relpath": relpath, "fingerprint": fingerprint}
+            _write_json(entry_dir / _META, meta)
+        self._record(job, cache_hit=False, bytes_downloaded=fetched)
+        return entry_dir / relpath
+
     def _cached(self, name: str, fingerprint: dict[str, Any], job: _Job) -> Path | None:
         """The entry's path if it is complete and matches `fingerprint` (recorded as a hit)."""
         meta = _read_json(self.root / "entries" / name / _META)
-        if not meta or meta.get("fingerprint") != fingerprint:
-            return None
-        path = self.root / "entries" / name / meta["relpath"]
-        if not path.exists():
+        path = self.root / "entries" / name / meta["relpath"] if meta else None
+        if not path or meta.get("fingerprint") != fingerprint or not path.exists():
             return None
         self._touch(name)
         self._record(job, cache_hit=True)
         return path
-
-    def _commit(self, entry_dir: Path, job: _Job, relpath: str, fingerprint: dict[str, Any], fetched: int) -> Path:
-        """Publish a verified entry: from now on `fetch` serves it."""
-        meta = {"source": job.source, "label": job.label, "relpath": relpath, "fingerprint": fingerprint}
-        _write_json(entry_dir / _META, meta)
-        self._record(job, cache_hit=False, bytes_downloaded=fetched)
-        return entry_dir / relpath
 
     def _record(self, job: _Job, cache_hit: bool, bytes_downloaded: int = 0) -> None:
         stats = FetchStats(job.source, job.label, cache_hit, bytes_downloaded, time.monotonic() - job.started)
@@ -327,14 +334,10 @@ class WeightCache:
         version = importlib.metadata.version(dists[0]) if dists else None
         fingerprint = {"sha256": getattr(module, "EXPECTED_SHA256", None), "version": version}
         name = entry_name(job.source)
-        if path := self._cached(name, fingerprint, job):
-            return path
-        with self._locked(name, job) as entry_dir:
-            if path := self._cached(name, fingerprint, job):  # assembled by another process meanwhile
-                return path
+
+        def assemble_into(entry_dir: Path) -> tuple[str, int]:
             chunks = getattr(module, "chunk_paths", list)()
             self._make_room(sum(Path(chunk).stat().st_size for chunk in chunks), keep=name, job=job)
-            (entry_dir / _META).unlink(missing_ok=True)
             partial = entry_dir / f"{filename}.partial"
             logger.info("%s: assembling %s into %s", job.what, job.source, entry_dir)
             try:
@@ -346,7 +349,9 @@ class WeightCache:
                     reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
                     raise job.error(f"{reason} while assembling into {entry_dir}") from None
                 raise job.error(f"assembled file failed verification ({exc})") from None
-            return self._commit(entry_dir, job, filename, fingerprint, (entry_dir / filename).stat().st_size)
+            return filename, (entry_dir / filename).stat().st_size
+
+        return self._fill(name, fingerprint, job, assemble_into)
 
     def _fetch_s3(self, job: _Job, storage: StorageSettings) -> Path:
         """One object (`s3://bucket/key`) or every object under a prefix (`s3://bucket/prefix/`)."""
@@ -369,22 +374,18 @@ class WeightCache:
         from deployments import s3_store
 
         info = s3_store.head(client, bucket, key)  # the one request a warm start costs
-        fingerprint = {"etag": info.etag, "size": info.size}
-        if path := self._cached(name, fingerprint, job):
-            return path
-        with self._locked(name, job) as entry_dir:
-            if path := self._cached(name, fingerprint, job):  # downloaded by another process meanwhile
-                return path
+        filename = PurePosixPath(key).name
+
+        def download_into(entry_dir: Path) -> tuple[str, int]:
             self._make_room(info.size, keep=name, job=job)
-            filename = PurePosixPath(key).name
             progress = s3_store.TransferProgress(job.what, info.size, job.progress)
-            fetched = s3_store.Download(
-                client, bucket, info, entry_dir / f"{filename}.partial", progress, self.retry
-            ).run()
-            progress.log(f"downloaded {progress.downloaded} bytes in {time.monotonic() - job.started:.1f} s")
-            (entry_dir / _META).unlink(missing_ok=True)
-            os.replace(entry_dir / f"{filename}.partial", entry_dir / filename)
-            return self._commit(entry_dir, job, filename, fingerprint, fetched)
+            partial = entry_dir / f"{filename}.partial"
+            fetched = s3_store.Download(client, bucket, info, partial, progress, self.retry).run()
+            progress.log(f"downloaded {fetched} bytes in {time.monotonic() - job.started:.1f} s")
+            os.replace(partial, entry_dir / filename)
+            return filename, fetched
+
+        return self._fill(name, {"etag": info.etag, "size": info.size}, job, download_into)
 
     def _fetch_s3_prefix(self, job: _Job, client: Any, bucket: str, prefix: str, name: str) -> Path:
         """A model directory: one LIST decides freshness; only new or changed files download."""
@@ -396,22 +397,16 @@ class WeightCache:
         for relative in listing:
             if relative.startswith("/") or ".." in PurePosixPath(relative).parts or ".partial" in relative:
                 raise s3_store.StoreError(f"refusing object key {prefix + relative!r} (unsafe local path)")
-        fingerprint = {"files": {rel: [obj.etag, obj.size] for rel, obj in sorted(listing.items())}}
-        if path := self._cached(name, fingerprint, job):
-            return path
-        with self._locked(name, job) as entry_dir:
-            if path := self._cached(name, fingerprint, job):
-                return path
-            (entry_dir / _META).unlink(missing_ok=True)
+        files = {rel: [obj.etag, obj.size] for rel, obj in sorted(listing.items())}
+        dirname = PurePosixPath(prefix.rstrip("/")).name or bucket
+
+        def download_into(entry_dir: Path) -> tuple[str, int]:
             verified_path = entry_dir / "verified.json"  # files in place: a failed fetch resumes from here
-            verified = _read_json(verified_path) or {}
-            dirname = PurePosixPath(prefix.rstrip("/")).name or bucket
-            target = entry_dir / dirname
-            stale = {rel for rel, obj in listing.items() if verified.get(rel) != [obj.etag, obj.size]}
-            stale |= {rel for rel in listing if not (target / rel).is_file()}
+            verified, target = _read_json(verified_path) or {}, entry_dir / dirname
+            stale = sorted(rel for rel in listing if verified.get(rel) != files[rel] or not (target / rel).is_file())
             self._make_room(sum(listing[rel].size for rel in stale), keep=name, job=job)
             progress = s3_store.TransferProgress(job.what, sum(listing[rel].size for rel in stale), job.progress)
-            for rel in sorted(stale):
+            for rel in stale:
                 info = s3_store.head(client, bucket, listing[rel].key)  # metadata: the sha256
                 if info.etag != listing[rel].etag:
                     raise s3_store.ObjectChanged(f"{info.key} changed while listing")
@@ -420,11 +415,13 @@ class WeightCache:
                 partial = destination.with_name(destination.name + ".partial")
                 s3_store.Download(client, bucket, info, partial, progress, self.retry).run()
                 os.replace(partial, destination)
-                verified[rel] = [info.etag, info.size]
+                verified[rel] = files[rel]
                 _write_json(verified_path, verified)
             progress.log(f"downloaded {progress.downloaded} bytes in {time.monotonic() - job.started:.1f} s")
-            for local in [p for p in target.rglob("*") if p.is_file()]:
-                if local.relative_to(target).as_posix() not in listing and ".partial" not in local.name:
+            for local in [p for p in target.rglob("*") if p.is_file() and ".partial" not in p.name]:
+                if local.relative_to(target).as_posix() not in listing:
                     local.unlink()  # removed from the store
-            _write_json(verified_path, fingerprint["files"])
-            return self._commit(entry_dir, job, dirname, fingerprint, progress.downloaded)
+            _write_json(verified_path, files)
+            return dirname, progress.downloaded
+
+        return self._fill(name, {"files": files}, job, download_into)
