@@ -349,7 +349,10 @@ class WeightCache:
                     reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
                     raise job.error(f"{reason} while assembling into {entry_dir}") from None
                 raise job.error(f"assembled file failed verification ({exc})") from None
-            return filename, (entry_dir / filename).stat().st_size
+            size = (entry_dir / filename).stat().st_size
+            if job.progress:
+                job.progress(size, size)
+            return filename, size
 
         return self._fill(name, fingerprint, job, assemble_into)
 
