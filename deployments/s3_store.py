@@ -75,7 +75,7 @@ def public_endpoint(url: str | None) -> str:
     if not url:
         return "the default AWS endpoint"
     parsed = urlparse(url)
-    return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl()
+    return parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
 
 
 _SESSION = boto3.session.Session()  # one per process: loading the service model costs ~0.15 s per session
