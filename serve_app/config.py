@@ -7,6 +7,7 @@ rejected before any deployment starts (never half an app).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +95,54 @@ class StorageSettings(_Strict):
     addressing_style: Literal["path", "virtual", "auto"] = "path"
 
 
+VLLM_MAX_ONGOING_REQUESTS = 256  # vLLM batches many sequences per step; 4 (the llama.cpp default) would starve it
+_VLLM_OWNED_ARGS = ("model", "served_model_name", "distributed_executor_backend")  # set from name/source by Ray
+
+
+class VllmSettings(_Strict):
+    """vLLM engine arguments checked before deploying; any other vLLM engine argument goes in engine.engine_kwargs.
+
+    A replica gets tensor_parallel_size x pipeline_parallel_size GPUs, all on one node (the weights
+    are cached per node), so these settings also decide which GPU pods can hold it.
+    """
+
+    max_model_len: int | None = Field(None, ge=32, description="Context window in tokens; None = the model's own.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may take.")
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
+    quantization: str | None = Field(
+        None, pattern=r"^[a-z0-9_]+$", description="vLLM quantization method (awq, gptq, fp8, ...); None = as saved."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs each layer is split across.")
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="GPU stages the layers are split into.")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type of the GPUs (L4, A10G, H100, ...); must match the GPU worker group."
+    )
+
+    @field_validator("accelerator_type")
+    @classmethod
+    def _known_gpu(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from ray.util.accelerators import accelerators  # the table Ray Serve LLM checks against (core Ray)
+
+        known = sorted(
+            name for key, name in vars(accelerators).items()
+            if not key.startswith("_") and isinstance(name, str) and not name.startswith("TPU")
+        )
+        if value not in known:
+            raise ValueError(f"unknown GPU accelerator type {value!r} (Ray knows {', '.join(known)})")
+        return value
+
+    @property
+    def num_gpus(self) -> int:
+        """GPUs one replica takes (one placement-group bundle each)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def engine_args(self) -> dict[str, Any]:
+        """The vLLM engine arguments among these settings (unset ones are left to vLLM)."""
+        return self.model_dump(exclude={"accelerator_type"}, exclude_none=True)
+
+
 class ModelSpec(_Strict):
     """One served model: its OpenAI id, engine, weights and Serve deployment."""
 
@@ -104,6 +153,7 @@ class ModelSpec(_Strict):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    vllm: VllmSettings | None = Field(None, description="vLLM engine settings (backend vllm only).")
 
     @field_validator("name")
     @classmethod
@@ -121,6 +171,33 @@ class ModelSpec(_Strict):
         if not value.strip():
             raise ValueError("source must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _vllm_entry(self) -> ModelSpec:
+        """vLLM loads a Hugging Face-format directory and gets its GPUs from `vllm`, not from ray_actor_options."""
+        if self.backend != "vllm":
+            if self.vllm is not None:
+                raise ValueError(f"the 'vllm' section is for backend vllm only (this model's backend is {self.backend})")
+            return self
+        self.vllm = self.vllm or VllmSettings()
+        if self.source.startswith("package://"):
+            raise ValueError("backend vllm loads a Hugging Face-format model directory, not a package:// GGUF")
+        if self.source.startswith("s3://") and not self.source.endswith("/"):
+            raise ValueError(f"backend vllm loads a model directory: end the s3:// prefix with '/' (use {self.source}/)")
+        kwargs = set(self.engine.engine_kwargs)
+        if owned := sorted(kwargs.intersection(_VLLM_OWNED_ARGS)):
+            raise ValueError(f"engine.engine_kwargs {owned} are set by modelserve from the model's name and source")
+        if typed := sorted(kwargs.intersection(VllmSettings.model_fields)):
+            raise ValueError(f"engine.engine_kwargs {typed}: set these under 'vllm:' instead, where they are checked")
+        actor = self.deployment.ray_actor_options
+        if actor.get("num_gpus") or actor.get("accelerator_type"):
+            raise ValueError(
+                "backend vllm takes its GPUs from vllm.tensor_parallel_size x vllm.pipeline_parallel_size and "
+                "vllm.accelerator_type: remove deployment.ray_actor_options num_gpus/accelerator_type"
+            )
+        if "max_ongoing_requests" not in self.deployment.model_fields_set:
+            self.deployment.max_ongoing_requests = VLLM_MAX_ONGOING_REQUESTS
+        return self
 
     @property
     def deployment_name(self) -> str:
@@ -204,7 +281,8 @@ def describe_validation_error(error: ValidationError, data: Any = None) -> str:
             except (KeyError, IndexError, TypeError):
                 node = None
         where = ".".join(parts) or "args"
-        value = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        whole_entry = isinstance(err["input"], (dict, list))  # a model-level check: the message names the field
+        value = "" if err["type"] == "missing" or whole_entry else f" (got {err['input']!r})"
         lines.append(f"{where}: {err['msg']}{value}")
     return "\n".join(lines)
 
@@ -212,9 +290,19 @@ def describe_validation_error(error: ValidationError, data: Any = None) -> str:
 def parse_app_args(args: dict[str, Any] | None) -> AppArgs:
     """Validate application args, raising ConfigError with field-level messages."""
     try:
-        return AppArgs.model_validate(args or {})
+        app_args = AppArgs.model_validate(args or {})
     except ValidationError as exc:
         raise ConfigError("invalid modelserve config:\n" + describe_validation_error(exc, args)) from None
+    require_backend_packages(app_args)
+    return app_args
+
+
+def require_backend_packages(app_args: AppArgs) -> None:
+    """One clear error, before anything deploys, when a model's backend is not installed here."""
+    vllm_models = [model.name for model in app_args.models if model.backend == "vllm"]
+    if vllm_models and importlib.util.find_spec("vllm") is None:
+        who = f"model {vllm_models[0]!r} uses" if len(vllm_models) == 1 else f"models {vllm_models} use"
+        raise ConfigError(f"{who} backend vllm, which needs the gpu extra: pip install 'modelserve[gpu]'")
 
 
 def load_serve_config(path: str | Path) -> dict[str, Any]:
