@@ -19,6 +19,7 @@ from serve_app.config import (
     AppArgs,
     ConfigError,
     DeploymentSettings,
+    VllmSettings,
     describe_validation_error,
     modelserve_applications,
     parse_app_args,
@@ -270,8 +271,6 @@ def plan_deployment(
     low, high = replica_bounds(options)
     gpu = settings.gpu_workers
     problems: list[str] = []
-    if needs_gpu_group and demand.num_gpus <= 0:
-        problems.append("backend vllm needs ray_actor_options.num_gpus >= 1 so replicas land on GPU pods")
     if (needs_gpu_group or demand.num_gpus > 0) and not gpu.enabled:
         problems.append("needs GPUs but there is no GPU worker group (set gpu_workers.enabled: true)")
     candidates = {CPU_GROUP: settings.cpu_workers, GPU_GROUP: gpu}
@@ -304,13 +303,14 @@ def plan_placement(serve_config: dict[str, Any], settings: DeploySettings) -> tu
         app_args: AppArgs = parse_app_args(application.get("args"))
         overrides = {entry.get("name"): entry for entry in application.get("deployments") or []}
         lines.append(f"application {application.get('name', 'default')} ({application.get('route_prefix', '/')}):")
-        entries = [("ingress", "ingress", app_args.ingress.deployment, False)] + [
-            (m.deployment_name, f"model {m.name} ({m.backend})", m.deployment, m.backend == "vllm")
-            for m in app_args.models
+        entries = [("ingress", "ingress", app_args.ingress.deployment, None)] + [
+            (m.deployment_name, f"model {m.name} ({m.backend})", m.deployment, m.vllm) for m in app_args.models
         ]
-        for deployment, description, options, needs_gpu_group in entries:
+        for deployment, description, options, vllm in entries:
             merged = _with_override(options, overrides.pop(deployment, {}))
-            plan = plan_deployment(settings, deployment, description, merged, needs_gpu_group)
+            if vllm is not None:
+                merged["ray_actor_options"] = {**(merged.get("ray_actor_options") or {}), **vllm_replica_gpus(vllm)}
+            plan = plan_deployment(settings, deployment, description, merged, needs_gpu_group=vllm is not None)
             demand = plan.demand
             memory = f"{demand.memory_bytes / GIB:.2f} GiB" if demand.memory_bytes else "no memory reservation"
             lines.append(
@@ -331,6 +331,12 @@ def plan_placement(serve_config: dict[str, Any], settings: DeploySettings) -> tu
     if peak_cpus > capacity_cpus or peak_gpus > capacity_gpus:
         lines.append("  warning: the autoscaler cannot reach every deployment's max_replicas at once")
     return "\n".join(lines), problems
+
+
+def vllm_replica_gpus(vllm: VllmSettings) -> dict[str, Any]:
+    """What a vLLM replica takes beyond its actor: one GPU bundle per parallel worker, all on one pod (STRICT_PACK)."""
+    accelerator = {"accelerator_type": vllm.accelerator_type} if vllm.accelerator_type else {}
+    return {"num_gpus": vllm.num_gpus, **accelerator}
 
 
 def _with_override(options: DeploymentSettings, override: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import json
 import os
 import sys
 from pathlib import Path
@@ -174,6 +175,7 @@ def _ray_pod_template(
 
 def _worker_group(settings: DeploySettings, group_name: str, group: WorkerGroupSettings) -> dict[str, Any]:
     image, extra_spec, ray_labels = settings.image, {}, {}
+    ray_start_params = {"metrics-export-port": str(METRICS_PORT)}
     if isinstance(group, GpuWorkerGroupSettings):
         image = group.image or settings.image
         if group.node_selector:
@@ -182,6 +184,8 @@ def _worker_group(settings: DeploySettings, group_name: str, group: WorkerGroupS
             extra_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in group.tolerations]
         if group.accelerator_type:
             ray_labels["ray.io/accelerator-type"] = group.accelerator_type
+            # vLLM replicas ask for this resource; declared so the autoscaler knows this group offers it (KubeRay quoting)
+            ray_start_params["resources"] = json.dumps(json.dumps({f"accelerator_type:{group.accelerator_type}": 1}))
     resources = _resources(group.cpu, group.memory_gib, group.gpus)
     container = _ray_container(settings, "ray-worker", image, resources, {"serve": SERVE_PORT, "metrics": METRICS_PORT})
     spec: dict[str, Any] = {
@@ -189,7 +193,7 @@ def _worker_group(settings: DeploySettings, group_name: str, group: WorkerGroupS
         "replicas": group.min_replicas,
         "minReplicas": group.min_replicas,
         "maxReplicas": group.max_replicas,
-        "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
+        "rayStartParams": ray_start_params,
         "template": _ray_pod_template(settings, group_name, container, extra_spec),
     }
     if ray_labels:
