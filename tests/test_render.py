@@ -288,24 +288,6 @@ def test_dry_run_prints_models_replica_bounds_and_worker_groups(
     assert "6.5 CPU, 0 GPU wanted; worker groups at max pods: 8 CPU" in out
 
 
-def test_dry_run_rejects_vllm_model_without_gpu_group(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = serve_config(model("llama-8b", backend="vllm", num_gpus=1, num_cpus=4))
-    code = dry_run(tmp_path, config)
-    captured = capsys.readouterr()
-    assert code == 1
-    assert "model-llama-8b (model llama-8b (vllm)): needs GPUs but there is no GPU worker group" in captured.err
-    assert "-> NO FIT" in captured.out
-
-    code = dry_run(tmp_path, config, gpu_workers={"enabled": True})
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    assert "model-llama-8b: model llama-8b (vllm), replicas 1-1, per replica 4 CPU, 1 GPU" in captured.out
-    assert "-> gpu-workers" in captured.out
-
-    code = dry_run(tmp_path, serve_config(model("llama-8b", backend="vllm")), gpu_workers={"enabled": True})
-    assert code == 1 and "backend vllm needs ray_actor_options.num_gpus >= 1" in capsys.readouterr().err
-
-
 def test_dry_run_rejects_replicas_bigger_than_any_worker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = dry_run(tmp_path, serve_config(model("big", num_cpus=8)), cpu_workers={"cpu": 4})
     err = capsys.readouterr().err
