@@ -1,54 +1,106 @@
-"""llama.cpp engine (llama-cpp-python) for GGUF models on CPU.
+"""llama.cpp building blocks for GGUF models: loading, chat template, token pieces and prompt checks.
 
-A `llama_cpp.Llama` is not thread-safe, so one worker thread owns it and runs every
-generation in turn; the replica's event loop only moves chunks. A cancelled request
-sets a flag the worker checks after each token, so a disconnect frees the model at once.
+They hold no scheduling (`deployments.llama_cpp_batched` runs the model). llama.cpp's own log
+lines go to the `llama_cpp` Python logger (warnings and errors) instead of the replica's stderr.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import logging
+import os
 import random
-import threading
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from deployments.engine import (
-    ContextLengthExceeded,
-    Engine,
-    EngineUnavailable,
-    GenerationChunk,
-    GenerationRequest,
-    InvalidGenerationRequest,
-)
-from deployments.text import StopMatcher, Utf8Stream
-from deployments.weight_cache import WeightCache
-from serve_app.config import ModelSpec
+import llama_cpp
+from llama_cpp import llama_chat_format
+from llama_cpp._internals import LlamaModel
 
-logger = logging.getLogger(__name__)
+from deployments.engine import ContextLengthExceeded, GenerationRequest, InvalidGenerationRequest, SamplingParams
+from serve_app.config import EngineSettings
 
-_DONE = object()
+_llama_logger = logging.getLogger("llama_cpp")
+_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level (ggml.h): 3 = warn, 4 = error
+_PENALTY_LAST_N = 64  # generated tokens the presence/frequency penalties look back over (llama-cpp-python's)
+
+
+@llama_cpp.llama_log_callback
+def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    """Forward llama.cpp warnings and errors to Python logging (module-level: llama.cpp keeps the pointer)."""
+    python_level = _LOG_LEVELS.get(level)
+    if python_level is not None:
+        _llama_logger.log(python_level, "%s", text.decode("utf-8", "replace").rstrip())
+
+
+def _scalar_fields(struct: type[ctypes.Structure]) -> set[str]:
+    return {
+        name
+        for name, ctype, *_ in struct._fields_
+        if issubclass(ctype, ctypes._SimpleCData) and ctype not in (ctypes.c_void_p, ctypes.c_char_p)
+    }
+
+
+def split_engine_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sort `engine_kwargs` into llama.cpp model and context parameters; an unknown name is a config error."""
+    model_fields = _scalar_fields(llama_cpp.llama_model_params)
+    context_fields = _scalar_fields(llama_cpp.llama_context_params)
+    unknown = sorted(set(kwargs) - model_fields - context_fields)
+    if unknown:
+        raise ValueError(
+            f"engine_kwargs {unknown} are not llama.cpp model or context parameters "
+            f"(known: {', '.join(sorted(model_fields | context_fields))})"
+        )
+    return (
+        {k: v for k, v in kwargs.items() if k in model_fields},
+        {k: v for k, v in kwargs.items() if k in context_fields},
+    )
+
+
+def load_model(path: Path, settings: EngineSettings) -> LlamaModel:
+    """Load GGUF weights (raises ValueError if llama.cpp cannot)."""
+    llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    for name, value in split_engine_kwargs(settings.engine_kwargs)[0].items():
+        setattr(params, name, value)
+    # verbose=True only stops llama-cpp-python from swapping the process's stdout/stderr during the load.
+    return LlamaModel(path_model=str(path), params=params, verbose=True)
+
+
+def context_params(settings: EngineSettings, *, n_seq: int, n_batch: int) -> llama_cpp.llama_context_params:
+    """Context parameters: `n_seq` separate KV windows of `settings.n_ctx` tokens each.
+
+    Unset thread counts follow llama-cpp-python's defaults (half the cores for one-token steps, all
+    of them for batches) so single-stream speed matches what `llama_cpp.Llama` gave.
+    """
+    cores = os.cpu_count() or 1
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = settings.n_ctx * n_seq
+    params.n_seq_max = n_seq
+    # One KV stream per sequence: a sequence's cells never mix with another's, so its numerics do not
+    # depend on where other sequences sit (with a unified cache, flash-attention tiles do).
+    params.kv_unified = False
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_threads = settings.n_threads or max(cores // 2, 1)
+    params.n_threads_batch = settings.n_threads or cores
+    for name, value in split_engine_kwargs(settings.engine_kwargs)[1].items():
+        setattr(params, name, value)
+    return params
 
 
 class ChatTemplate:
     """Renders chat messages into a prompt: explicit template, named llama.cpp format, or the GGUF's own."""
 
-    def __init__(self, llm: Any, chat_format: str | None, chat_template: str | None) -> None:
-        from llama_cpp import llama_chat_format
-
-        self.stops: list[str] = []
+    def __init__(self, model: LlamaModel, chat_format: str | None, chat_template: str | None) -> None:
         if chat_template is None and chat_format is None:
-            chat_template = llm.metadata.get("tokenizer.chat_template")
+            chat_template = model.metadata().get("tokenizer.chat_template")
         if chat_template is not None:
-            vocab = llm._model
             self._format = llama_chat_format.Jinja2ChatFormatter(
                 template=chat_template,
-                eos_token=vocab.token_get_text(llm.token_eos()),
-                bos_token=vocab.token_get_text(llm.token_bos()),
+                eos_token=model.token_get_text(model.token_eos()),
+                bos_token=model.token_get_text(model.token_bos()),
             )
         elif chat_format is not None:
             formatter = getattr(llama_chat_format, "format_" + chat_format.replace("-", "_"), None)
@@ -70,152 +122,75 @@ class ChatTemplate:
         return result.prompt, result.added_special, stops
 
 
-class LlamaCppEngine(Engine):
-    """One GGUF model in one process, generations serialized through a single owner thread."""
+@dataclass(frozen=True)
+class Prompt:
+    """A tokenized request known to fit one sequence window, with its stop strings and token budget."""
 
-    def __init__(self, spec: ModelSpec, cache: WeightCache | None = None) -> None:
-        self._spec = spec
-        self._cache = cache or WeightCache()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-owner")
-        self._resources = ExitStack()
-        self._llm: Any = None
-        self._template: ChatTemplate | None = None
-        self._pieces: TokenPieces | None = None
+    tokens: list[int]
+    stops: tuple[str, ...]
+    max_new_tokens: int
 
-    async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
 
-    def _load(self) -> None:
-        from llama_cpp import Llama
-
-        settings = self._spec.engine
-        path = self._cache.fetch(self._spec.source, self._spec.storage, label=self._spec.name)
-        self._resources.enter_context(self._cache.lease(path))
-        kwargs: dict[str, Any] = {"n_ctx": settings.n_ctx, "n_batch": settings.n_batch, "verbose": False}
-        if settings.n_threads is not None:
-            kwargs.update(n_threads=settings.n_threads, n_threads_batch=settings.n_threads)
-        try:
-            self._llm = Llama(model_path=str(path), **{**kwargs, **settings.engine_kwargs})
-        except (ValueError, RuntimeError) as exc:
-            raise EngineUnavailable(f"model {self._spec.name!r}: llama.cpp could not load {path.name}: {exc}") from exc
-        self._template = ChatTemplate(self._llm, settings.chat_format, settings.chat_template)
-        self._pieces = TokenPieces(self._llm)
-        logger.info("model %s loaded from %s (n_ctx=%d)", self._spec.name, path, self._llm.n_ctx())
-
-    async def check_health(self) -> None:
-        if self._llm is None:
-            raise EngineUnavailable(f"model {self._spec.name!r} is not loaded")
-
-    async def stop(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._resources.close()
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def emit(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        loop.run_in_executor(self._executor, self._run, request, emit, cancelled)
-        try:
-            while (item := await queue.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancelled.set()
-
-    def _run(self, request: GenerationRequest, emit: Callable[[Any], None], cancelled: threading.Event) -> None:
-        """Worker-thread body: never raises; errors travel to the caller through `emit`."""
-        try:
-            if not cancelled.is_set():
-                self._generate(request, emit, cancelled)
-        except Exception as exc:  # noqa: BLE001 - every failure must reach the waiting request
-            if not isinstance(exc, (InvalidGenerationRequest, ContextLengthExceeded)):
-                logger.exception("generation %s failed", request.request_id)
-                exc = EngineUnavailable(f"model {self._spec.name!r} failed during generation: {exc}")
-            emit(exc)
-        finally:
-            emit(_DONE)
-
-    def _prompt_tokens(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
-        llm = self._llm
-        if request.messages is not None:
-            assert self._template is not None
-            prompt, has_bos, stops = self._template.render(request.messages)
-            return llm.tokenize(prompt.encode("utf-8"), add_bos=not has_bos, special=True), stops
-        return llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=False), []
-
-    def _generate(self, request: GenerationRequest, emit: Callable[[Any], None], cancelled: threading.Event) -> None:
-        llm, sampling = self._llm, request.sampling
-        tokens, template_stops = self._prompt_tokens(request)
-        n_prompt, n_ctx = len(tokens), llm.n_ctx()
-        param = "messages" if request.messages is not None else "prompt"
-        if n_prompt >= n_ctx:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {n_ctx} tokens, but the prompt has {n_prompt} tokens.",
-                param=param,
-            )
-        budget = n_ctx - n_prompt
-        if sampling.max_tokens is not None:
-            if sampling.max_tokens > budget:
-                raise ContextLengthExceeded(
-                    f"This model's maximum context length is {n_ctx} tokens; the prompt has {n_prompt} tokens "
-                    f"and max_tokens is {sampling.max_tokens}. Reduce the prompt or max_tokens.",
-                    param="max_tokens",
-                )
-            budget = sampling.max_tokens
-
-        llm.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
-        llm.reset()  # fresh evaluation: the same request gives the same tokens, whatever ran before
-        decoder, stops = Utf8Stream(), StopMatcher([*sampling.stop, *template_stops])
-        produced, finish, hit, text = 0, "length", False, ""
-        generator = llm.generate(
-            tokens,
-            temp=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=0,
-            min_p=0.0,
-            repeat_penalty=1.0,
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
+def prepare_prompt(request: GenerationRequest, model: LlamaModel, template: ChatTemplate, window: int) -> Prompt:
+    """Tokenize the request and check it against the `window` tokens a sequence may hold."""
+    sampling = request.sampling
+    if request.messages is not None:
+        text, has_bos, template_stops = template.render(request.messages)
+        tokens = model.tokenize(text.encode("utf-8"), add_bos=not has_bos, special=True)
+        param = "messages"
+    else:
+        tokens = model.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=False)
+        template_stops, param = [], "prompt"
+    n_prompt = len(tokens)
+    if n_prompt == 0:
+        raise InvalidGenerationRequest("the prompt is empty", param=param)
+    if n_prompt >= window:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {window} tokens, but the prompt has {n_prompt} tokens.",
+            param=param,
         )
-        try:
-            for token in generator:
-                if cancelled.is_set():
-                    return
-                if self._pieces.is_eog(token):
-                    finish = "stop"
-                    break
-                produced += 1
-                text, hit = stops.feed(decoder.feed(self._pieces.piece(token)))
-                if hit:
-                    finish = "stop"
-                    break
-                if produced >= budget:
-                    break
-                if text:
-                    emit(GenerationChunk(text, n_prompt, produced))
-                text = ""
-        finally:
-            generator.close()
-        if not hit:
-            tail, hit = stops.feed(decoder.flush())
-            text += tail if hit else tail + stops.flush()
-            finish = "stop" if hit else finish
-        emit(GenerationChunk(text, n_prompt, produced, finish))
+    budget = window - n_prompt
+    if sampling.max_tokens is not None:
+        if sampling.max_tokens > budget:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {window} tokens; the prompt has {n_prompt} tokens "
+                f"and max_tokens is {sampling.max_tokens}. Reduce the prompt or max_tokens.",
+                param="max_tokens",
+            )
+        budget = sampling.max_tokens
+    return Prompt(tokens, (*sampling.stop, *template_stops), budget)
+
+
+def sampler_chain(sampling: SamplingParams, n_vocab: int) -> Any:
+    """A request's own llama.cpp sampler chain (free it with llama_sampler_free).
+
+    Same stages as llama-cpp-python's `Llama.generate` uses: penalties on the generated tokens,
+    then greedy at temperature 0, else top-p, temperature and a seeded draw.
+    """
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    stages = []
+    if sampling.presence_penalty or sampling.frequency_penalty:
+        stages.append(llama_cpp.llama_sampler_init_penalties(
+            n_vocab, _PENALTY_LAST_N, 1.0, sampling.frequency_penalty, sampling.presence_penalty
+        ))
+    if sampling.temperature <= 0:
+        stages.append(llama_cpp.llama_sampler_init_greedy())
+    else:
+        if sampling.top_p < 1.0:
+            stages.append(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
+        stages.append(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        stages.append(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+    for stage in stages:
+        llama_cpp.llama_sampler_chain_add(chain, stage)
+    return chain
 
 
 class TokenPieces:
     """Token id -> bytes and end-of-generation checks, memoized (llama-cpp-python's own caps pieces at 32 bytes)."""
 
-    def __init__(self, llm: Any) -> None:
-        import llama_cpp
-
-        self._lib = llama_cpp
-        self._vocab = llm._model.vocab
+    def __init__(self, vocab: Any) -> None:
+        self._vocab = vocab
         self._pieces: dict[int, bytes] = {}
 
     def piece(self, token: int) -> bytes:
@@ -224,7 +199,7 @@ class TokenPieces:
             size = 64
             while True:
                 buffer = ctypes.create_string_buffer(size)
-                n = self._lib.llama_token_to_piece(self._vocab, token, buffer, size, 0, False)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, size, 0, False)
                 if n >= 0:
                     break
                 size = -n
@@ -232,4 +207,4 @@ class TokenPieces:
         return cached
 
     def is_eog(self, token: int) -> bool:
-        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))

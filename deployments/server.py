@@ -22,9 +22,9 @@ logger = logging.getLogger(__name__)
 def make_engine(spec: ModelSpec) -> Engine:
     """The engine for a model's backend; heavy imports happen only for the backend in use."""
     if spec.backend == "llama_cpp":
-        from deployments.llama_cpp_engine import LlamaCppEngine
+        from deployments.llama_cpp_batched import BatchedLlamaEngine
 
-        return LlamaCppEngine(spec)
+        return BatchedLlamaEngine(spec)
     raise ValueError(f"model {spec.name!r}: backend {spec.backend!r} is not available in this build")
 
 

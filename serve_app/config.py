@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 Backend = Literal["llama_cpp", "vllm"]
 
+MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
+
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
 
 
@@ -29,9 +31,27 @@ class _Strict(BaseModel):
 class EngineSettings(_Strict):
     """How the engine loads and runs the model (backend-specific keys are ignored by the other)."""
 
-    n_ctx: int = Field(2048, ge=32, description="Context window in tokens (llama.cpp).")
+    n_ctx: int = Field(2048, ge=32, description="Context window of each sequence slot in tokens (llama.cpp).")
     n_threads: int | None = Field(None, ge=1, description="CPU threads for decoding; None = llama.cpp default.")
     n_batch: int = Field(512, ge=1, description="Prompt-processing batch size (llama.cpp).")
+    parallel: int = Field(
+        4,
+        ge=1,
+        le=MAX_PARALLEL,
+        description="Sequence slots one llama.cpp replica decodes together (continuous batching); "
+        "the deployment's max_ongoing_requests follows it.",
+    )
+    prefill_chunk: int = Field(
+        128,
+        ge=1,
+        description="Prompt tokens fed per decode step while other sequences stream (chunked prefill): "
+        "bounds how long a new prompt pauses them. With nothing streaming, prompts go n_batch at a time.",
+    )
+    prefix_reuse: bool = Field(
+        False,
+        description="Reuse a free slot's cached KV for a shared prompt prefix; faster for repeated prefixes, "
+        "but outputs then depend slightly on what ran before.",
+    )
     chat_format: str | None = Field(
         None, description="llama-cpp-python chat format name (e.g. 'gemma'); overrides the GGUF template."
     )
@@ -39,7 +59,10 @@ class EngineSettings(_Strict):
     stream_interval_ms: float = Field(
         20.0, ge=0, description="Tokens produced within this window are sent as one stream item."
     )
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra backend keyword arguments.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra backend parameters (llama.cpp: model or context parameter fields by name).",
+    )
 
 
 class AutoscalingSettings(_Strict):
@@ -171,6 +194,33 @@ class ModelSpec(_Strict):
         if not value.strip():
             raise ValueError("source must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _slots_match_ongoing_requests(self) -> ModelSpec:
+        """A llama.cpp replica serves exactly `parallel` requests at once, so Serve sends it that many.
+
+        Whichever of engine.parallel and deployment.max_ongoing_requests is given sets the other;
+        giving both with different values is an error.
+        """
+        if self.backend != "llama_cpp":
+            return self
+        engine, deployment = self.engine, self.deployment
+        slots_given = "parallel" in engine.model_fields_set
+        ongoing_given = "max_ongoing_requests" in deployment.model_fields_set
+        if slots_given and ongoing_given and engine.parallel != deployment.max_ongoing_requests:
+            raise ValueError(
+                f"engine.parallel ({engine.parallel}) and deployment.max_ongoing_requests "
+                f"({deployment.max_ongoing_requests}) differ: a llama.cpp replica decodes `parallel` requests "
+                "at once, so set one of them (the other follows)"
+            )
+        if ongoing_given:
+            if deployment.max_ongoing_requests > MAX_PARALLEL:
+                raise ValueError(f"a llama.cpp replica decodes at most {MAX_PARALLEL} requests at once; "
+                                 f"max_ongoing_requests is {deployment.max_ongoing_requests}")
+            engine.parallel = deployment.max_ongoing_requests
+        else:
+            deployment.max_ongoing_requests = engine.parallel
+        return self
 
     @model_validator(mode="after")
     def _vllm_entry(self) -> ModelSpec:

