@@ -9,14 +9,19 @@ from ray.serve import Application
 from deployments.server import ModelServer
 from serve_app.config import ConfigError, ModelSpec, parse_app_args
 from serve_app.ingress import OpenAIIngress
+from serve_app.policy import parse_policy
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """Validate `args` completely, then bind one deployment per model and the ingress holding their handles."""
     app_args = parse_app_args(args)
     models = {spec.name: model_deployment(spec) for spec in app_args.models}
-    ingress = OpenAIIngress.options(**app_args.ingress.deployment.serve_options())
-    return ingress.bind(app_args.model_dump(mode="json"), models)
+    access = parse_policy(app_args.access, "args.access (policy document)")  # secure default: deny all but admin
+    ingress = OpenAIIngress.options(
+        user_config=access.model_dump(mode="json") if app_args.access is None else app_args.access,
+        **app_args.ingress.deployment.serve_options(),
+    )
+    return ingress.bind(app_args.model_dump(mode="json", exclude={"access"}), models)
 
 
 def model_deployment(spec: ModelSpec) -> Application:

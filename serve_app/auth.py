@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-logger = logging.getLogger("modelserve.auth")
+logger = logging.getLogger("ray.serve.modelserve.auth")
 
 SECRET_ENV = "MODELSERVE_JWT_SECRET"
 SECRET_FILE_ENV = "MODELSERVE_JWT_SECRET_FILE"

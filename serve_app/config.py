@@ -272,6 +272,12 @@ class AppArgs(_Strict):
     models: list[ModelSpec] = Field(min_length=1)
     model_defaults: dict[str, Any] = Field(default_factory=dict, description="Merged into every model entry.")
     ingress: IngressSettings = Field(default_factory=IngressSettings)
+    access: dict[str, Any] | None = Field(
+        None,
+        description="Initial policy document (serve_app.policy) for the ingress user_config. A Serve config "
+        "sets it on the ingress deployment's user_config instead (`modelserve policy sync`): changing `args` "
+        "restarts every replica, changing that user_config reloads the policy in place.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -11,13 +11,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.engine import (
@@ -29,6 +29,8 @@ from deployments.engine import (
     SamplingParams,
 )
 from serve_app.config import AppArgs, ModelSpec
+from serve_app.middleware import AccessMiddleware
+from serve_app.policy import AccessGate, MeteredStream, RequestAccount, authenticated
 from serve_app.protocol import (
     AssistantMessage,
     ChatChunkChoice,
@@ -54,6 +56,7 @@ logger = logging.getLogger("modelserve.ingress")
 RETRY_AFTER_S = "1"
 
 app = FastAPI(title="modelserve", description="OpenAI-compatible LLM serving on Ray Serve.")
+app.add_middleware(AccessMiddleware)  # authenticates every route but /health, settles limits, audits
 
 
 @app.exception_handler(OpenAIError)
@@ -159,28 +162,37 @@ class OpenAIIngress:
         self._args = AppArgs.model_validate(args)
         self._handles = models
         self._created = now()
+        self._access = AccessGate(limiter_name=f"modelserve-limits:{serve.get_replica_context().app_name}")
+        app.state.access_gate = self._access
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """The policy document (auth, tenants, limits): applied at start and in place on every `serve deploy`."""
+        self._access.configure(user_config)
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def list_models(self) -> ModelList:
-        return ModelList(data=[self._card(spec) for spec in self._args.models])
+    async def list_models(self, account: RequestAccount = Depends(authenticated)) -> ModelList:
+        return ModelList(data=[self._card(s) for s in self._args.models if self._access.allows(account, s.name)])
 
     @app.get("/v1/models/{model_id:path}")
-    async def get_model(self, model_id: str) -> ModelCard:
-        return self._card(self._model(model_id))
+    async def get_model(self, model_id: str, account: RequestAccount = Depends(authenticated)) -> ModelCard:
+        return self._card(self._model(model_id, account))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
-        spec = self._model(body.model)
+    async def chat_completions(
+        self, body: ChatCompletionRequest, account: RequestAccount = Depends(authenticated)
+    ) -> Any:
+        spec = self._model(body.model, account)
         request = GenerationRequest(
             request_id=new_id("chatcmpl"),
-            sampling=sampling_params(body, body.token_limit()),
+            sampling=sampling_params(body, self._access.max_tokens(account, body.token_limit())),
             messages=tuple({"role": m.role, "content": m.text()} for m in body.messages),
         )
-        first, stream = await self._open(spec, request)
+        await self._access.admit(account, request)
+        first, stream = await self._open(spec, request, account)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self._sse_response(self._chat_events(request.request_id, spec.name, first, stream, include_usage))
@@ -194,17 +206,20 @@ class OpenAIIngress:
         )
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest) -> Any:
-        spec = self._model(body.model)
+    async def completions(self, body: CompletionRequest, account: RequestAccount = Depends(authenticated)) -> Any:
+        spec = self._model(body.model, account)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise unsupported("prompt", "Send one prompt per request (batched prompts are not supported).")
         if body.suffix:
             raise unsupported("suffix", "suffix (fill-in-the-middle) is not supported.")
         request = GenerationRequest(
-            request_id=new_id("cmpl"), sampling=sampling_params(body, body.token_limit()), prompt=prompts[0]
+            request_id=new_id("cmpl"),
+            sampling=sampling_params(body, self._access.max_tokens(account, body.token_limit())),
+            prompt=prompts[0],
         )
-        first, stream = await self._open(spec, request)
+        await self._access.admit(account, request)
+        first, stream = await self._open(spec, request, account)
         prefix = prompts[0] if body.echo else ""
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -219,9 +234,11 @@ class OpenAIIngress:
             usage=usage_of(last),
         )
 
-    def _model(self, name: str) -> ModelSpec:
+    def _model(self, name: str, account: RequestAccount) -> ModelSpec:
+        """The model, if it exists and the caller may use it; both failures get the same 404 (no leaking)."""
+        account.model = name
         spec = self._args.model(name)
-        if spec is None:
+        if spec is None or not self._access.allows(account, spec.name):
             raise OpenAIError(
                 404, f"The model '{name}' does not exist or you do not have access to it.",
                 param="model", code="model_not_found",
@@ -232,10 +249,10 @@ class OpenAIIngress:
         return ModelCard(id=spec.name, created=self._created, owned_by=spec.owned_by)
 
     async def _open(
-        self, spec: ModelSpec, request: GenerationRequest
-    ) -> tuple[GenerationChunk, DeploymentResponseGenerator]:
+        self, spec: ModelSpec, request: GenerationRequest, account: RequestAccount
+    ) -> tuple[GenerationChunk, MeteredStream]:
         """Start a generation and wait for its first chunk, so early failures get a proper status."""
-        stream = self._handles[spec.name].options(stream=True).generate.remote(request)
+        stream = MeteredStream(self._handles[spec.name].options(stream=True).generate.remote(request), account)
         try:
             first = await asyncio.wait_for(stream.__anext__(), self._args.ingress.first_token_timeout_s)
         except BaseException as exc:
@@ -246,7 +263,7 @@ class OpenAIIngress:
         return first, stream
 
     async def _collect(
-        self, spec: ModelSpec, first: GenerationChunk, stream: DeploymentResponseGenerator
+        self, spec: ModelSpec, first: GenerationChunk, stream: MeteredStream
     ) -> tuple[str, GenerationChunk]:
         parts, last = [first.text], first
         try:
@@ -267,7 +284,7 @@ class OpenAIIngress:
 
     @staticmethod
     async def _chunks(
-        model: str, first: GenerationChunk, stream: DeploymentResponseGenerator
+        model: str, first: GenerationChunk, stream: MeteredStream
     ) -> AsyncIterator[GenerationChunk]:
         """All chunks of a started generation; cancels the model side however the client leaves."""
         try:
@@ -285,7 +302,7 @@ class OpenAIIngress:
             stream.cancel()
 
     async def _chat_events(
-        self, rid: str, model: str, first: GenerationChunk, stream: DeploymentResponseGenerator, include_usage: bool
+        self, rid: str, model: str, first: GenerationChunk, stream: MeteredStream, include_usage: bool
     ) -> AsyncIterator[str]:
         created = now()
 
@@ -313,7 +330,7 @@ class OpenAIIngress:
         model: str,
         prefix: str,
         first: GenerationChunk,
-        stream: DeploymentResponseGenerator,
+        stream: MeteredStream,
         include_usage: bool,
     ) -> AsyncIterator[str]:
         created = now()

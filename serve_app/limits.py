@@ -21,7 +21,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 LIMITER_NAMESPACE = "modelserve"
 LEASE_TTL_S = 900.0
-CALL_TIMEOUT_S = 5.0
+CALL_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Limits:
 
     @property
     def unlimited(self) -> bool:
-        return self.requests_per_minute is None and self.tokens_per_minute is None and self.max_concurrent_requests is None
+        return (self.requests_per_minute, self.tokens_per_minute, self.max_concurrent_requests) == (None, None, None)
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,10 @@ class SharedLimiter:
     def __init__(self, name: str) -> None:
         self.name = name
         self._actor: ray.actor.ActorHandle | None = None
+
+    def connect(self) -> None:
+        """Look up (or create) the actor now, so its process is up before the first limited request."""
+        self._handle()
 
     def _handle(self) -> ray.actor.ActorHandle:
         if self._actor is None:

@@ -2,9 +2,10 @@
 
 A policy document (a YAML file in policies/, delivered to the ingress as its Serve `user_config`) holds
 the auth settings, one `TenantPolicy` per tenant, the policy for unknown tenants (deny by default) and
-hashed static API keys. `AccessGate` is what the ingress calls, in request order: `authenticate` (401),
-`allows` (404, the same answer as for a model that does not exist), `max_tokens` (clamp or 400),
-`admit` (429). The request's `RequestAccount` then collects usage until the response ends and is settled.
+hashed static API keys. `AccessGate` holds the checks, in request order: `authenticate` (401, run by
+AccessMiddleware before routing), then from the ingress handlers `allows` (404, the same answer as for a
+model that does not exist), `max_tokens` (clamp or 400) and `admit` (429). The request's `RequestAccount`
+collects usage until the response ends and AccessMiddleware settles it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from serve_app.config import ConfigError, describe_validation_error
 from serve_app.limits import Admission, Limits, LimiterUnavailable, Quota, SharedLimiter
 from serve_app.protocol import OpenAIError
 
-logger = logging.getLogger("modelserve.policy")
+logger = logging.getLogger("ray.serve.modelserve.policy")
 
 ANONYMOUS = Principal(tenant="anonymous", roles=frozenset({"admin"}), subject="anonymous")
 CHARS_PER_TOKEN = 4
@@ -46,7 +47,7 @@ class TenantPolicy(_Strict):
     """What one tenant may use. Limits left unset are unlimited."""
 
     models: list[str] = Field(default_factory=list, description="Glob patterns (case-sensitive) of usable model ids.")
-    max_tokens: int | None = Field(None, ge=1, description="Cap on max_tokens; also the value when a request sets none.")
+    max_tokens: int | None = Field(None, ge=1, description="Cap on max_tokens; also used when a request sets none.")
     over_max_tokens: Literal["clamp", "reject"] = Field("clamp", description="Above the cap: lower it, or answer 400.")
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1, description="Prompt + completion tokens.")
@@ -210,6 +211,11 @@ class MeteredStream:
         self._stream.cancel()
 
 
+def authenticated(request: Request) -> RequestAccount:
+    """FastAPI dependency: the caller's account, which AccessMiddleware authenticated before routing."""
+    return request.state.account
+
+
 @dataclass(frozen=True)
 class ActivePolicy:
     document: PolicyDocument
@@ -229,16 +235,30 @@ class AccessGate:
         self._active: ActivePolicy | None = None
 
     def configure(self, user_config: Mapping[str, Any] | None) -> None:
-        """Apply a policy document (the ingress user_config); a bad one raises and leaves the old one active."""
-        document = parse_policy(user_config, "ingress user_config (policy document)")
-        authenticator = Authenticator(document.auth, document.api_key_principals()) if document.enabled else None
-        self._active = ActivePolicy(document, authenticator, policy_revision(user_config))
+        """Apply a policy document (the ingress user_config), swapping it in atomically.
+
+        At replica start a bad document raises (no replica serves without a policy). On a live reload it
+        is logged and the previous policy stays in force: a typo must not take the running ingress down.
+        """
+        revision = policy_revision(user_config)
+        try:
+            document = parse_policy(user_config, f"policy {revision} (ingress user_config)")
+            authenticator = Authenticator(document.auth, document.api_key_principals()) if document.enabled else None
+        except (ConfigError, ValueError, OSError) as exc:
+            if self._active is None:
+                raise
+            logger.error("policy %s REJECTED, still enforcing %s (a replica starting now would fail): %s",
+                         revision, self._active.revision, str(exc).replace("\n", "; "))
+            return
+        self._active = ActivePolicy(document, authenticator, revision)
+        if document.enabled and any(not t.limits().unlimited for t in [document.default, *document.tenants.values()]):
+            self._limiter.connect()
         if not document.enabled:
             logger.warning("access control is DISABLED: every caller is an anonymous admin")
-        logger.info("access policy %s applied: tenants %s", self._active.revision, sorted(document.tenants))
+        logger.info("access policy %s applied: tenants %s", revision, sorted(document.tenants))
 
-    async def authenticate(self, request: Request) -> RequestAccount:
-        """Who is calling (401 otherwise); the account is kept on the request for settlement and audit."""
+    async def authenticate(self, authorization: str | None) -> RequestAccount:
+        """Who is calling, from the Authorization header (401 otherwise), with their tenant's policy."""
         active = self._active
         if active is None:
             raise OpenAIError(503, "Access policy not loaded yet.", type="server_error", code="not_ready")
@@ -246,12 +266,10 @@ class AccessGate:
             principal = ANONYMOUS
         else:
             try:
-                principal = await active.authenticator.authenticate(request.headers.get("authorization"))
+                principal = await active.authenticator.authenticate(authorization)
             except AuthError as exc:
                 raise unauthorized(str(exc)) from None
-        account = RequestAccount(principal, active.document.tenant(principal.tenant), active.revision)
-        request.state.account = account
-        return account
+        return RequestAccount(principal, active.document.tenant(principal.tenant), active.revision)
 
     @staticmethod
     def allows(account: RequestAccount, model: str) -> bool:

@@ -1,0 +1,84 @@
+"""The envelope of every ingress request: authenticate first, then settle, add headers and audit last.
+
+A pure ASGI middleware, so authentication happens before routing and body parsing (a caller without a
+valid credential gets 401 whatever it sent), and the end-of-request work sees every way a response ends:
+sent, failed, or the client gone mid-stream, after a streamed body has finished. The audit line is JSON
+with who, what, status, token counts and latency; never the prompt, the output or the credential.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app.policy import AccessGate, RequestAccount
+from serve_app.protocol import OpenAIError
+
+logger = logging.getLogger("ray.serve.modelserve.audit")  # under Serve's logger: lands in the replica log
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+class AccessMiddleware:
+    """Needs `app.state.access_gate` (the ingress replica sets it); the account goes to `request.state`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        state: dict[str, Any] = scope.setdefault("state", {})  # shared with `request.state` in the handlers
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app raises before answering
+        account: RequestAccount | None = None
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                extra = [(k.encode(), v.encode()) for k, v in account.rate_headers().items()] if account else []
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        try:
+            gate: AccessGate = scope["app"].state.access_gate
+            try:
+                account = state["account"] = await gate.authenticate(Headers(scope=scope).get("authorization"))
+            except OpenAIError as refused:
+                status = refused.status
+                response = JSONResponse(refused.body.model_dump(), refused.status, headers=refused.headers)
+                await response(scope, receive, send)
+                return
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            if account is not None:
+                account.settle()
+            logger.info(json.dumps(audit_record(scope, status, started, account), separators=(",", ":")))
+
+
+def audit_record(scope: Scope, status: int, started: float, account: RequestAccount | None) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "event": "request",
+        "method": scope.get("method"),
+        "path": scope.get("path"),
+        "status": status,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    if account is not None:
+        record |= {
+            "tenant": account.principal.tenant,
+            "subject": account.principal.subject,
+            "model": account.model,
+            "prompt_tokens": account.prompt_tokens,
+            "completion_tokens": account.completion_tokens,
+            "policy": account.revision,
+        }
+    return record
