@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from deployments.engine import (
     Engine,
@@ -237,7 +238,9 @@ class DecodeLoop:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         del slot.cached[keep:]
         sequence.n_fed = keep
-        sequence.sampler = sampler_chain(sequence.submission.request.sampling, self._n_vocab)
+        sampling = sequence.submission.request.sampling
+        plain_greedy = sampling.temperature <= 0 and not (sampling.presence_penalty or sampling.frequency_penalty)
+        sequence.sampler = None if plain_greedy else sampler_chain(sampling, self._n_vocab)
 
     def _step(self) -> None:
         """One llama_decode: a token for each streaming sequence, then prompt chunks in admission order."""
@@ -300,7 +303,13 @@ class DecodeLoop:
                 sequence.n_fed += len(feed.tokens)
             sequence.slot.cached.extend(feed.tokens)
             if feed.sample and not sequence.cancelled:
-                self._accept(sequence, llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, feed.row))
+                self._accept(sequence, self._sample(sequence, feed.row))
+
+    def _sample(self, sequence: _Sequence, row: int) -> int:
+        if sequence.sampler is None:  # plain greedy: numpy's argmax (first maximum, as llama.cpp's) is 10x faster
+            logits = llama_cpp.llama_get_logits_ith(self._ctx, row)
+            return int(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
+        return llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, row)
 
     def _accept(self, sequence: _Sequence, token: int) -> None:
         """Turn a sampled token into text, stop checks and chunks (the stop string itself is never sent)."""
