@@ -34,7 +34,18 @@ MIN_HMAC_SECRET_BYTES = 32
 JWKS_COOLDOWN_S = 30.0
 
 Algorithm = Literal[
-    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
     "EdDSA",
 ]
 KeyFamily = Literal["HMAC", "RSA", "EC", "OKP"]

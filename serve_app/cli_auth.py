@@ -115,8 +115,12 @@ def mint_token(
     settings = settings or AuthSettings()
     now = int(time.time())
     claims: dict[str, Any] = {
-        "sub": tenant, settings.tenant_claim: tenant, settings.roles_claim: list(roles),
-        "iat": now, "nbf": now, "exp": now + ttl_s,
+        "sub": tenant,
+        settings.tenant_claim: tenant,
+        settings.roles_claim: list(roles),
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl_s,
     }
     if settings.issuer:
         claims["iss"] = settings.issuer
@@ -225,14 +229,16 @@ def _policy_sync(args: argparse.Namespace) -> int:
         return 1
     if args.check:
         if stale:
-            print(f"{args.config}: ingress user_config of {', '.join(stale)} differs from {args.policy}; "
-                  f"run `modelserve policy sync`", file=sys.stderr)
+            print(
+                f"{args.config}: ingress user_config of {', '.join(stale)} differs from {args.policy}; "
+                f"run `modelserve policy sync`",
+                file=sys.stderr,
+            )
             return 1
         print(f"{args.config} is in sync with {args.policy}")
         return 0
     if stale:
-        print(f"updated {args.config} ({', '.join(stale)}) from {args.policy}; apply with: "
-              f"serve deploy {args.config}")
+        print(f"updated {args.config} ({', '.join(stale)}) from {args.policy}; apply with: serve deploy {args.config}")
     else:
         print(f"{args.config} already matches {args.policy}")
     return 0
@@ -245,8 +251,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     token.add_argument("--role", action="append", help="repeatable, e.g. --role admin")
     token.add_argument("--ttl", default="1h", help="lifetime: 90s, 30m, 1h, 7d (default 1h)")
     token.add_argument("--kid", help=f"key id (a file name in the {SECRET_FILE_ENV} directory)")
-    token.add_argument("--policy", help=f"policy whose auth settings (iss, aud, claims) to follow; default "
-                       f"{DEFAULT_POLICY} if present")
+    token.add_argument(
+        "--policy", help=f"policy whose auth settings (iss, aud, claims) to follow; default {DEFAULT_POLICY} if present"
+    )
     token.add_argument("--state-dir", type=Path, default=state_dir(), help="where `up` keeps its generated secret")
     token.set_defaults(func=_token)
 

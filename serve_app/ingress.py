@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -30,7 +30,7 @@ from deployments.engine import (
 )
 from serve_app.config import AppArgs, ModelSpec
 from serve_app.middleware import AccessMiddleware
-from serve_app.policy import AccessGate, MeteredStream, RequestAccount, authenticated
+from serve_app.policy import AccessGate, Caller, MeteredStream, RequestAccount
 from serve_app.protocol import (
     AssistantMessage,
     ChatChunkChoice,
@@ -174,17 +174,15 @@ class OpenAIIngress:
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def list_models(self, account: RequestAccount = Depends(authenticated)) -> ModelList:
+    async def list_models(self, account: Caller) -> ModelList:
         return ModelList(data=[self._card(s) for s in self._args.models if self._access.allows(account, s.name)])
 
     @app.get("/v1/models/{model_id:path}")
-    async def get_model(self, model_id: str, account: RequestAccount = Depends(authenticated)) -> ModelCard:
+    async def get_model(self, model_id: str, account: Caller) -> ModelCard:
         return self._card(self._model(model_id, account))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(
-        self, body: ChatCompletionRequest, account: RequestAccount = Depends(authenticated)
-    ) -> Any:
+    async def chat_completions(self, body: ChatCompletionRequest, account: Caller) -> Any:
         spec = self._model(body.model, account)
         request = GenerationRequest(
             request_id=new_id("chatcmpl"),
@@ -206,7 +204,7 @@ class OpenAIIngress:
         )
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, account: RequestAccount = Depends(authenticated)) -> Any:
+    async def completions(self, body: CompletionRequest, account: Caller) -> Any:
         spec = self._model(body.model, account)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:

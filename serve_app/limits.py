@@ -1,27 +1,25 @@
-"""Per-tenant rate limits shared by every ingress replica: one named, detached Ray actor holds the buckets.
+"""Per-tenant rate limits shared by every ingress replica, without Redis: one named, detached Ray actor.
 
-Requests per minute and tokens per minute are token buckets (capacity = the per-minute limit, refilled
-continuously); concurrency is a count of open leases. A request takes one request token, reserves an
-estimate of its tokens and opens a lease in one atomic actor call; when the response ends the ingress
-settles the lease with the real usage (fire-and-forget), so the tokens bucket may go into debt that later
-requests wait out. A replica that dies mid-request cannot settle: its leases expire after LEASE_TTL_S.
-The actor restarts on failure with fresh (full) buckets.
+The actor holds the truth: per tenant a requests bucket and a tokens bucket (capacity = the per-minute
+limit, refilled continuously) and the concurrency slots each ingress replica holds. Replicas talk to it in
+`Exchange`s (serve_app/allowance.py): each takes what a request needs plus a small extra to admit the
+next requests locally, or hands spare credit back. An exchange is atomic, and everything a replica admits
+was first taken here, so the sum over replicas never exceeds a limit. A tokens bucket may go into debt
+(real usage above the reservation) that later requests wait out. Slots of a replica that died free
+themselves after HOLDING_TTL_S. The actor restarts on failure with full buckets.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
 
-LIMITER_NAMESPACE = "modelserve"
-LEASE_TTL_S = 900.0
-CALL_TIMEOUT_S = 10.0
+HOLDING_TTL_S = 30.0
+BORROW_FRACTION = 0.02
+SLOT_BORROW_DIVISOR = 8
 
 
 @dataclass(frozen=True)
@@ -36,6 +34,15 @@ class Limits:
     def unlimited(self) -> bool:
         return (self.requests_per_minute, self.tokens_per_minute, self.max_concurrent_requests) == (None, None, None)
 
+    def extra_requests(self) -> int:
+        return int((self.requests_per_minute or 0) * BORROW_FRACTION)
+
+    def extra_tokens(self) -> int:
+        return int((self.tokens_per_minute or 0) * BORROW_FRACTION)
+
+    def extra_slots(self) -> int:
+        return (self.max_concurrent_requests or 0) // SLOT_BORROW_DIVISOR
+
 
 @dataclass(frozen=True)
 class Quota:
@@ -47,26 +54,46 @@ class Quota:
 
 
 @dataclass(frozen=True)
-class Admission:
+class Exchange:
+    """One replica-to-actor message: credit handed back and, to admit a request, what it needs (+ extra)."""
+
+    need_requests: int = 0
+    need_tokens: float = 0.0
+    need_slots: int = 0
+    extra_requests: int = 0
+    extra_tokens: int = 0
+    extra_slots: int = 0
+    give_requests: float = 0.0
+    give_tokens: float = 0.0  # negative: tokens used beyond those taken (debt)
+    give_slots: int = 0
+
+    @property
+    def admits(self) -> bool:
+        return bool(self.need_requests or self.need_tokens or self.need_slots)
+
+
+@dataclass(frozen=True)
+class Grant:
     admitted: bool
-    lease_id: int | None = None
+    requests: int = 0
+    tokens: float = 0.0
+    slots: int = 0
     exceeded: str | None = None  # "requests" | "tokens" | "concurrency"
     retry_after_s: float = 0.0
-    requests: Quota | None = None
-    tokens: Quota | None = None
+    requests_quota: Quota | None = None
+    tokens_quota: Quota | None = None
 
 
 @dataclass
 class Bucket:
-    """A token bucket refilled at capacity/60 per second; `level` may go negative (debt) after settlement."""
+    """A token bucket refilled at capacity/60 per second; `level` may go negative (debt)."""
 
     capacity: float
     level: float
     updated: float
 
     def refill(self, now: float, capacity: float) -> None:
-        if capacity != self.capacity:  # the policy changed: keep the debt, cap the credit
-            self.capacity = capacity
+        self.capacity = capacity  # a policy change keeps the debt and caps the credit
         self.level = min(self.capacity, self.level + (now - self.updated) * self.capacity / 60.0)
         self.updated = now
 
@@ -78,17 +105,16 @@ class Bucket:
 
 
 @dataclass
-class Lease:
-    tenant: str
-    reserved_tokens: int
+class Holding:
+    slots: int
     expires: float
 
 
 @dataclass
-class TenantState:
+class TenantBuckets:
     requests: Bucket | None = None
     tokens: Bucket | None = None
-    leases: set[int] = field(default_factory=set)
+    holdings: dict[str, Holding] = field(default_factory=dict)
 
 
 def _bucket(bucket: Bucket | None, limit: int | None, now: float) -> Bucket | None:
@@ -100,117 +126,71 @@ def _bucket(bucket: Bucket | None, limit: int | None, now: float) -> Bucket | No
     return bucket
 
 
+def _take(bucket: Bucket, need: float, extra: float) -> float:
+    taken = need + min(extra, max(0.0, math.floor(bucket.level - need)))
+    bucket.level -= taken
+    return taken
+
+
 class TokenBuckets:
-    """The limiter's arithmetic, apart from Ray so it can be tested with a fake clock."""
+    """The actor's arithmetic, apart from Ray so it can be tested with a fake clock."""
 
     def __init__(self) -> None:
-        self._tenants: dict[str, TenantState] = {}
-        self._leases: dict[int, Lease] = {}
-        self._ids = itertools.count(1)
+        self._tenants: dict[str, TenantBuckets] = {}
 
-    def acquire(self, tenant: str, limits: Limits, reserve_tokens: int, now: float) -> Admission:
-        """Admit one request (taking a request token, reserving tokens, opening a lease) or say why not."""
-        state = self._tenants.setdefault(tenant, TenantState())
+    def exchange(self, holder: str, tenant: str, limits: Limits, ask: Exchange, now: float) -> Grant:
+        """Take back spare credit, then grant what the request needs (+ extra) or refuse; atomic."""
+        state = self._tenants.setdefault(tenant, TenantBuckets())
         state.requests = _bucket(state.requests, limits.requests_per_minute, now)
         state.tokens = _bucket(state.tokens, limits.tokens_per_minute, now)
-        self._expire(state, now)
-        reserve = min(reserve_tokens, limits.tokens_per_minute or reserve_tokens)
-
-        def refusal(exceeded: str, wait_s: float) -> Admission:
-            requests, tokens = (b.quota() if b else None for b in (state.requests, state.tokens))
-            return Admission(False, exceeded=exceeded, retry_after_s=wait_s, requests=requests, tokens=tokens)
-
-        if state.requests is not None and state.requests.level < 1:
-            return refusal("requests", state.requests.seconds_until(1))
-        if state.tokens is not None and state.tokens.level < reserve:
-            return refusal("tokens", state.tokens.seconds_until(reserve))
-        if limits.max_concurrent_requests is not None and len(state.leases) >= limits.max_concurrent_requests:
-            return refusal("concurrency", 1.0)
+        for name in [h for h, holding in state.holdings.items() if holding.expires <= now]:
+            del state.holdings[name]
+        holding = state.holdings.setdefault(holder, Holding(0, now))
+        holding.expires = now + HOLDING_TTL_S
         if state.requests is not None:
-            state.requests.level -= 1
+            state.requests.level = min(state.requests.capacity, state.requests.level + ask.give_requests)
         if state.tokens is not None:
-            state.tokens.level -= reserve
-        lease_id = next(self._ids)
-        self._leases[lease_id] = Lease(tenant, reserve if state.tokens is not None else 0, now + LEASE_TTL_S)
-        state.leases.add(lease_id)
-        return Admission(
-            True,
-            lease_id=lease_id,
-            requests=state.requests.quota() if state.requests else None,
-            tokens=state.tokens.quota() if state.tokens else None,
-        )
+            state.tokens.level = min(state.tokens.capacity, state.tokens.level + ask.give_tokens)
+        holding.slots = max(0, holding.slots - ask.give_slots)
+        grant = self._grant(state, holding, limits, ask) if ask.admits else Grant(True)
+        if holding.slots == 0:
+            del state.holdings[holder]
+        return replace(grant, requests_quota=_quota(state.requests), tokens_quota=_quota(state.tokens))
 
-    def release(self, lease_id: int, used_tokens: int) -> None:
-        """Close a lease and replace its token reservation by the real usage."""
-        lease = self._leases.pop(lease_id, None)
-        if lease is None:
-            return  # expired, or issued before a restart: nothing is held for it any more
-        state = self._tenants[lease.tenant]
-        state.leases.discard(lease_id)
-        if state.tokens is not None and lease.reserved_tokens:
-            state.tokens.level = min(state.tokens.capacity, state.tokens.level + lease.reserved_tokens - used_tokens)
+    @staticmethod
+    def _grant(state: TenantBuckets, holding: Holding, limits: Limits, ask: Exchange) -> Grant:
+        free_slots = (limits.max_concurrent_requests or 0) - sum(h.slots for h in state.holdings.values())
+        requests, tokens = state.requests, state.tokens
+        if ask.need_requests and requests is not None and requests.level < ask.need_requests:
+            return Grant(False, exceeded="requests", retry_after_s=requests.seconds_until(ask.need_requests))
+        if ask.need_tokens and tokens is not None and tokens.level < ask.need_tokens:
+            return Grant(False, exceeded="tokens", retry_after_s=tokens.seconds_until(ask.need_tokens))
+        if ask.need_slots and limits.max_concurrent_requests is not None and free_slots < ask.need_slots:
+            return Grant(False, exceeded="concurrency", retry_after_s=1.0)
+        take_requests = _take(requests, ask.need_requests, ask.extra_requests) if ask.need_requests and requests else 0
+        take_tokens = _take(tokens, ask.need_tokens, ask.extra_tokens) if ask.need_tokens and tokens else 0.0
+        take_slots = ask.need_slots + min(ask.extra_slots, max(0, free_slots - ask.need_slots)) if ask.need_slots else 0
+        holding.slots += take_slots
+        return Grant(True, int(take_requests), take_tokens, take_slots)
 
-    def open_leases(self, tenant: str) -> int:
+    def held_slots(self, tenant: str) -> int:
         state = self._tenants.get(tenant)
-        return len(state.leases) if state else 0
+        return sum(h.slots for h in state.holdings.values()) if state else 0
 
-    def _expire(self, state: TenantState, now: float) -> None:
-        for lease_id in [i for i in state.leases if self._leases[i].expires <= now]:
-            state.leases.discard(lease_id)
-            del self._leases[lease_id]
+
+def _quota(bucket: Bucket | None) -> Quota | None:
+    return bucket.quota() if bucket is not None else None
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class RateLimiter:
-    """The one place the buckets live; methods run one at a time, so each acquire is atomic."""
+    """The one place the buckets live; methods run one at a time, so each exchange is atomic."""
 
     def __init__(self) -> None:
         self._buckets = TokenBuckets()
 
-    def acquire(self, tenant: str, limits: Limits, reserve_tokens: int) -> Admission:
-        return self._buckets.acquire(tenant, limits, reserve_tokens, time.monotonic())
+    def exchange(self, holder: str, tenant: str, limits: Limits, ask: Exchange) -> Grant:
+        return self._buckets.exchange(holder, tenant, limits, ask, time.monotonic())
 
-    def release(self, lease_id: int, used_tokens: int) -> None:
-        self._buckets.release(lease_id, used_tokens)
-
-    def open_leases(self, tenant: str) -> int:
-        return self._buckets.open_leases(tenant)
-
-
-class LimiterUnavailable(Exception):
-    """The shared limiter did not answer; the ingress refuses rather than serve unlimited."""
-
-
-class SharedLimiter:
-    """An ingress replica's handle on the named limiter actor (created by whichever replica comes first)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._actor: ray.actor.ActorHandle | None = None
-
-    def connect(self) -> None:
-        """Look up (or create) the actor now, so its process is up before the first limited request."""
-        self._handle()
-
-    def _handle(self) -> ray.actor.ActorHandle:
-        if self._actor is None:
-            self._actor = RateLimiter.options(
-                name=self.name, namespace=LIMITER_NAMESPACE, lifetime="detached", get_if_exists=True
-            ).remote()
-        return self._actor
-
-    async def acquire(self, tenant: str, limits: Limits, reserve_tokens: int) -> Admission:
-        try:
-            return await asyncio.wait_for(
-                self._handle().acquire.remote(tenant, limits, reserve_tokens), CALL_TIMEOUT_S
-            )
-        except (RayActorError, GetTimeoutError, asyncio.TimeoutError) as exc:
-            self._actor = None
-            raise LimiterUnavailable(str(exc)) from None
-
-    def release(self, lease_id: int, used_tokens: int) -> None:
-        """Fire-and-forget: settlement never delays a response, and a lost one expires with its lease."""
-        try:
-            self._handle().release.remote(lease_id, used_tokens)
-        except RayActorError:
-            self._actor = None
+    def held_slots(self, tenant: str) -> int:
+        return self._buckets.held_slots(tenant)

@@ -19,17 +19,18 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from fastapi import Request
+from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray.serve.handle import DeploymentResponseGenerator
 
 from deployments.engine import GenerationChunk, GenerationRequest
+from serve_app.allowance import Admission, LimiterUnavailable, SharedLimiter
 from serve_app.auth import Authenticator, AuthError, AuthSettings, Principal
 from serve_app.config import ConfigError, describe_validation_error
-from serve_app.limits import Admission, Limits, LimiterUnavailable, Quota, SharedLimiter
+from serve_app.limits import Limits, Quota
 from serve_app.protocol import OpenAIError
 
 logger = logging.getLogger("ray.serve.modelserve.policy")
@@ -187,8 +188,8 @@ class RequestAccount:
 
     def settle(self) -> None:
         """Close the lease with the real usage; called once the response has ended, however it ended."""
-        if self._limiter is not None and self.admission is not None and self.admission.lease_id is not None:
-            self._limiter.release(self.admission.lease_id, self.prompt_tokens + self.completion_tokens)
+        if self._limiter is not None and self.admission is not None and self.admission.lease is not None:
+            self._limiter.release(self.admission.lease, self.prompt_tokens + self.completion_tokens)
         self._limiter = None
 
 
@@ -214,6 +215,9 @@ class MeteredStream:
 def authenticated(request: Request) -> RequestAccount:
     """FastAPI dependency: the caller's account, which AccessMiddleware authenticated before routing."""
     return request.state.account
+
+
+Caller = Annotated[RequestAccount, Depends(authenticated)]
 
 
 @dataclass(frozen=True)
@@ -247,8 +251,12 @@ class AccessGate:
         except (ConfigError, ValueError, OSError) as exc:
             if self._active is None:
                 raise
-            logger.error("policy %s REJECTED, still enforcing %s (a replica starting now would fail): %s",
-                         revision, self._active.revision, str(exc).replace("\n", "; "))
+            logger.error(
+                "policy %s REJECTED, still enforcing %s (a replica starting now would fail): %s",
+                revision,
+                self._active.revision,
+                str(exc).replace("\n", "; "),
+            )
             return
         self._active = ActivePolicy(document, authenticator, revision)
         if document.enabled and any(not t.limits().unlimited for t in [document.default, *document.tenants.values()]):
@@ -283,8 +291,10 @@ class AccessGate:
             return requested if requested is not None else cap
         if requested is not None and account.policy.over_max_tokens == "reject":
             raise OpenAIError(
-                400, f"max_tokens is {requested}, above this tenant's limit of {cap}.",
-                param="max_tokens", code="max_tokens_exceeded",
+                400,
+                f"max_tokens is {requested}, above this tenant's limit of {cap}.",
+                param="max_tokens",
+                code="max_tokens_exceeded",
             )
         return cap
 
@@ -298,8 +308,11 @@ class AccessGate:
         except LimiterUnavailable as exc:
             logger.error("rate limiter %s unavailable: %s", self._limiter.name, exc)
             raise OpenAIError(
-                503, "Rate limiting is temporarily unavailable. Retry shortly.",
-                type="server_error", code="rate_limiter_unavailable", headers={"Retry-After": "1"},
+                503,
+                "Rate limiting is temporarily unavailable. Retry shortly.",
+                type="server_error",
+                code="rate_limiter_unavailable",
+                headers={"Retry-After": "1"},
             ) from None
         account.hold(admission, self._limiter)
         if not admission.admitted:

@@ -1,0 +1,251 @@
+"""A private Ray cluster for the access-control end-to-end tests, and the app deployed on it.
+
+`ray start --block` runs in its own temp dir (so nothing else on the machine connects to it by accident)
+with ports of its own; the app goes on with `serve deploy`, as an operator would; stopping signals only
+that `ray start` process, which takes down what it started, then sweeps anything left carrying the temp dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import openai
+import yaml
+from auth_helpers import SECRET_1, claims
+
+from serve_app.auth import api_key_hash
+
+ISSUER, AUDIENCE = "https://idp.test/", "modelserve-test"
+API_KEY = "msk-test-service-account-key"
+APP = "authtest"
+ALLOWED, HIDDEN = "tiny-chat", "secret-model"
+# A few seconds of greedy tiny-model decoding that never meets EOS: holds a request open.
+LONG = {"model": ALLOWED, "prompt": "hello there", "max_tokens": 1500, "temperature": 0}
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def e2e_policy(keys: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "auth": {
+            "algorithms": ["HS256", "RS256"],
+            "issuer": ISSUER,
+            "audience": AUDIENCE,
+            "public_key_files": {"rsa-1": str(keys["rsa_path"])},
+        },
+        "default": {"models": []},
+        "tenants": {
+            "team-a": {"models": ["tiny-*"], "max_tokens": 8},
+            "strict": {"models": ["tiny-*"], "max_tokens": 8, "over_max_tokens": "reject"},
+            "rpm": {"models": ["tiny-*"], "requests_per_minute": 6},
+            "tpm": {"models": ["tiny-*"], "tokens_per_minute": 2000},
+            "conc": {"models": ["tiny-*"], "max_concurrent_requests": 1},
+        },
+        "api_keys": [{"name": "svc", "sha256": api_key_hash(API_KEY), "tenant": "team-a"}],
+    }
+
+
+def token(tenant: str, roles: tuple[str, ...] = (), kid: str = "k1", secret: str = SECRET_1, **extra: Any) -> str:
+    return jwt.encode(
+        claims(tenant, roles=list(roles), **{"iss": ISSUER, "aud": AUDIENCE, **extra}),
+        secret,
+        "HS256",
+        headers={"kid": kid},
+    )
+
+
+class Cluster:
+    """A private Ray head (`ray start --block` in its own temp dir) and the app deployed on it by `serve deploy`."""
+
+    def __init__(self, root: Path, keys: dict[str, Any], model_path: Path) -> None:
+        self.root = root
+        self.keys = keys
+        self.model_path = model_path
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="msauth-", dir="/tmp"))  # short: Ray puts sockets here
+        gcs, dashboard, http, client, agent, metrics = free_ports(6)
+        self.gcs = f"127.0.0.1:{gcs}"
+        self.dashboard = f"http://127.0.0.1:{dashboard}"
+        self.base_url = f"http://127.0.0.1:{http}"
+        self.http_port = http
+        self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MODELSERVE_JWT_SECRET")}
+        self.env |= {
+            "MODELSERVE_JWT_SECRET_FILE": str(keys["secret_dir"]),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "disabled",  # a loopback-only test cluster; keeps us off the user's Ray token
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # nothing to drain at teardown
+            "MODELSERVE_CACHE_DIR": str(root / "weight-cache"),
+        }
+        self.head = subprocess.Popen(
+            [
+                "ray",
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(gcs),
+                "--num-cpus",
+                "4",
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(dashboard),
+                "--ray-client-server-port",
+                str(client),
+                "--dashboard-agent-listen-port",
+                str(agent),
+                "--metrics-export-port",
+                str(metrics),
+                "--temp-dir",
+                str(self.temp_dir),
+                "--disable-usage-stats",
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=(root / "ray-start.log").open("w"),
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.head.poll() is not None:
+                raise AssertionError(f"ray start exited: {(self.root / 'ray-start.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise AssertionError("the Ray dashboard did not come up")
+
+    def stop(self) -> None:
+        """Stop only this cluster: SIGTERM its `ray start --block` (which stops what it started), then sweep."""
+        if self.head.poll() is None:
+            self.head.send_signal(signal.SIGTERM)
+            try:
+                self.head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.head.kill()
+        for pid in self.leftover_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        serve_logs = self.temp_dir / "session_latest" / "logs" / "serve"
+        if serve_logs.is_dir():  # kept in pytest's tmp dir for post-mortems
+            shutil.copytree(serve_logs, self.root / "serve-logs", dirs_exist_ok=True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def leftover_pids(self) -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if proc.name.isdigit() and str(self.temp_dir).encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+        return pids
+
+    def config(self, policy: dict[str, Any]) -> dict[str, Any]:
+        model = {
+            "source": str(self.model_path),
+            "engine": {"n_ctx": 2048, "n_threads": 1, "stream_interval_ms": 20},
+            "deployment": {"num_replicas": 1, "max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.25}},
+        }
+        return {
+            "proxy_location": "HeadOnly",
+            "http_options": {"host": "127.0.0.1", "port": self.http_port},
+            "applications": [
+                {
+                    "name": APP,
+                    "route_prefix": "/",
+                    "import_path": "serve_app.app:build_app",
+                    "args": {
+                        "models": [{"name": ALLOWED, **model}, {"name": HIDDEN, **model}],
+                        "ingress": {
+                            "deployment": {
+                                "num_replicas": 2,
+                                "max_ongoing_requests": 64,
+                                "ray_actor_options": {"num_cpus": 0.25},
+                            }
+                        },
+                    },
+                    "deployments": [{"name": "ingress", "user_config": policy}],
+                }
+            ],
+        }
+
+    def deploy(self, policy: dict[str, Any], timeout_s: float = 180) -> None:
+        """`serve deploy` the app with this policy as the ingress user_config; wait until every replica runs it."""
+        path = self.root / "serve_config.yaml"
+        path.write_text(yaml.safe_dump(self.config(policy), sort_keys=False))
+        result = subprocess.run(
+            ["serve", "deploy", str(path), "--address", self.dashboard],
+            check=False,
+            env={**self.env, "RAY_ADDRESS": self.gcs},
+            text=True,
+            capture_output=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            app = self.details().get("applications", {}).get(APP, {})
+            ingress = app.get("deployments", {}).get("ingress", {})
+            if app.get("status") == "DEPLOY_FAILED":
+                raise AssertionError(f"deploy failed: {app.get('message')}")
+            if (
+                app.get("status") == "RUNNING"
+                and ingress.get("status") == "HEALTHY"
+                and ingress.get("deployment_config", {}).get("user_config") == policy
+            ):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"app not running with the new policy after {timeout_s}s: {self.details()}")
+
+    def details(self) -> dict[str, Any]:
+        return httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=10).json()
+
+    def replicas(self) -> dict[str, set[tuple[str, int]]]:
+        deployments = self.details()["applications"][APP]["deployments"]
+        return {name: {(r["replica_id"], r["pid"]) for r in d["replicas"]} for name, d in deployments.items()}
+
+    def replica_logs(self, deployment: str) -> dict[str, str]:
+        logs = self.temp_dir / "session_latest" / "logs" / "serve"
+        return {p.name: p.read_text(errors="replace") for p in logs.glob(f"replica_{APP}_{deployment}_*.log")}
+
+    def all_logs(self) -> str:
+        logs = self.temp_dir / "session_latest" / "logs"
+        return "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file())
+
+    def audit_lines(self) -> list[tuple[str, dict[str, Any]]]:
+        """(replica log file, audit record) for every request an ingress replica logged."""
+        lines = []
+        for name, text in self.replica_logs("ingress").items():
+            for line in text.splitlines():
+                if '{"event":"request"' in line:
+                    lines.append((name, json.loads(line[line.index('{"event":"request"') :])))
+        return lines
+
+    def client(self, api_key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0, timeout=60)
