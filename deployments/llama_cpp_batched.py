@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -26,13 +27,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from deployments.engine import (
-    Engine,
-    EngineError,
-    EngineUnavailable,
-    GenerationChunk,
-    GenerationRequest,
-)
+from deployments.engine import Engine, EngineError, EngineUnavailable, GenerationChunk, GenerationRequest
 from deployments.llama_cpp_engine import (
     ChatTemplate,
     Prompt,
@@ -102,12 +97,7 @@ class _Feed:
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return len(os.path.commonprefix([a, b]))
 
 
 class DecodeLoop:
@@ -132,12 +122,8 @@ class DecodeLoop:
         self._active: list[_Sequence] = []  # admission order: prompts are fed first come, first served
         self._wake = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=f"llama-decode-{name}", daemon=True)
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+        self.thread = threading.Thread(target=self._run, name=f"llama-decode-{name}", daemon=True)
+        self.thread.start()
 
     def submit(self, submission: _Submission) -> None:
         with self._wake:
@@ -157,10 +143,7 @@ class DecodeLoop:
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join(timeout=60)
-        if self._thread.is_alive():
-            logger.error("model %s: decode thread did not stop; leaving its llama.cpp context allocated", self._name)
-            return
+        self.thread.join()  # within one decode step
         message = f"model {self._name!r} is shutting down"
         for sequence in list(self._active):
             self._fail(sequence, message)
@@ -186,9 +169,9 @@ class DecodeLoop:
                     submission = self._waiting.popleft()
                     if not submission.cancelled:
                         arrivals.append(submission)
-            for submission in arrivals:
-                self._admit(submission, free)
             try:
+                for submission in arrivals:
+                    self._admit(submission, free)
                 for sequence in [s for s in self._active if s.cancelled]:
                     self._release(sequence)
                 if self._active:
@@ -263,20 +246,15 @@ class DecodeLoop:
             self._absorb(feeds)
             return
         # Roll back what the failed call left, then retry each sequence alone so only the one at fault fails.
-        self._roll_back(feeds)
+        for feed in feeds:
+            llama_cpp.llama_memory_seq_rm(self._memory, feed.sequence.slot.seq_id, len(feed.sequence.slot.cached), -1)
         for feed in feeds:
             if len(feeds) > 1:
                 status = self._decode([feed])
             if status == 0:
                 self._absorb([feed])
             else:
-                self._roll_back([feed])
                 self._fail(feed.sequence, f"model {self._name!r}: llama.cpp could not decode (status {status})")
-
-    def _roll_back(self, feeds: list[_Feed]) -> None:
-        for feed in feeds:
-            slot = feed.sequence.slot
-            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, len(slot.cached), -1)
 
     def _decode(self, feeds: list[_Feed]) -> int:
         batch = self._batch
@@ -395,7 +373,7 @@ class BatchedLlamaEngine(Engine):
     async def check_health(self) -> None:
         if self._decode_loop is None:
             raise EngineUnavailable(f"model {self._spec.name!r} is not loaded")
-        if not self._decode_loop.alive:
+        if not self._decode_loop.thread.is_alive():
             raise EngineUnavailable(f"model {self._spec.name!r}: decode thread has stopped")
 
     async def stop(self) -> None:

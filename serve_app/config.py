@@ -42,7 +42,7 @@ class EngineSettings(_Strict):
         "the deployment's max_ongoing_requests follows it.",
     )
     prefill_chunk: int = Field(
-        128,
+        64,
         ge=1,
         description="Prompt tokens fed per decode step while other sequences stream (chunked prefill): "
         "bounds how long a new prompt pauses them. With nothing streaming, prompts go n_batch at a time.",

@@ -187,7 +187,7 @@ def test_cancelled_stream_frees_its_slot_at_once(gemma: BatchedLlamaEngine) -> N
 
 
 def test_long_prompt_is_fed_in_chunks_between_decode_steps(gemma: BatchedLlamaEngine) -> None:
-    """Streams keep producing tokens while a ~1500-token prompt is prefilled (prefill_chunk=128)."""
+    """Streams keep producing tokens while a ~1500-token prompt is prefilled (prefill_chunk=64)."""
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 150
 
     async def scenario() -> tuple[float, float, int]:
@@ -218,7 +218,7 @@ def test_long_prompt_is_fed_in_chunks_between_decode_steps(gemma: BatchedLlamaEn
 
     prefill_s, longest_gap_s, tokens_during = asyncio.run(scenario())
     assert longest_gap_s < prefill_s / 4, (longest_gap_s, prefill_s)
-    assert tokens_during >= 2 * 4  # ~12 prefill steps, each also advancing both streams
+    assert tokens_during >= 2 * 4  # ~24 prefill steps, each also advancing both streams
 
 
 def test_stop_strings_max_tokens_and_usage(tiny: BatchedLlamaEngine, tiny_path: Path) -> None:
