@@ -32,7 +32,7 @@ class AccessMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+        if scope["type"] != "http" or route_path(scope) in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         state: dict[str, Any] = scope.setdefault("state", {})  # shared with `request.state` in the handlers
@@ -64,11 +64,17 @@ class AccessMiddleware:
             logger.info(json.dumps(audit_record(scope, status, started, account), separators=(",", ":")))
 
 
+def route_path(scope: Scope) -> str:
+    """The path inside the app: Serve mounts it under its route_prefix, which arrives as `root_path`."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root + "/") else path
+
+
 def audit_record(scope: Scope, status: int, started: float, account: RequestAccount | None) -> dict[str, Any]:
     record: dict[str, Any] = {
         "event": "request",
         "method": scope.get("method"),
-        "path": scope.get("path"),
+        "path": route_path(scope),
         "status": status,
         "latency_ms": round((time.perf_counter() - started) * 1000, 2),
     }

@@ -30,6 +30,7 @@ from serve_app.auth import api_key_hash
 ISSUER, AUDIENCE = "https://idp.test/", "modelserve-test"
 API_KEY = "msk-test-service-account-key"
 APP = "authtest"
+ROUTE_PREFIX = "/ms"  # not "/": the app must not care where Serve mounts it
 ALLOWED, HIDDEN = "tiny-chat", "secret-model"
 # A few seconds of greedy tiny-model decoding that never meets EOS: holds a request open.
 LONG = {"model": ALLOWED, "prompt": "hello there", "max_tokens": 1500, "temperature": 0}
@@ -85,7 +86,7 @@ class Cluster:
         gcs, dashboard, http, client, agent, metrics = free_ports(6)
         self.gcs = f"127.0.0.1:{gcs}"
         self.dashboard = f"http://127.0.0.1:{dashboard}"
-        self.base_url = f"http://127.0.0.1:{http}"
+        self.base_url = f"http://127.0.0.1:{http}{ROUTE_PREFIX}"
         self.http_port = http
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MODELSERVE_JWT_SECRET")}
         self.env |= {
@@ -178,7 +179,7 @@ class Cluster:
             "applications": [
                 {
                     "name": APP,
-                    "route_prefix": "/",
+                    "route_prefix": ROUTE_PREFIX,
                     "import_path": "serve_app.app:build_app",
                     "args": {
                         "models": [{"name": ALLOWED, **model}, {"name": HIDDEN, **model}],

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import http.server
 import json
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from auth_helpers import SECRET_1, SECRET_2, b64url, claims, forged, write_keys
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from serve_app.auth import Authenticator, AuthError, AuthSettings, Principal, api_key_hash
-from serve_app.cli_auth import dev_secret, mint_token, parse_ttl, sync_policy
+from serve_app.cli_auth import dev_secret, mint_token, parse_ttl, register, sync_policy
 from serve_app.config import ConfigError
 from serve_app.policy import AccessGate, RequestAccount, TenantPolicy, parse_policy, reset_duration
 from serve_app.protocol import OpenAIError
@@ -288,3 +291,98 @@ def test_policy_sync_inlines_the_file_keeps_comments_and_checks(tmp_path: Path) 
     config.write_text(yaml.safe_dump(shadowed))
     with pytest.raises(ConfigError, match="args.access"):
         sync_policy(config, policy, None, check=False)
+
+
+def cli(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_cli_mints_tokens_and_api_keys_the_ingress_accepts(
+    keys: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MODELSERVE_JWT_SECRET_FILE", str(keys["secret_dir"]))
+    monkeypatch.delenv("MODELSERVE_JWT_SECRET", raising=False)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"auth": {"issuer": "https://idp.test/", "audience": "ms"}}))
+    args = cli("token", "--tenant", "dev", "--role", "admin", "--ttl", "30m", "--kid", "k2", "--policy", str(policy))
+    assert args.func(args) == 0
+    minted = capsys.readouterr().out.strip()
+    settings = AuthSettings(issuer="https://idp.test/", audience=["ms"])
+    auth = Authenticator(settings, {}, environ={"MODELSERVE_JWT_SECRET_FILE": str(keys["secret_dir"])})
+    assert authenticate(auth, bearer(minted)) == Principal("dev", frozenset({"admin"}), "dev")
+    assert 1790 <= jwt.decode(minted, options={"verify_signature": False})["exp"] - time.time() <= 1800
+    args = cli("token", "--tenant", "dev", "--kid", "k9")
+    assert args.func(args) == 1 and "no key k9" in capsys.readouterr().err
+
+    args = cli("api-key", "--tenant", "batch", "--name", "nightly")
+    assert args.func(args) == 0
+    out = capsys.readouterr()
+    key = out.err.split("shown once, store it in your secret manager): ")[1].split()[0]
+    document = parse_policy({"api_keys": yaml.safe_load(out.out)})
+    assert key not in out.out  # only the hash goes into the policy
+    auth = Authenticator(AuthSettings(), document.api_key_principals(), environ={"MODELSERVE_JWT_SECRET": SECRET_1})
+    assert authenticate(auth, bearer(key)) == Principal("batch", frozenset(), "api-key:nightly")
+
+
+def test_cli_policy_sync_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = Path(__file__).resolve().parent.parent
+    config = tmp_path / "serve_config.yaml"
+    config.write_text((root / "serve_config.yaml").read_text())
+    policy = str(root / "policies" / "default.yaml")
+    check = cli("policy", "sync", "--config", str(config), "--policy", policy, "--check")
+    assert check.func(check) == 1 and "run `modelserve policy sync`" in capsys.readouterr().err
+    sync = cli("policy", "sync", "--config", str(config), "--policy", policy)
+    assert sync.func(sync) == 0 and "serve deploy" in capsys.readouterr().out
+    assert check.func(check) == 0
+    broken = cli("policy", "sync", "--config", str(tmp_path / "missing.yaml"), "--policy", policy)
+    assert broken.func(broken) == 1 and "error:" in capsys.readouterr().err
+
+
+class JwksServer:
+    """A JWKS endpoint on 127.0.0.1 whose key set the test can rotate; counts fetches."""
+
+    def __init__(self) -> None:
+        self.document: dict[str, Any] = {"keys": []}
+        self.fetches = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.fetches += 1
+                body = json.dumps(outer.document).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_jwks_url_is_cached_and_refetched_for_a_new_kid(keys: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    server = JwksServer()
+    try:
+        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(keys["rsa"].public_key()))
+        server.document = {"keys": [{**public, "kid": "2025-01", "alg": "RS256"}]}
+        auth = Authenticator(AuthSettings(algorithms=["RS256"], jwks_url=server.url), {}, environ={})
+        old = jwt.encode(claims(), keys["rsa"], "RS256", headers={"kid": "2025-01"})
+        new = jwt.encode(claims(), keys["rsa"], "RS256", headers={"kid": "2025-06"})
+        assert authenticate(auth, bearer(old)).tenant == authenticate(auth, bearer(old)).tenant == "team-a"
+        assert server.fetches == 1  # cached
+        server.document["keys"].append({**public, "kid": "2025-06", "alg": "RS256"})  # the IdP rotates
+        with pytest.raises(AuthError, match="kid"):
+            authenticate(auth, bearer(new))  # within the refetch cooldown: no stampede on unknown kids
+        assert server.fetches == 1
+        monkeypatch.setattr("serve_app.auth.JWKS_COOLDOWN_S", 0.0)
+        assert authenticate(auth, bearer(new)).tenant == "team-a"
+        assert server.fetches == 2
+    finally:
+        server.server.shutdown()
+        server.server.server_close()
