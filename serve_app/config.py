@@ -32,7 +32,9 @@ class EngineSettings(_Strict):
     """How the engine loads and runs the model (backend-specific keys are ignored by the other)."""
 
     n_ctx: int = Field(2048, ge=32, description="Context window of each sequence slot in tokens (llama.cpp).")
-    n_threads: int | None = Field(None, ge=1, description="CPU threads for decoding; None = llama.cpp default.")
+    n_threads: int | None = Field(
+        None, ge=1, description="CPU threads for decoding; None = half the cores for one-token steps, all for batches."
+    )
     n_batch: int = Field(512, ge=1, description="Prompt-processing batch size (llama.cpp).")
     parallel: int = Field(
         4,
