@@ -187,8 +187,13 @@ def _ingress_user_config(app: dict[str, Any]) -> Any:
 
 def _write_user_config(path: Path, app_names: set[str], policy: dict[str, Any], source: str) -> None:
     """Round-trip edit keeping comments and layout; verify the result parses as intended; replace atomically."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+    try:
+        from ruamel.yaml import YAML
+        from ruamel.yaml.comments import CommentedMap, CommentedSeq
+    except ImportError:
+        raise ConfigError(
+            "`policy sync` edits YAML keeping comments with ruamel.yaml: pip install ruamel.yaml"
+        ) from None
 
     editor = YAML()
     editor.indent(mapping=2, sequence=4, offset=2)
