@@ -84,13 +84,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     except (ConfigError, OSError, yaml.YAMLError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    from serve_app import cli_auth
+
     config = load_serve_config(args.config)
+    state = cli_auth.state_dir()
+    secret_env = cli_auth.dev_secret_env(state)  # generated once (0600) unless MODELSERVE_JWT_SECRET[_FILE] is set
     if not _ray_running():
         cpus = str(args.num_cpus or max(4, os.cpu_count() or 1))
         print(f"starting a local Ray head (127.0.0.1, {cpus} CPU slots, dashboard {DASHBOARD}) ...", flush=True)
         started = _run(
             ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-             "--num-cpus", cpus, "--disable-usage-stats"]
+             "--num-cpus", cpus, "--disable-usage-stats"],
+            env={**os.environ, **secret_env},
         )
         if started.returncode != 0:
             print(f"error: ray start failed:\n{started.stderr or started.stdout}", file=sys.stderr)
@@ -102,14 +107,21 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     problem = _wait_until_running([app["name"] for app in modelserve_applications(config)], args.timeout)
     if problem:
+        if "no verification keys" in problem:
+            problem += (
+                "\nThe running Ray cluster was started without the JWT secret: run `modelserve down`, "
+                "then `modelserve up` again (or start Ray with MODELSERVE_JWT_SECRET set)."
+            )
         print(f"error: the application did not become healthy:\n{problem}", file=sys.stderr)
         return 1
     http = config.get("http_options") or {}
     base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     model = _validate(args.config)[0].models[0].name
-    print(f"\nmodelserve is up: {base}/v1  (Ray dashboard: {DASHBOARD})\n")
+    token = cli_auth.mint_token(cli_auth.dev_secret(state), "dev", [], 12 * 3600)
+    print(f"\nmodelserve is up: {base}/v1  (Ray dashboard: {DASHBOARD})")
+    print(f"dev token (tenant 'dev', 12 h; `modelserve token --tenant dev` mints more):\n\n  export TOKEN={token}\n")
     print(
-        f"curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        f"curl {base}/v1/chat/completions -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\\n"
         f"  -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], "
         f"\"max_tokens\": 32}}'"
     )
@@ -151,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _operator_modules() -> list[Any]:
-    from serve_app import cli_weights, render
+    from serve_app import cli_auth, cli_weights, render
 
-    return [cli_weights, render]
+    return [cli_auth, cli_weights, render]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -257,12 +257,17 @@ class ModelSpec(_Strict):
         return "model-" + re.sub(r"[^A-Za-z0-9_-]+", "-", self.name).strip("-")
 
 
+class IngressDeploymentSettings(DeploymentSettings):
+    """The ingress only awaits model streams, so one replica holds many requests; its queue is unbounded."""
+
+    max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(-1, ge=-1)
+
+
 class IngressSettings(_Strict):
     """Serve options of the ingress deployment."""
 
-    deployment: DeploymentSettings = Field(
-        default_factory=lambda: DeploymentSettings(max_ongoing_requests=256, max_queued_requests=-1)
-    )
+    deployment: IngressDeploymentSettings = Field(default_factory=IngressDeploymentSettings)
     first_token_timeout_s: float = Field(
         120.0, gt=0, description="How long a request may wait for a model to produce anything before 503."
     )

@@ -250,11 +250,13 @@ class OpenAIIngress:
         self, spec: ModelSpec, request: GenerationRequest, account: RequestAccount
     ) -> tuple[GenerationChunk, MeteredStream]:
         """Start a generation and wait for its first chunk, so early failures get a proper status."""
-        stream = MeteredStream(self._handles[spec.name].options(stream=True).generate.remote(request), account)
-        try:
+        stream: MeteredStream | None = None
+        try:  # Serve may refuse at `.remote()` already (queue full) or at the first chunk
+            stream = MeteredStream(self._handles[spec.name].options(stream=True).generate.remote(request), account)
             first = await asyncio.wait_for(stream.__anext__(), self._args.ingress.first_token_timeout_s)
         except BaseException as exc:
-            stream.cancel()
+            if stream is not None:
+                stream.cancel()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise model_error(exc, spec.name) from None

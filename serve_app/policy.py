@@ -10,6 +10,8 @@ collects usage until the response ends and AccessMiddleware settles it.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import logging
@@ -209,7 +211,9 @@ class MeteredStream:
         return chunk
 
     def cancel(self) -> None:
-        self._stream.cancel()
+        """Best effort: Serve's cancel() re-raises the call's own failure (e.g. back-pressure), already handled."""
+        with contextlib.suppress(Exception):
+            self._stream.cancel()
 
 
 def authenticated(request: Request) -> RequestAccount:

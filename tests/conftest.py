@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -22,7 +23,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from s3_server import TEST_CREDENTIALS, MotoS3  # noqa: E402
 from tiny_gguf import write_tiny_llama_gguf  # noqa: E402
+
+from serve_app.cli_auth import mint_token  # noqa: E402
 
 HTTP_PORT = 8000
 DASHBOARD_PORT = 8265
@@ -30,6 +34,8 @@ BASE_URL = f"http://127.0.0.1:{HTTP_PORT}"
 APP_NAME = "modelserve"
 GEMMA = "gemma-3-270m"
 TINY = "tiny-llama"
+TINY_S3 = "tiny-llama-s3"
+TINY_S3_SOURCE = "s3://models/tiny/tiny.gguf"
 
 
 def make_test_config(tiny_path: Path) -> dict[str, Any]:
@@ -49,7 +55,9 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
     tiny = copy.deepcopy(gemma)
     tiny.update(name=TINY, source=str(tiny_path), engine={"n_ctx": 256, "n_threads": 1})
     tiny["deployment"] = {"max_ongoing_requests": 2, "max_queued_requests": 4, "ray_actor_options": {"num_cpus": 0.25}}
-    args["models"] = [gemma, tiny]
+    tiny_s3 = copy.deepcopy(tiny)
+    tiny_s3.update(name=TINY_S3, source=TINY_S3_SOURCE)
+    args["models"] = [gemma, tiny, tiny_s3]
     args["ingress"] = {"deployment": {"ray_actor_options": {"num_cpus": 0.25}}}
     return config
 
@@ -84,11 +92,30 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def s3_store(tiny_path: Path) -> Iterator[MotoS3]:
+    """A real S3 HTTP server on 127.0.0.1 (moto) holding the tiny model, pushed with `modelserve push`.
+
+    Its endpoint and credentials go into this process's environment before Ray starts, so
+    replicas reach it the way they reach MinIO in production: AWS_* variables.
+    """
+    with MotoS3() as store:
+        os.environ.update(TEST_CREDENTIALS, AWS_ENDPOINT_URL=store.endpoint_url)
+        store.client().create_bucket(Bucket="models")
+        pushed = subprocess.run(
+            [sys.executable, "-m", "serve_app.cli", "push", str(tiny_path), TINY_S3_SOURCE],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert pushed.returncode == 0, pushed.stderr
+        yield store
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_store: MotoS3) -> Iterator[None]:
     """A real local Ray with the dashboard (needed by `serve deploy`), owned by this test session."""
     import ray
 
     os.environ.setdefault("MODELSERVE_CACHE_DIR", str(tmp_path_factory.mktemp("weight-cache")))
+    os.environ.setdefault("MODELSERVE_JWT_SECRET", secrets.token_urlsafe(48))  # replicas inherit it
     ray.init(
         address="local",  # always a fresh cluster of our own, even if `ray start` runs here
         num_cpus=8,
@@ -124,7 +151,18 @@ def app_url(config_path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def client(app_url: str) -> Any:
+def token(ray_cluster: None) -> str:
+    """A token of tenant `dev`, which the shipped policy (policies/default.yaml) allows every model."""
+    return mint_token(os.environ["MODELSERVE_JWT_SECRET"], "dev", [], 3600)
+
+
+@pytest.fixture(scope="session")
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="session")
+def client(app_url: str, token: str) -> Any:
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{app_url}/v1", api_key=token, max_retries=0, timeout=120)

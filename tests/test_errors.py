@@ -17,8 +17,15 @@ from serve_app.config import ConfigError
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
-def post(app_url: str, path: str, content: bytes | str) -> httpx.Response:
-    return httpx.post(f"{app_url}{path}", content=content, headers={"Content-Type": "application/json"}, timeout=60)
+@pytest.fixture
+def post(app_url: str, auth: dict[str, str]):
+    """POST a raw body (possibly not JSON at all) with a valid token."""
+
+    def send(path: str, content: bytes | str) -> httpx.Response:
+        headers = {"Content-Type": "application/json", **auth}
+        return httpx.post(f"{app_url}{path}", content=content, headers=headers, timeout=60)
+
+    return send
 
 
 def assert_error(response: httpx.Response, status: int, code: str, param: str | None) -> dict:
@@ -49,23 +56,23 @@ def assert_error(response: httpx.Response, status: int, code: str, param: str | 
         ('{"model": "' + GEMMA + '", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream"),
     ],
 )
-def test_invalid_chat_fields(app_url: str, body: str, param: str) -> None:
-    error = assert_error(post(app_url, "/v1/chat/completions", body), 400, "invalid_request", param)
+def test_invalid_chat_fields(post, body: str, param: str) -> None:
+    error = assert_error(post("/v1/chat/completions", body), 400, "invalid_request", param)
     assert param.split("[")[0] in error["message"]
 
 
-def test_malformed_json(app_url: str) -> None:
-    assert_error(post(app_url, "/v1/chat/completions", "{not json"), 400, "invalid_request", None)
+def test_malformed_json(post) -> None:
+    assert_error(post("/v1/chat/completions", "{not json"), 400, "invalid_request", None)
 
 
-def test_unknown_fields_are_ignored(app_url: str) -> None:
+def test_unknown_fields_are_ignored(post) -> None:
     body = '{"model": "%s", "prompt": "hi", "max_tokens": 2, "vendor_extension": {"x": 1}}' % TINY
-    assert post(app_url, "/v1/completions", body).status_code == 200
+    assert post("/v1/completions", body).status_code == 200
 
 
-def test_unknown_model(app_url: str) -> None:
+def test_unknown_model(post) -> None:
     body = '{"model": "gpt-99", "messages": [{"role": "user", "content": "hi"}]}'
-    assert_error(post(app_url, "/v1/chat/completions", body), 404, "model_not_found", "model")
+    assert_error(post("/v1/chat/completions", body), 404, "model_not_found", "model")
 
 
 @pytest.mark.parametrize(
@@ -75,29 +82,29 @@ def test_unknown_model(app_url: str) -> None:
         ('{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "logprobs": true}' % TINY, "logprobs"),
     ],
 )
-def test_parameters_it_cannot_serve(app_url: str, body: str, param: str) -> None:
-    assert_error(post(app_url, "/v1/chat/completions", body), 400, "unsupported_parameter", param)
+def test_parameters_it_cannot_serve(post, body: str, param: str) -> None:
+    assert_error(post("/v1/chat/completions", body), 400, "unsupported_parameter", param)
 
 
-def test_batched_prompts_rejected(app_url: str) -> None:
+def test_batched_prompts_rejected(post) -> None:
     body = '{"model": "%s", "prompt": ["a", "b"]}' % TINY
-    assert_error(post(app_url, "/v1/completions", body), 400, "unsupported_parameter", "prompt")
+    assert_error(post("/v1/completions", body), 400, "unsupported_parameter", "prompt")
 
 
-def test_prompt_longer_than_context(app_url: str) -> None:
+def test_prompt_longer_than_context(post) -> None:
     long_prompt = "word " * 600  # the tiny model's context is 256 tokens
     body = '{"model": "%s", "messages": [{"role": "user", "content": "%s"}]}' % (TINY, long_prompt)
-    error = assert_error(post(app_url, "/v1/chat/completions", body), 400, "context_length_exceeded", "messages")
+    error = assert_error(post("/v1/chat/completions", body), 400, "context_length_exceeded", "messages")
     assert "256" in error["message"]
 
 
-def test_max_tokens_beyond_context(app_url: str) -> None:
+def test_max_tokens_beyond_context(post) -> None:
     body = '{"model": "%s", "prompt": "hello", "max_tokens": 100000}' % TINY
-    assert_error(post(app_url, "/v1/completions", body), 400, "context_length_exceeded", "max_tokens")
+    assert_error(post("/v1/completions", body), 400, "context_length_exceeded", "max_tokens")
 
 
-def test_unknown_route_is_an_openai_error(app_url: str) -> None:
-    response = httpx.get(f"{app_url}/v1/nothing-here", timeout=30)
+def test_unknown_route_is_an_openai_error(app_url: str, auth: dict[str, str]) -> None:
+    response = httpx.get(f"{app_url}/v1/nothing-here", headers=auth, timeout=30)
     assert response.status_code == 404 and set(response.json()["error"]) == ERROR_KEYS
 
 

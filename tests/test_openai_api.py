@@ -8,14 +8,14 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import GEMMA, TINY
+from conftest import GEMMA, TINY, TINY_S3
 
 CHAT = [{"role": "user", "content": "Name three colors of the rainbow."}]
 
 
 def test_models_list_and_get(client: openai.OpenAI) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [GEMMA, TINY]
+    assert [m.id for m in models.data] == [GEMMA, TINY, TINY_S3]
     assert all(m.object == "model" and m.owned_by for m in models.data)
     assert client.models.retrieve(GEMMA).id == GEMMA
     with pytest.raises(openai.NotFoundError) as info:
@@ -87,9 +87,9 @@ def test_seed_reproduces_sampling(client: openai.OpenAI) -> None:
     assert first == again
 
 
-def test_disconnect_mid_stream_frees_the_model(app_url: str, client: openai.OpenAI) -> None:
+def test_disconnect_mid_stream_frees_the_model(app_url: str, auth: dict, client: openai.OpenAI) -> None:
     body = {"model": GEMMA, "prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{app_url}/v1/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{app_url}/v1/completions", json=body, headers=auth, timeout=60) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         received = [next(lines) for _ in range(6)]
@@ -101,21 +101,30 @@ def test_disconnect_mid_stream_frees_the_model(app_url: str, client: openai.Open
     assert time.monotonic() - started < 8
 
 
-def test_concurrent_requests_succeed_or_are_shed_cleanly(app_url: str) -> None:
+def test_concurrent_requests_succeed_or_are_shed_cleanly(app_url: str, auth: dict) -> None:
     body = {"model": TINY, "messages": CHAT, "max_tokens": 16, "temperature": 0}
 
     def call(_: int) -> httpx.Response:
-        return httpx.post(f"{app_url}/v1/chat/completions", json=body, timeout=120)
+        return httpx.post(f"{app_url}/v1/chat/completions", json=body, headers=auth, timeout=120)
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(call, range(16)))
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 503}, statuses
-    assert statuses.count(200) >= 6  # replica slots + queue bound
+    assert statuses.count(200) >= 2  # at least the replica's slots (max_ongoing_requests) are served
     for shed in (r for r in responses if r.status_code == 503):
         assert shed.headers["retry-after"]
         assert shed.json()["error"]["code"] == "model_overloaded"
     texts = {r.json()["choices"][0]["message"]["content"] for r in responses if r.status_code == 200}
     assert len(texts) == 1  # same greedy answer for everyone: no crossed streams
-    after = httpx.post(f"{app_url}/v1/chat/completions", json=body, timeout=60)
+    after = httpx.post(f"{app_url}/v1/chat/completions", json=body, headers=auth, timeout=60)
     assert after.status_code == 200  # the replica is still up
+
+
+def test_model_served_from_s3(client: openai.OpenAI) -> None:
+    """The same GGUF pushed to the S3 server and served from s3:// answers exactly like the local copy."""
+    params = dict(messages=CHAT, max_tokens=12, temperature=0)
+    from_s3 = client.chat.completions.create(model=TINY_S3, **params)
+    local = client.chat.completions.create(model=TINY, **params)
+    assert from_s3.choices[0].message.content == local.choices[0].message.content
+    assert from_s3.usage.model_dump() == local.usage.model_dump()
