@@ -264,14 +264,27 @@ def test_minted_tokens_verify_and_expire(keys: dict[str, Any]) -> None:
             parse_ttl(bad)
 
 
+def unsynced_copy(tmp_path: Path) -> Path:
+    """The committed serve_config.yaml without its synced ingress user_config (the last block of the file)."""
+    text = (Path(__file__).resolve().parent.parent / "serve_config.yaml").read_text()
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(text[: text.index("    deployments:\n")])
+    return config
+
+
+def test_committed_serve_config_carries_the_default_policy() -> None:
+    root = Path(__file__).resolve().parent.parent
+    assert sync_policy(root / "serve_config.yaml", root / "policies" / "default.yaml", None, check=True) == []
+
+
 def test_policy_sync_inlines_the_file_keeps_comments_and_checks(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
-    config = tmp_path / "serve_config.yaml"
-    config.write_text((root / "serve_config.yaml").read_text())
-    before = yaml.safe_load(config.read_text())
+    config = unsynced_copy(tmp_path)
+    unsynced = config.read_text()
+    before = yaml.safe_load(unsynced)
     policy = root / "policies" / "default.yaml"
     assert sync_policy(config, policy, None, check=True) == ["modelserve"]
-    assert config.read_text() == (root / "serve_config.yaml").read_text()  # --check writes nothing
+    assert config.read_text() == unsynced  # --check writes nothing
     assert sync_policy(config, policy, None, check=False) == ["modelserve"]
     after = yaml.safe_load(config.read_text())
     ingress = next(d for d in after["applications"][0]["deployments"] if d["name"] == "ingress")
@@ -328,8 +341,7 @@ def test_cli_mints_tokens_and_api_keys_the_ingress_accepts(
 
 def test_cli_policy_sync_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = Path(__file__).resolve().parent.parent
-    config = tmp_path / "serve_config.yaml"
-    config.write_text((root / "serve_config.yaml").read_text())
+    config = unsynced_copy(tmp_path)
     policy = str(root / "policies" / "default.yaml")
     check = cli("policy", "sync", "--config", str(config), "--policy", policy, "--check")
     assert check.func(check) == 1 and "run `modelserve policy sync`" in capsys.readouterr().err
