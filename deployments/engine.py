@@ -34,6 +34,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     messages: tuple[dict[str, str], ...] | None = None
     prompt: str | None = None
+    submitted_at: float = 0.0  # wall-clock time the caller sent it: the replica measures queue wait from it
 
 
 @dataclass

@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.serve import metrics
 
 from deployments.engine import Engine, GenerationChunk, GenerationRequest
+from deployments.weight_cache import FetchStats, WeightCache
 from serve_app.config import ModelSpec
 
 logger = logging.getLogger(__name__)
 
 
-def make_engine(spec: ModelSpec) -> Engine:
+def make_engine(spec: ModelSpec, cache: WeightCache) -> Engine:
     """The engine for a model's backend; heavy imports happen only for the backend in use."""
     if spec.backend == "llama_cpp":
         from deployments.llama_cpp_batched import BatchedLlamaEngine
 
-        return BatchedLlamaEngine(spec)
+        return BatchedLlamaEngine(spec, cache)
     raise ValueError(f"model {spec.name!r}: backend {spec.backend!r} is not available in this build")
 
 
@@ -63,16 +66,54 @@ async def coalesce(chunks: AsyncIterator[GenerationChunk], interval_s: float) ->
         await source.aclose()
 
 
+class ModelMetrics:
+    """Replica-side metrics (Ray's Prometheus endpoint): queue wait and weight fetches."""
+
+    def __init__(self, model: str) -> None:
+        self._tags = {"model": model}
+        self.queue_wait = metrics.Histogram(
+            "modelserve_queue_wait_seconds", description="From the ingress sending a request to a replica taking it.",
+            boundaries=[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0], tag_keys=("model",),
+        )
+        self.fetches = metrics.Counter(
+            "modelserve_weight_fetches", description="Weight fetches at replica start, by result (hit or download).",
+            tag_keys=("model", "result"),
+        )
+        self.download_bytes = metrics.Counter(
+            "modelserve_weight_download_bytes", description="Bytes downloaded into the weight cache.",
+            tag_keys=("model",),
+        )
+        self.download_seconds = metrics.Counter(
+            "modelserve_weight_download_seconds", description="Seconds spent filling the weight cache.",
+            tag_keys=("model",),
+        )
+
+    def record_fetch(self, stats: FetchStats) -> None:
+        self.fetches.inc(tags={**self._tags, "result": "hit" if stats.cache_hit else "download"})
+        if stats.bytes_downloaded:
+            self.download_bytes.inc(stats.bytes_downloaded, tags=self._tags)
+        if stats.seconds:
+            self.download_seconds.inc(stats.seconds, tags=self._tags)
+
+    def record_queue_wait(self, request: GenerationRequest) -> None:
+        if request.submitted_at:
+            self.queue_wait.observe(max(0.0, time.time() - request.submitted_at), tags=self._tags)
+
+
 @serve.deployment(name="model")
 class ModelServer:
     """One replica of one model. Serve options (replicas, autoscaling, queue bounds) come from the app builder."""
 
     async def __init__(self, spec: dict[str, Any]) -> None:
         self._spec = ModelSpec.model_validate(spec)
-        self._engine = make_engine(self._spec)
+        self._metrics = ModelMetrics(self._spec.name)
+        cache = WeightCache()
+        cache.stats_listeners.append(self._metrics.record_fetch)
+        self._engine = make_engine(self._spec, cache)
         await self._engine.start()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        self._metrics.record_queue_wait(request)
         async for chunk in coalesce(self._engine.generate(request), self._spec.engine.stream_interval_ms / 1000):
             yield chunk
 

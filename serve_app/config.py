@@ -295,7 +295,7 @@ class AppArgs(_Strict):
         models = data.get("models")
         if not isinstance(defaults, dict) or not isinstance(models, list):
             return data
-        merged = [deep_merge(defaults, m) if isinstance(m, dict) else m for m in models]
+        merged = [deep_merge(_without_other_scaling_mode(defaults, m), m) if isinstance(m, dict) else m for m in models]
         return {**data, "models": merged}
 
     @model_validator(mode="after")
@@ -310,6 +310,17 @@ class AppArgs(_Strict):
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
+
+
+def _without_other_scaling_mode(defaults: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """A model that picks num_replicas or autoscaling_config overrides the defaults' choice of the other."""
+    own = model.get("deployment")
+    inherited = defaults.get("deployment")
+    if not isinstance(own, dict) or not isinstance(inherited, dict):
+        return defaults
+    other = {"num_replicas": "autoscaling_config", "autoscaling_config": "num_replicas"}
+    dropped = {other[key] for key in other if key in own}
+    return {**defaults, "deployment": {k: v for k, v in inherited.items() if k not in dropped}}
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,9 @@ an OpenAI error object with a meaningful status; nothing answers a bare 500.
 
 
 import asyncio
+import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +31,7 @@ from deployments.engine import (
     SamplingParams,
 )
 from serve_app.config import AppArgs, ModelSpec
+from serve_app.metrics import IngressMetrics
 from serve_app.middleware import AccessMiddleware
 from serve_app.policy import AccessGate, Caller, MeteredStream, RequestAccount
 from serve_app.protocol import (
@@ -44,12 +47,14 @@ from serve_app.protocol import (
     DeltaMessage,
     ModelCard,
     ModelList,
+    ModelStatus,
     OpenAIError,
     SamplingFields,
     Usage,
     new_id,
     now,
 )
+from serve_app.status import StatusCache
 
 logger = logging.getLogger("modelserve.ingress")
 
@@ -163,7 +168,10 @@ class OpenAIIngress:
         self._handles = models
         self._created = now()
         self._access = AccessGate(limiter_name=f"modelserve-limits:{serve.get_replica_context().app_name}")
+        self._status = StatusCache()
+        self._metrics = IngressMetrics()
         app.state.access_gate = self._access
+        app.state.metrics = self._metrics
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """The policy document (auth, tenants, limits): applied at start and in place on every `serve deploy`."""
@@ -175,11 +183,30 @@ class OpenAIIngress:
 
     @app.get("/v1/models")
     async def list_models(self, account: Caller) -> ModelList:
-        return ModelList(data=[self._card(s) for s in self._args.models if self._access.allows(account, s.name)])
+        states = await self._status.deployments()
+        allowed = [spec for spec in self._args.models if self._access.allows(account, spec.name)]
+        return ModelList(data=[self._card(spec, states) for spec in allowed])
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str, account: Caller) -> ModelCard:
-        return self._card(self._model(model_id, account))
+        return self._card(self._model(model_id, account), await self._status.deployments())
+
+    @app.get("/v1/admin/status")
+    async def admin_status(self, account: Caller) -> dict[str, Any]:
+        """Every model's state and replica counts, whatever the caller's allowlist: admins only."""
+        if not account.principal.is_admin:
+            raise OpenAIError(403, "This endpoint needs the admin role.", type="permission_error",
+                              code="permission_denied")
+        states = await self._status.deployments()
+        unknown = ModelStatus(state="unknown")
+        return {
+            "models": {
+                spec.name: {"deployment": spec.deployment_name, "backend": spec.backend,
+                            **states.get(spec.deployment_name, unknown).model_dump()}
+                for spec in self._args.models
+            },
+            "ingress": states.get("ingress", unknown).model_dump(),
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, account: Caller) -> Any:
@@ -243,15 +270,22 @@ class OpenAIIngress:
             )
         return spec
 
-    def _card(self, spec: ModelSpec) -> ModelCard:
-        return ModelCard(id=spec.name, created=self._created, owned_by=spec.owned_by)
+    def _card(self, spec: ModelSpec, states: dict[str, ModelStatus]) -> ModelCard:
+        status = states.get(spec.deployment_name)
+        return ModelCard(id=spec.name, created=self._created, owned_by=spec.owned_by, status=status)
 
     async def _open(
         self, spec: ModelSpec, request: GenerationRequest, account: RequestAccount
     ) -> tuple[GenerationChunk, MeteredStream]:
         """Start a generation and wait for its first chunk, so early failures get a proper status."""
+        status = (await self._status.deployments()).get(spec.deployment_name)
+        if status is not None and status.state == "failed":  # answer now rather than wait out the timeout
+            raise OpenAIError(503, f"Model '{spec.name}' is unavailable: {status.message}", type="server_error",
+                              code="model_unavailable", headers={"Retry-After": "30"})
+        started = time.perf_counter()
         stream: MeteredStream | None = None
         try:  # Serve may refuse at `.remote()` already (queue full) or at the first chunk
+            request = dataclasses.replace(request, submitted_at=time.time())
             stream = MeteredStream(self._handles[spec.name].options(stream=True).generate.remote(request), account)
             first = await asyncio.wait_for(stream.__anext__(), self._args.ingress.first_token_timeout_s)
         except BaseException as exc:
@@ -260,6 +294,7 @@ class OpenAIIngress:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise model_error(exc, spec.name) from None
+        self._metrics.record_first_token(spec.name, time.perf_counter() - started)
         return first, stream
 
     async def _collect(

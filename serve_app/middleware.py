@@ -61,7 +61,9 @@ class AccessMiddleware:
         finally:
             if account is not None:
                 account.settle()
-            logger.info(json.dumps(audit_record(scope, status, started, account), separators=(",", ":")))
+            record = audit_record(scope, status, started, account)
+            logger.info(json.dumps(record, separators=(",", ":")))
+            scope["app"].state.metrics.record_request(record)
 
 
 def route_path(scope: Scope) -> str:

@@ -159,11 +159,21 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ModelStatus(BaseModel):
+    """modelserve extension: where a model is in its lifecycle (clients that do not know it ignore it)."""
+
+    state: Literal["ready", "scaling", "at_zero", "starting", "failed", "unknown"]
+    running_replicas: int = 0
+    starting_replicas: int = 0
+    message: str = ""
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    status: ModelStatus | None = None
 
 
 class ModelList(BaseModel):

@@ -36,6 +36,8 @@ GEMMA = "gemma-3-270m"
 TINY = "tiny-llama"
 TINY_S3 = "tiny-llama-s3"
 TINY_S3_SOURCE = "s3://models/tiny/tiny.gguf"
+TINY_ZERO = "tiny-llama-autoscaled"  # starts at zero replicas, scales 0..2 with short delays
+METRICS_PORT = 8089
 
 
 def make_test_config(tiny_path: Path) -> dict[str, Any]:
@@ -57,7 +59,18 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
     tiny["deployment"] = {"max_ongoing_requests": 2, "max_queued_requests": 4, "ray_actor_options": {"num_cpus": 0.25}}
     tiny_s3 = copy.deepcopy(tiny)
     tiny_s3.update(name=TINY_S3, source=TINY_S3_SOURCE)
-    args["models"] = [gemma, tiny, tiny_s3]
+    tiny_zero = copy.deepcopy(tiny)
+    tiny_zero.update(name=TINY_ZERO, engine={"n_ctx": 512, "n_threads": 1})
+    tiny_zero["deployment"] = {
+        "max_ongoing_requests": 1,
+        "max_queued_requests": 8,
+        "ray_actor_options": {"num_cpus": 0.25},
+        "autoscaling_config": {
+            "min_replicas": 0, "initial_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1,
+            "upscale_delay_s": 0, "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 2,
+        },
+    }
+    args["models"] = [gemma, tiny, tiny_s3, tiny_zero]
     args["ingress"] = {"deployment": {"ray_actor_options": {"num_cpus": 0.25}}}
     return config
 
@@ -123,6 +136,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_store: MotoS3) -> I
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=DASHBOARD_PORT,
+        _metrics_export_port=METRICS_PORT,
+        _system_config={"metrics_report_interval_ms": 1000},
         logging_level="warning",
     )
     try:

@@ -1,0 +1,56 @@
+"""Ingress metrics, exported through `ray.serve.metrics` (Ray's Prometheus endpoint, prefixed `ray_`).
+
+Recorded once per request when its response has ended (next to the audit line), plus the
+time to first token when a model starts answering. Names are documented in the README.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import metrics
+
+LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+
+_REJECTIONS = {401: "unauthenticated", 403: "forbidden", 429: "rate_limited"}
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.requests = metrics.Counter(
+            "modelserve_requests", description="Requests by model, tenant and HTTP status.",
+            tag_keys=("model", "tenant", "status"),
+        )
+        self.latency = metrics.Histogram(
+            "modelserve_request_latency_seconds", description="End-to-end request latency (to the last byte).",
+            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("model",),
+        )
+        self.first_token = metrics.Histogram(
+            "modelserve_time_to_first_token_seconds", description="Request arrival to the model's first chunk.",
+            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("model",),
+        )
+        self.prompt_tokens = metrics.Counter(
+            "modelserve_prompt_tokens", description="Prompt tokens processed.", tag_keys=("model", "tenant")
+        )
+        self.completion_tokens = metrics.Counter(
+            "modelserve_completion_tokens", description="Completion tokens generated.", tag_keys=("model", "tenant")
+        )
+        self.rejections = metrics.Counter(
+            "modelserve_policy_rejections", description="Requests refused by auth or policy, by reason.",
+            tag_keys=("tenant", "reason"),
+        )
+
+    def record_request(self, record: dict[str, Any]) -> None:
+        """Count one finished request from its audit record."""
+        model, tenant, status = record.get("model") or "", record.get("tenant") or "", int(record["status"])
+        self.requests.inc(tags={"model": model, "tenant": tenant, "status": str(status)})
+        self.latency.observe(record["latency_ms"] / 1000, tags={"model": model})
+        if record.get("prompt_tokens"):
+            self.prompt_tokens.inc(record["prompt_tokens"], tags={"model": model, "tenant": tenant})
+        if record.get("completion_tokens"):
+            self.completion_tokens.inc(record["completion_tokens"], tags={"model": model, "tenant": tenant})
+        if status in _REJECTIONS:
+            self.rejections.inc(tags={"tenant": tenant, "reason": _REJECTIONS[status]})
+
+    def record_first_token(self, model: str, seconds: float) -> None:
+        self.first_token.observe(seconds, tags={"model": model})
