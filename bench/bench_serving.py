@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -158,11 +160,14 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout_s: 
 def modelserve_backend(path: str, threads: int) -> tuple[Stream, Callable[[], None]]:
     """The full app (ingress + model deployment) on a local Ray, called over HTTP like any client."""
     import ray
+    import yaml
     from ray import serve
 
     from serve_app.app import build_app
+    from serve_app.cli_auth import mint_token
 
     port = free_port()
+    secret = os.environ.setdefault("MODELSERVE_JWT_SECRET", secrets.token_urlsafe(48))  # inherited by replicas
     ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="error")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
@@ -172,6 +177,7 @@ def modelserve_backend(path: str, threads: int) -> tuple[Stream, Callable[[], No
             "deployment": {"max_ongoing_requests": 16, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 1}},
         }],
         "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.5}}},
+        "access": yaml.safe_load((Path(__file__).resolve().parent.parent / "policies" / "default.yaml").read_text()),
     }
     serve.run(build_app(args), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
@@ -181,7 +187,8 @@ def modelserve_backend(path: str, threads: int) -> tuple[Stream, Callable[[], No
         serve.shutdown()
         ray.shutdown()
 
-    return http_stream(base, "gemma"), stop
+    token = mint_token(secret, "dev", [], 3600)
+    return http_stream(base, "gemma", {"Authorization": f"Bearer {token}"}), stop
 
 
 def main() -> None:

@@ -43,8 +43,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=False, text=True, capture_output=True, **kwargs)
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a Ray CLI command. `ray start` and the `serve` CLI must agree on Ray's token auth, so
+    RAY_AUTH_MODE defaults to `token` for all of them (the token lives in ~/.ray/auth_token)."""
+    env = {"RAY_AUTH_MODE": "token", **os.environ, **(env or {})}
+    return subprocess.run(cmd, check=False, text=True, capture_output=True, env=env)
 
 
 def _ray_running() -> bool:
@@ -95,7 +98,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         started = _run(
             ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
              "--num-cpus", cpus, "--disable-usage-stats"],
-            env={**os.environ, **secret_env},
+            env=secret_env,
         )
         if started.returncode != 0:
             print(f"error: ray start failed:\n{started.stderr or started.stdout}", file=sys.stderr)
