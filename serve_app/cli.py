@@ -138,7 +138,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     _run(["serve", "shutdown", "--yes", "--address", DASHBOARD])
     if not args.keep_ray:
         stopped = _run(["ray", "stop"])
-        print(stopped.stdout.strip() or "ray stopped")
+        print((stopped.stdout.strip().splitlines() or ["ray stopped"])[-1])
     return 0
 
 
