@@ -5,8 +5,9 @@ backend runs alone on the machine. Prints decode tokens/s (aggregate over the ru
 time to first token at each concurrency, then the ratios modelserve/raw and
 modelserve/llama_cpp.server; the last line holds the ratios.
 
-    python bench/bench_serving.py            # concurrency 1 and 4, 64 tokens per request
-    python bench/bench_serving.py --quick    # within a minute
+    python bench/bench_serving.py            # concurrency 1 and 4, 64 tokens per request, then the
+                                             # auth + policy overhead (bench_auth.py, auth on vs off)
+    python bench/bench_serving.py --quick    # serving only, within a minute
 """
 
 from __future__ import annotations
@@ -229,6 +230,10 @@ def main() -> None:
         ms = by[("modelserve", concurrency)].tokens_per_s
         ratios.append(f"c{concurrency}: modelserve/raw={ms / by[('raw', concurrency)].tokens_per_s:.2f} "
                       f"modelserve/llama_cpp.server={ms / by[('llama_cpp.server', concurrency)].tokens_per_s:.2f}")
+    if not args.quick:  # the median latency auth + policy add per request, measured on its own app pair
+        overhead = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_auth.py")), "--quick"],
+                                  capture_output=True, text=True)
+        print("auth + policy overhead: " + (overhead.stdout.strip().splitlines() or ["(failed)"])[-1])
     print(f"machine: {os.cpu_count()} CPUs, threads={args.threads}, max_tokens={max_tokens}")
     print("ratios (decode tokens/s): " + "; ".join(ratios))
 
