@@ -13,6 +13,7 @@ modelserve/llama_cpp.server; the last line holds the ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import secrets
 import socket
@@ -114,7 +115,8 @@ def http_stream(base_url: str, model: str, headers: dict[str, str] | None = None
     """Streamed /v1/completions over HTTP, yielding the text of each SSE frame."""
     import json
 
-    client = httpx.Client(base_url=base_url, timeout=300, headers=headers or {}, limits=httpx.Limits(max_connections=64))
+    limits = httpx.Limits(max_connections=64)
+    client = httpx.Client(base_url=base_url, timeout=300, headers=headers or {}, limits=limits)
 
     def stream(prompt: str, max_tokens: int) -> Iterator[str]:
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
@@ -158,7 +160,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout_s: 
     raise TimeoutError(url)
 
 
-def modelserve_backend(path: str, threads: int) -> tuple[Stream, Callable[[], None]]:
+def modelserve_backend(path: str, threads: int, stream_interval_ms: float = 20.0) -> tuple[Stream, Callable[[], None]]:
     """The full app (ingress + model deployment) on a local Ray, called over HTTP like any client."""
     import ray
     import yaml
@@ -174,7 +176,8 @@ def modelserve_backend(path: str, threads: int) -> tuple[Stream, Callable[[], No
     args = {
         "models": [{
             "name": "gemma", "source": path,
-            "engine": {"n_ctx": 2048, "n_threads": threads, "chat_format": "gemma"},
+            "engine": {"n_ctx": 2048, "n_threads": threads, "chat_format": "gemma",
+                       "stream_interval_ms": stream_interval_ms},
             "deployment": {"max_ongoing_requests": 16, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 1}},
         }],
         "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.5}}},
@@ -197,6 +200,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter requests (about a minute)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--stream-interval-ms", type=float, default=20.0, help="modelserve's stream coalescing window")
     args = parser.parse_args()
     max_tokens, rounds = (32, 1) if args.quick else (64, 2)
 
@@ -211,8 +215,8 @@ def main() -> None:
         return len(vocab.tokenize(text.encode("utf-8"), add_bos=False)) if text else 0
 
     results: list[Result] = []
-    for name, factory in (("raw", raw_backend), ("llama_cpp.server", llama_server_backend),
-                          ("modelserve", modelserve_backend)):
+    modelserve = functools.partial(modelserve_backend, stream_interval_ms=args.stream_interval_ms)
+    for name, factory in (("raw", raw_backend), ("llama_cpp.server", llama_server_backend), ("modelserve", modelserve)):
         stream, stop = factory(path, args.threads)
         try:
             run_load(stream, count_tokens, 1, 1, 4)  # warm-up
