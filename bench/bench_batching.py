@@ -5,8 +5,8 @@ slots of `--n-ctx` tokens each; one backend works at a time:
 
 - modelserve: `BatchedLlamaEngine` in this process, called through the engine interface (no HTTP;
   bench/bench_serving.py measures the full ingress).
-- serialized: `llama_cpp.Llama` in this process, one request at a time (what the engine did before
-  continuous batching).
+- serialized: `llama_cpp.Llama` in a child process, one request at a time (what the engine did
+  before continuous batching).
 - llama_cpp.server: `python -m llama_cpp.server` (llama-cpp-python's server; one request at a time).
 - llama-server: llama.cpp's native server, `-np SLOTS --cont-batching`, from `--llama-server PATH`
   (skipped when absent). Prompt caching is off for it, as prefix reuse is off for modelserve.
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import queue
 import socket
@@ -38,6 +39,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
@@ -162,20 +164,44 @@ def server_backend(cmd: list[str], port: int, extra: dict[str, object]) -> tuple
     return http_stream(f"http://127.0.0.1:{port}", extra), stop
 
 
-def serialized(args: argparse.Namespace) -> tuple[Stream, Callable[[], None]]:
+def _serialized_worker(conn: Connection, model: str, n_ctx: int, threads: int) -> None:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads,
-                verbose=False)
-    lock = threading.Lock()  # a Llama is not thread-safe
+    llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+    conn.send("ready")
+    while (job := conn.recv()) is not None:
+        prompt, max_tokens = job
+        for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, stream=True):
+            if chunk["choices"][0]["text"]:
+                conn.send(chunk["choices"][0]["text"])
+        conn.send(None)
+
+
+def serialized(args: argparse.Namespace) -> tuple[Stream, Callable[[], None]]:
+    """`llama_cpp.Llama`, one request at a time, in its own process.
+
+    Not in this one: two llama.cpp contexts driven from different threads of one process make
+    libgomp throttle its spinning (more OpenMP threads than cores) and slow both down.
+    """
+    spawn = multiprocessing.get_context("spawn")
+    conn, child_conn = spawn.Pipe()
+    worker = spawn.Process(target=_serialized_worker, args=(child_conn, args.model, args.n_ctx, args.threads))
+    worker.start()
+    if conn.recv() != "ready":
+        raise RuntimeError("serialized worker did not start")
+    lock = threading.Lock()  # one request at a time, like the engine before continuous batching
 
     def stream(prompt: str, max_tokens: int) -> Iterator[str]:
         with lock:
-            for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, stream=True):
-                if chunk["choices"][0]["text"]:
-                    yield chunk["choices"][0]["text"]
+            conn.send((prompt, max_tokens))
+            while (piece := conn.recv()) is not None:
+                yield piece
 
-    return stream, llm.close
+    def stop() -> None:
+        conn.send(None)
+        worker.join(timeout=30)
+
+    return stream, stop
 
 
 def llama_cpp_server(args: argparse.Namespace) -> tuple[Stream, Callable[[], None]]:
