@@ -17,20 +17,21 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
+from harness import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+from serve_app.serve_config import application_entries
+
 sys.path.insert(0, str(ROOT / "tests"))
-
-from tiny_gguf import write_tiny_llama_gguf
+from tiny_gguf import write_tiny_llama_gguf  # noqa: E402
 
 MODEL = "tiny"
 TENANTS = {
@@ -44,27 +45,23 @@ TENANTS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def app_args(model_path: Path, access: dict) -> dict:
-    return {
-        "models": [
-            {
-                "name": MODEL,
-                "source": str(model_path),
-                "engine": {"n_ctx": 256, "n_threads": 1},
-                "deployment": {"num_replicas": 1, "max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.5}},
-            }
-        ],
+def applications(model_path: Path) -> list[dict[str, Any]]:
+    """Two ingress applications, /on with the policy and /off without, in front of one model application."""
+    model = {
+        "name": MODEL,
+        "source": str(model_path),
+        "engine": {"n_ctx": 256, "n_threads": 1},
+        "deployment": {"num_replicas": 1, "max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.5}},
+    }
+    ingress = {
         "ingress": {
             "deployment": {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.5}}
-        },
-        "access": access,
+        }
     }
+    on = {"default": {"models": []}, "tenants": TENANTS}
+    return application_entries([model], ingress, name="auth-on", route_prefix="/on", policy=on) + application_entries(
+        [], ingress, name="auth-off", route_prefix="/off", policy={"enabled": False}
+    )
 
 
 def timed(call: Callable[[str], httpx.Response], prefix: str) -> float:
@@ -87,7 +84,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import run_targets
     from serve_app.cli_auth import mint_token
 
     port = free_port()
@@ -98,9 +95,7 @@ def main() -> int:
         )
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            on = {"default": {"models": []}, "tenants": TENANTS}
-            serve.run(build_app(app_args(model_path, on)), name="auth-on", route_prefix="/on")
-            serve.run(build_app(app_args(model_path, {"enabled": False})), name="auth-off", route_prefix="/off")
+            serve.run_many(run_targets(applications(model_path)))
             tokens = {t: mint_token(os.environ["MODELSERVE_JWT_SECRET"], t, [], 3600) for t in TENANTS}
             results = measure(f"http://127.0.0.1:{port}", tokens, count)
         finally:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import secrets
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from harness import (
+    ROOT,
     Backend,
     Result,
     demo_model,
@@ -41,24 +43,46 @@ from harness import (
     wait_http,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def raw_backend(model: str, n_ctx: int, threads: int) -> Backend:
-    """llama_cpp.Llama in this process; concurrent callers are serialized (it is not thread-safe)."""
+    """llama_cpp.Llama in this process, owned by one thread that serves requests in turn.
+
+    It is not thread-safe, and calling it from several threads (even one at a time) would make
+    each caller an OpenMP master with its own spinning worker team, slowing every backend after it.
+    """
     from llama_cpp import Llama
 
-    llm: list[Llama] = [Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                              verbose=False)]
-    lock = threading.Lock()
+    jobs: queue.Queue[tuple[str, int, queue.Queue[str | None]] | None] = queue.Queue()
+    ready = threading.Event()
+
+    def owner() -> None:
+        llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        ready.set()
+        while (job := jobs.get()) is not None:
+            prompt, max_tokens, out = job
+            try:
+                for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, stream=True):
+                    if chunk["choices"][0]["text"]:
+                        out.put(chunk["choices"][0]["text"])
+            finally:
+                out.put(None)
+        del llm
+
+    thread = threading.Thread(target=owner, name="raw-llama", daemon=True)
+    thread.start()
+    ready.wait()
 
     def stream(prompt: str, max_tokens: int) -> Iterator[str]:
-        with lock:
-            for chunk in llm[0].create_completion(prompt, max_tokens=max_tokens, temperature=0, stream=True):
-                if chunk["choices"][0]["text"]:
-                    yield chunk["choices"][0]["text"]
+        out: queue.Queue[str | None] = queue.Queue()
+        jobs.put((prompt, max_tokens, out))
+        while (piece := out.get()) is not None:
+            yield piece
 
-    return stream, llm.clear  # frees the context before the next backend starts
+    def stop() -> None:
+        jobs.put(None)
+        thread.join()
+
+    return stream, stop
 
 
 def modelserve_backend(model: str, n_ctx: int, threads: int, slots: int, stream_interval_ms: float) -> Backend:
@@ -67,24 +91,23 @@ def modelserve_backend(model: str, n_ctx: int, threads: int, slots: int, stream_
     import yaml
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import run_targets
     from serve_app.cli_auth import mint_token
+    from serve_app.serve_config import application_entries
 
     port = free_port()
     secret = os.environ.setdefault("MODELSERVE_JWT_SECRET", secrets.token_urlsafe(48))  # inherited by replicas
     ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="error")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {
-        "models": [{
-            "name": "gemma", "source": model,
-            "engine": {"n_ctx": n_ctx, "n_threads": threads, "parallel": slots, "chat_format": "gemma",
-                       "stream_interval_ms": stream_interval_ms},
-            "deployment": {"max_queued_requests": 64, "ray_actor_options": {"num_cpus": 1}},
-        }],
-        "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.5}}},
-        "access": yaml.safe_load((ROOT / "policies" / "default.yaml").read_text()),
+    gemma = {
+        "name": "gemma", "source": model,
+        "engine": {"n_ctx": n_ctx, "n_threads": threads, "parallel": slots, "chat_format": "gemma",
+                   "stream_interval_ms": stream_interval_ms},
+        "deployment": {"max_queued_requests": 64, "ray_actor_options": {"num_cpus": 1}},
     }
-    serve.run(build_app(args), name="bench", route_prefix="/")
+    ingress = {"ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.5}}}}
+    policy = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
+    serve.run_many(run_targets(application_entries([gemma], ingress, name="bench", policy=policy)))
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/health")
 

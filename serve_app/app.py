@@ -1,27 +1,39 @@
-"""The application builder: `import_path: serve_app.app:build_app` in a Serve config."""
+"""The application builders of a Serve config: the ingress (`serve_app.app:build_app`) and one
+application per model (`serve_app.app:build_model_app`).
+
+Serve versions every deployment of an application by the application's args, so each model
+lives in an application of its own, named after the model: `serve deploy` adds, changes or
+removes one model without restarting the others, and the ingress finds models by name.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ray import serve
 from ray.serve import Application
 
 from deployments.server import ModelServer
-from serve_app.config import ConfigError, ModelSpec, parse_app_args
+from serve_app.config import ConfigError, ModelSpec, parse_ingress_args, parse_model_args
 from serve_app.ingress import OpenAIIngress
 from serve_app.policy import parse_policy
+from serve_app.serve_config import INGRESS_IMPORT_PATH, MODEL_IMPORT_PATH
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Validate `args` completely, then bind one deployment per model and the ingress holding their handles."""
-    app_args = parse_app_args(args)
-    models = {spec.name: model_deployment(spec) for spec in app_args.models}
-    access = parse_policy(app_args.access, "args.access (policy document)")  # secure default: deny all but admin
+    """The ingress: auth, policy and the OpenAI routes, in front of every model application."""
+    ingress_args = parse_ingress_args(args)
+    access = parse_policy(ingress_args.access, "args.access (policy document)")  # secure default: deny all but admin
     ingress = OpenAIIngress.options(
-        user_config=access.model_dump(mode="json") if app_args.access is None else app_args.access,
-        **app_args.ingress.deployment.serve_options(),
+        user_config=access.model_dump(mode="json") if ingress_args.access is None else ingress_args.access,
+        **ingress_args.ingress.deployment.serve_options(),
     )
-    return ingress.bind(app_args.model_dump(mode="json", exclude={"access"}), models)
+    return ingress.bind(ingress_args.model_dump(mode="json", exclude={"access"}))
+
+
+def build_model_app(args: dict[str, Any]) -> Application:
+    """One model's application (name it after the model, `route_prefix: null`), validated completely first."""
+    return model_deployment(parse_model_args(args))
 
 
 def model_deployment(spec: ModelSpec) -> Application:
@@ -38,3 +50,24 @@ def model_deployment(spec: ModelSpec) -> Application:
     return ModelServer.options(name=spec.deployment_name, **spec.deployment.serve_options()).bind(
         spec.model_dump(mode="json")
     )
+
+
+def run_targets(applications: list[dict[str, Any]]) -> list[serve.RunTarget]:
+    """Serve config `applications` as `serve.run_many` targets, for running them from Python (tests, benches).
+
+    The ingress's policy override (its deployment's `user_config`) travels as `args.access`.
+    """
+    targets = []
+    for application in applications:
+        args = dict(application.get("args") or {})
+        if application["import_path"] == INGRESS_IMPORT_PATH:
+            overrides = {d.get("name"): d for d in application.get("deployments") or []}
+            if "user_config" in overrides.get("ingress", {}):
+                args["access"] = overrides["ingress"]["user_config"]
+            app = build_app(args)
+        elif application["import_path"] == MODEL_IMPORT_PATH:
+            app = build_model_app(args)
+        else:
+            raise ConfigError(f"application {application.get('name')!r}: not a modelserve application")
+        targets.append(serve.RunTarget(app, name=application["name"], route_prefix=application.get("route_prefix")))
+    return targets

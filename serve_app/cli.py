@@ -11,35 +11,27 @@ from typing import Any
 
 import yaml
 
-from serve_app.config import ConfigError, load_serve_config, modelserve_applications, parse_app_args
+from serve_app.config import ConfigError
+from serve_app.serve_config import ServeConfigApps, load_serve_config, parse_serve_config
 
 DASHBOARD = "http://127.0.0.1:8265"
 
 
-def _validate(path: str) -> list[Any]:
+def _validate(path: str) -> ServeConfigApps:
     """Parse every modelserve application in a Serve config; raise ConfigError naming the bad fields."""
-    config = load_serve_config(path)
-    apps = modelserve_applications(config)
-    if not apps:
-        raise ConfigError(f"{path}: no application with import_path serve_app.app:build_app")
-    parsed = []
-    for app in apps:
-        try:
-            parsed.append(parse_app_args(app.get("args")))
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: application {app.get('name', '?')!r}: {exc}") from None
-    return parsed
+    return parse_serve_config(load_serve_config(path), str(path))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
-        for app_args in _validate(args.config):
-            for spec in app_args.models:
-                print(f"ok  {spec.name}  backend={spec.backend}  source={spec.source}  "
-                      f"deployment={spec.deployment_name}")
+        apps = _validate(args.config)
     except (ConfigError, OSError, yaml.YAMLError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    for app, _ in apps.ingress:
+        print(f"ok  ingress  application={app['name']}  route_prefix={app.get('route_prefix', '/')}")
+    for _, spec in apps.models:
+        print(f"ok  {spec.name}  backend={spec.backend}  source={spec.source}  deployment={spec.deployment_name}")
     return 0
 
 
@@ -83,7 +75,7 @@ def _wait_until_running(app_names: list[str], timeout_s: float) -> str | None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     try:
-        _validate(args.config)
+        apps = _validate(args.config)
     except (ConfigError, OSError, yaml.YAMLError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -108,7 +100,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if deployed.returncode != 0:
         print(f"error: serve deploy failed:\n{deployed.stderr or deployed.stdout}", file=sys.stderr)
         return 1
-    problem = _wait_until_running([app["name"] for app in modelserve_applications(config)], args.timeout)
+    problem = _wait_until_running([app["name"] for app, _ in apps.ingress + apps.models], args.timeout)
     if problem:
         if "no verification keys" in problem:
             problem += (
@@ -119,7 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     http = config.get("http_options") or {}
     base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-    model = _validate(args.config)[0].models[0].name
+    model = apps.models[0][1].name
     token = cli_auth.mint_token(cli_auth.dev_secret(state), "dev", [], 12 * 3600)
     print(f"\nmodelserve is up: {base}/v1  (Ray dashboard: {DASHBOARD})")
     print(f"dev token (tenant 'dev', 12 h; `modelserve token --tenant dev` mints more):\n\n  export TOKEN={token}\n")

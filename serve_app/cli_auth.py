@@ -25,8 +25,9 @@ import platformdirs
 import yaml
 
 from serve_app.auth import SECRET_ENV, SECRET_FILE_ENV, AuthSettings, api_key_hash
-from serve_app.config import ConfigError, load_serve_config, modelserve_applications
+from serve_app.config import ConfigError
 from serve_app.policy import load_policy_file, parse_policy
+from serve_app.serve_config import ingress_applications, load_serve_config
 
 DEV_SECRET_FILE = "jwt-secret"
 DEFAULT_POLICY = "policies/default.yaml"
@@ -164,14 +165,14 @@ def sync_policy(config_path: str | Path, policy_path: str | Path, app_name: str 
     """
     policy = load_policy_file(policy_path)
     plain = load_serve_config(config_path)
-    apps = [a for a in modelserve_applications(plain) if app_name in (None, a.get("name"))]
+    apps = [a for a in ingress_applications(plain) if app_name in (None, a.get("name"))]
     if not apps:
-        raise ConfigError(f"{config_path}: no modelserve application{f' named {app_name!r}' if app_name else ''}")
+        raise ConfigError(f"{config_path}: no modelserve ingress application{f' named {app_name!r}' if app_name else ''}")
     for app in apps:
         if (app.get("args") or {}).get("access") is not None:
             raise ConfigError(
                 f"{config_path}: application {app.get('name')!r} sets args.access; remove it, the policy lives "
-                f"in the ingress user_config (a change in args restarts every replica)"
+                f"in the ingress user_config (a change in args restarts the ingress)"
             )
     stale = [str(a.get("name")) for a in apps if _ingress_user_config(a) != policy]
     if check or not stale:
@@ -183,6 +184,15 @@ def sync_policy(config_path: str | Path, policy_path: str | Path, app_name: str 
 def _ingress_user_config(app: dict[str, Any]) -> Any:
     entry = next((d for d in app.get("deployments") or [] if d.get("name") == INGRESS_DEPLOYMENT), {})
     return entry.get("user_config")
+
+
+def _keep_anchors(node: Any) -> None:
+    """ruamel drops an anchor nothing refers to yet (e.g. `&model_defaults` with one model): keep them all."""
+    if getattr(node, "anchor", None) is not None and node.anchor.value:
+        node.anchor.always_dump = True
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        _keep_anchors(child)
 
 
 def _write_user_config(path: Path, app_names: set[str], policy: dict[str, Any], source: str) -> None:
@@ -198,7 +208,9 @@ def _write_user_config(path: Path, app_names: set[str], policy: dict[str, Any], 
     editor = YAML()
     editor.indent(mapping=2, sequence=4, offset=2)
     editor.width = 4096
+    editor.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     document = editor.load(path.read_text(encoding="utf-8"))
+    _keep_anchors(document)
     for app in document["applications"]:
         if app.get("name") not in app_names:
             continue
@@ -212,7 +224,7 @@ def _write_user_config(path: Path, app_names: set[str], policy: dict[str, Any], 
     out = StringIO()
     editor.dump(document, out)
     text = out.getvalue()
-    for app in modelserve_applications(yaml.safe_load(text)):
+    for app in ingress_applications(yaml.safe_load(text)):
         if app.get("name") in app_names and _ingress_user_config(app) != policy:
             raise ConfigError(f"{path}: the rewritten file does not carry the policy as intended; nothing written")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

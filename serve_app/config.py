@@ -1,4 +1,4 @@
-"""Configuration models: the `args` of the Serve application, as plain validated data.
+"""Configuration models: the `args` of the ingress and model applications, as plain validated data.
 
 Everything a deployment needs travels in these models, so a config with a typo is
 rejected before any deployment starts (never half an app).
@@ -9,10 +9,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import re
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Backend = Literal["llama_cpp", "vllm"]
@@ -174,7 +172,6 @@ class ModelSpec(_Strict):
     name: str = Field(description="The OpenAI `model` id clients send.")
     backend: Backend = "llama_cpp"
     source: str = Field(description="Where the weights are: a path, file://, s3:// or package:// URI.")
-    owned_by: str = "modelserve"
     storage: StorageSettings = Field(default_factory=StorageSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
@@ -253,8 +250,15 @@ class ModelSpec(_Strict):
 
     @property
     def deployment_name(self) -> str:
-        """Serve deployment name: stable, derived from the model id."""
-        return "model-" + re.sub(r"[^A-Za-z0-9_-]+", "-", self.name).strip("-")
+        return model_deployment_name(self.name)
+
+
+def model_deployment_name(model: str) -> str:
+    """The Serve deployment of a model, inside the application named after the model: stable, derived from the id.
+
+    The ingress finds a model application by this name, so it needs no list of models.
+    """
+    return "model-" + re.sub(r"[^A-Za-z0-9_-]+", "-", model).strip("-")
 
 
 class IngressDeploymentSettings(DeploymentSettings):
@@ -273,17 +277,29 @@ class IngressSettings(_Strict):
     )
 
 
-class AppArgs(_Strict):
-    """The `args` of the modelserve Serve application."""
+class IngressArgs(_Strict):
+    """The `args` of the ingress application (`serve_app.app:build_app`)."""
 
-    models: list[ModelSpec] = Field(min_length=1)
-    model_defaults: dict[str, Any] = Field(default_factory=dict, description="Merged into every model entry.")
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     access: dict[str, Any] | None = Field(
         None,
         description="Initial policy document (serve_app.policy) for the ingress user_config. A Serve config "
         "sets it on the ingress deployment's user_config instead (`modelserve policy sync`): changing `args` "
-        "restarts every replica, changing that user_config reloads the policy in place.",
+        "restarts the ingress, changing that user_config reloads the policy in place.",
+    )
+
+
+class ModelAppArgs(_Strict):
+    """The `args` of one model's application (`serve_app.app:build_model_app`).
+
+    One application per model, because Serve versions every deployment of an application by
+    the application's args: a model of its own can be added, changed or removed by
+    `serve deploy` without restarting the other models' replicas.
+    """
+
+    model: ModelSpec
+    model_defaults: dict[str, Any] = Field(
+        default_factory=dict, description="Merged under the model entry (a YAML anchor shares one block)."
     )
 
     @model_validator(mode="before")
@@ -291,36 +307,34 @@ class AppArgs(_Strict):
     def _apply_model_defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        defaults = data.get("model_defaults") or {}
-        models = data.get("models")
-        if not isinstance(defaults, dict) or not isinstance(models, list):
+        defaults, model = data.get("model_defaults") or {}, data.get("model")
+        if not isinstance(defaults, dict) or not isinstance(model, dict):
             return data
-        merged = [deep_merge(_without_other_scaling_mode(defaults, m), m) if isinstance(m, dict) else m for m in models]
-        return {**data, "models": merged}
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> AppArgs:
-        seen: dict[str, str] = {}
-        for model in self.models:
-            for key in (model.name, model.deployment_name):
-                if key in seen:
-                    raise ValueError(f"model {model.name!r} collides with model {seen[key]!r}")
-                seen[key] = model.name
-        return self
-
-    def model(self, name: str) -> ModelSpec | None:
-        return next((m for m in self.models if m.name == name), None)
+        return {**data, "model": deep_merge(_without_overridden_alternatives(defaults, model), model)}
 
 
-def _without_other_scaling_mode(defaults: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
-    """A model that picks num_replicas or autoscaling_config overrides the defaults' choice of the other."""
-    own = model.get("deployment")
-    inherited = defaults.get("deployment")
-    if not isinstance(own, dict) or not isinstance(inherited, dict):
-        return defaults
-    other = {"num_replicas": "autoscaling_config", "autoscaling_config": "num_replicas"}
-    dropped = {other[key] for key in other if key in own}
-    return {**defaults, "deployment": {k: v for k, v in inherited.items() if k not in dropped}}
+# Settings that say the same thing two ways: a model giving one overrides the defaults' other.
+_ALTERNATIVES = (
+    (("deployment", "num_replicas"), ("deployment", "autoscaling_config")),
+    (("engine", "parallel"), ("deployment", "max_ongoing_requests")),
+)
+
+
+def _without_overridden_alternatives(defaults: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """Drop from the defaults each setting whose alternative the model sets itself.
+
+    A model choosing `num_replicas` overrides the defaults' `autoscaling_config` (and back), and one
+    choosing `max_ongoing_requests` overrides the defaults' `engine.parallel` (and back).
+    """
+    result = copy.deepcopy(defaults)
+    for pair in _ALTERNATIVES:
+        for own, inherited in (pair, pair[::-1]):
+            section, key = own
+            if isinstance(model.get(section), dict) and key in model[section] and isinstance(
+                result.get(inherited[0]), dict
+            ):
+                result[inherited[0]].pop(inherited[1], None)
+    return result
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -361,35 +375,28 @@ def describe_validation_error(error: ValidationError, data: Any = None) -> str:
     return "\n".join(lines)
 
 
-def parse_app_args(args: dict[str, Any] | None) -> AppArgs:
-    """Validate application args, raising ConfigError with field-level messages."""
+def parse_ingress_args(args: dict[str, Any] | None) -> IngressArgs:
+    """Validate the ingress application's args, raising ConfigError with field-level messages."""
     try:
-        app_args = AppArgs.model_validate(args or {})
+        return IngressArgs.model_validate(args or {})
     except ValidationError as exc:
-        raise ConfigError("invalid modelserve config:\n" + describe_validation_error(exc, args)) from None
-    require_backend_packages(app_args)
-    return app_args
+        raise ConfigError("invalid modelserve ingress config:\n" + describe_validation_error(exc, args)) from None
 
 
-def require_backend_packages(app_args: AppArgs) -> None:
+def parse_model_args(args: dict[str, Any] | None) -> ModelSpec:
+    """Validate a model application's args (defaults merged), raising ConfigError with field-level messages."""
+    try:
+        spec = ModelAppArgs.model_validate(args or {}).model
+    except ValidationError as exc:
+        entry = (args or {}).get("model")
+        name = f" {entry['name']!r}" if isinstance(entry, dict) and isinstance(entry.get("name"), str) else ""
+        raise ConfigError(f"invalid config of model{name}:\n" + describe_validation_error(exc, args)) from None
+    require_backend_packages(spec)
+    return spec
+
+
+def require_backend_packages(spec: ModelSpec) -> None:
     """One clear error, before anything deploys, when a model's backend is not installed here."""
-    vllm_models = [model.name for model in app_args.models if model.backend == "vllm"]
-    if vllm_models and importlib.util.find_spec("vllm") is None:
-        who = f"model {vllm_models[0]!r} uses" if len(vllm_models) == 1 else f"models {vllm_models} use"
-        raise ConfigError(f"{who} backend vllm, which needs the gpu extra: pip install 'modelserve[gpu]'")
-
-
-def load_serve_config(path: str | Path) -> dict[str, Any]:
-    """Read a Serve config file (the one `serve deploy` takes)."""
-    with open(path, encoding="utf-8") as handle:
-        config = yaml.safe_load(handle)
-    if not isinstance(config, dict) or not isinstance(config.get("applications"), list):
-        raise ConfigError(f"{path}: not a Serve config (no 'applications' list)")
-    return config
-
-
-def modelserve_applications(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The applications in a Serve config that run this app builder."""
-    return [
-        app for app in config["applications"] if str(app.get("import_path", "")).startswith("serve_app.app:")
-    ]
+    if spec.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"model {spec.name!r} uses backend vllm, which needs the gpu extra: "
+                          "pip install 'modelserve[gpu]'")

@@ -15,15 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve_app.config import (
-    AppArgs,
-    ConfigError,
-    DeploymentSettings,
-    VllmSettings,
-    describe_validation_error,
-    modelserve_applications,
-    parse_app_args,
-)
+from serve_app.config import ConfigError, DeploymentSettings, VllmSettings, describe_validation_error
+from serve_app.serve_config import parse_serve_config
 
 GIB = 1024**3
 CPU_GROUP, GPU_GROUP = "cpu-workers", "gpu-workers"
@@ -299,13 +292,13 @@ def plan_placement(serve_config: dict[str, Any], settings: DeploySettings) -> tu
             lines.append(f"  worker group {group_name}: disabled")
     problems: list[str] = []
     peak_cpus = peak_gpus = 0.0
-    for application in modelserve_applications(serve_config):
-        app_args: AppArgs = parse_app_args(application.get("args"))
+    apps = parse_serve_config(serve_config, "serve config")
+    plans = [(app, [("ingress", "ingress", args.ingress.deployment, None)]) for app, args in apps.ingress] + [
+        (app, [(m.deployment_name, f"model {m.name} ({m.backend})", m.deployment, m.vllm)]) for app, m in apps.models
+    ]
+    for application, entries in plans:
         overrides = {entry.get("name"): entry for entry in application.get("deployments") or []}
         lines.append(f"application {application.get('name', 'default')} ({application.get('route_prefix', '/')}):")
-        entries = [("ingress", "ingress", app_args.ingress.deployment, None)] + [
-            (m.deployment_name, f"model {m.name} ({m.backend})", m.deployment, m.vllm) for m in app_args.models
-        ]
         for deployment, description, options, vllm in entries:
             merged = _with_override(options, overrides.pop(deployment, {}))
             if vllm is not None:

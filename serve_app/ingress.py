@@ -30,7 +30,7 @@ from deployments.engine import (
     GenerationRequest,
     SamplingParams,
 )
-from serve_app.config import AppArgs, ModelSpec
+from serve_app.config import IngressArgs, model_deployment_name
 from serve_app.metrics import IngressMetrics
 from serve_app.middleware import AccessMiddleware
 from serve_app.policy import AccessGate, Caller, MeteredStream, RequestAccount
@@ -59,6 +59,7 @@ from serve_app.status import StatusCache
 logger = logging.getLogger("modelserve.ingress")
 
 RETRY_AFTER_S = "1"
+MISSING_MODEL_RECHECK_S = 0.5
 
 app = FastAPI(title="modelserve", description="OpenAI-compatible LLM serving on Ray Serve.")
 app.add_middleware(AccessMiddleware)  # authenticates every route but /health, settles limits, audits
@@ -163,9 +164,9 @@ def usage_of(chunk: GenerationChunk) -> Usage:
 class OpenAIIngress:
     """Routes OpenAI requests to per-model deployments by the `model` field."""
 
-    def __init__(self, args: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
-        self._args = AppArgs.model_validate(args)
-        self._handles = models
+    def __init__(self, args: dict[str, Any]) -> None:
+        self._args = IngressArgs.model_validate(args)
+        self._handles: dict[str, DeploymentHandle] = {}
         self._created = now()
         self._access = AccessGate(limiter_name=f"modelserve-limits:{serve.get_replica_context().app_name}")
         self._status = StatusCache()
@@ -183,13 +184,13 @@ class OpenAIIngress:
 
     @app.get("/v1/models")
     async def list_models(self, account: Caller) -> ModelList:
-        states = await self._status.deployments()
-        allowed = [spec for spec in self._args.models if self._access.allows(account, spec.name)]
-        return ModelList(data=[self._card(spec, states) for spec in allowed])
+        models = (await self._status.snapshot()).models
+        allowed = sorted(name for name in models if self._access.allows(account, name))
+        return ModelList(data=[self._card(name, models[name]) for name in allowed])
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str, account: Caller) -> ModelCard:
-        return self._card(self._model(model_id, account), await self._status.deployments())
+        return self._card(*await self._model(model_id, account))
 
     @app.get("/v1/admin/status")
     async def admin_status(self, account: Caller) -> dict[str, Any]:
@@ -197,42 +198,40 @@ class OpenAIIngress:
         if not account.principal.is_admin:
             raise OpenAIError(403, "This endpoint needs the admin role.", type="permission_error",
                               code="permission_denied")
-        states = await self._status.deployments()
-        unknown = ModelStatus(state="unknown")
+        snapshot = await self._status.snapshot()
         return {
             "models": {
-                spec.name: {"deployment": spec.deployment_name, "backend": spec.backend,
-                            **states.get(spec.deployment_name, unknown).model_dump()}
-                for spec in self._args.models
+                name: {"application": name, "deployment": model_deployment_name(name), **status.model_dump()}
+                for name, status in sorted(snapshot.models.items())
             },
-            "ingress": states.get("ingress", unknown).model_dump(),
+            "ingress": (snapshot.ingress or ModelStatus(state="unknown")).model_dump(),
         }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, account: Caller) -> Any:
-        spec = self._model(body.model, account)
+        model, status = await self._model(body.model, account)
         request = GenerationRequest(
             request_id=new_id("chatcmpl"),
             sampling=sampling_params(body, self._access.max_tokens(account, body.token_limit())),
             messages=tuple({"role": m.role, "content": m.text()} for m in body.messages),
         )
         await self._access.admit(account, request)
-        first, stream = await self._open(spec, request, account)
+        first, stream = await self._open(model, status, request, account)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse_response(self._chat_events(request.request_id, spec.name, first, stream, include_usage))
-        text, last = await self._collect(spec, first, stream)
+            return self._sse_response(self._chat_events(request.request_id, model, first, stream, include_usage))
+        text, last = await self._collect(model, first, stream)
         return ChatCompletionResponse(
             id=request.request_id,
             created=now(),
-            model=spec.name,
+            model=model,
             choices=[ChatCompletionChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)],
             usage=usage_of(last),
         )
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, account: Caller) -> Any:
-        spec = self._model(body.model, account)
+        model, status = await self._model(body.model, account)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise unsupported("prompt", "Send one prompt per request (batched prompts are not supported).")
@@ -244,61 +243,67 @@ class OpenAIIngress:
             prompt=prompts[0],
         )
         await self._access.admit(account, request)
-        first, stream = await self._open(spec, request, account)
+        first, stream = await self._open(model, status, request, account)
         prefix = prompts[0] if body.echo else ""
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._completion_events(request.request_id, spec.name, prefix, first, stream, include_usage)
+            events = self._completion_events(request.request_id, model, prefix, first, stream, include_usage)
             return self._sse_response(events)
-        text, last = await self._collect(spec, first, stream)
+        text, last = await self._collect(model, first, stream)
         return CompletionResponse(
             id=request.request_id,
             created=now(),
-            model=spec.name,
+            model=model,
             choices=[CompletionChoice(text=prefix + text, finish_reason=last.finish_reason)],
             usage=usage_of(last),
         )
 
-    def _model(self, name: str, account: RequestAccount) -> ModelSpec:
-        """The model, if it exists and the caller may use it; both failures get the same 404 (no leaking)."""
+    async def _model(self, name: str, account: RequestAccount) -> tuple[str, ModelStatus]:
+        """The model, if Serve runs it and the caller may use it; both failures get the same 404 (no leaking)."""
         account.model = name
-        spec = self._args.model(name)
-        if spec is None or not self._access.allows(account, spec.name):
+        status = (await self._status.snapshot()).models.get(name)
+        if status is None:  # perhaps deployed a moment ago: look again, at most twice a second
+            status = (await self._status.snapshot(max_age_s=MISSING_MODEL_RECHECK_S)).models.get(name)
+        if status is None or not self._access.allows(account, name):
             raise OpenAIError(
                 404, f"The model '{name}' does not exist or you do not have access to it.",
                 param="model", code="model_not_found",
             )
-        return spec
+        return name, status
 
-    def _card(self, spec: ModelSpec, states: dict[str, ModelStatus]) -> ModelCard:
-        status = states.get(spec.deployment_name)
-        return ModelCard(id=spec.name, created=self._created, owned_by=spec.owned_by, status=status)
+    def _card(self, name: str, status: ModelStatus) -> ModelCard:
+        return ModelCard(id=name, created=self._created, owned_by="modelserve", status=status)
+
+    def _handle(self, model: str) -> DeploymentHandle:
+        """The model application's deployment handle (Serve keeps it pointed at the live replicas)."""
+        if model not in self._handles:
+            self._handles[model] = serve.get_deployment_handle(model_deployment_name(model), app_name=model)
+        return self._handles[model].options(stream=True)
 
     async def _open(
-        self, spec: ModelSpec, request: GenerationRequest, account: RequestAccount
+        self, model: str, status: ModelStatus, request: GenerationRequest, account: RequestAccount
     ) -> tuple[GenerationChunk, MeteredStream]:
         """Start a generation and wait for its first chunk, so early failures get a proper status."""
-        status = (await self._status.deployments()).get(spec.deployment_name)
-        if status is not None and status.state == "failed":  # answer now rather than wait out the timeout
-            raise OpenAIError(503, f"Model '{spec.name}' is unavailable: {status.message}", type="server_error",
+        if status.state == "failed":  # answer now rather than wait out the timeout
+            raise OpenAIError(503, f"Model '{model}' is unavailable: {status.message}", type="server_error",
                               code="model_unavailable", headers={"Retry-After": "30"})
         started = time.perf_counter()
         stream: MeteredStream | None = None
         try:  # Serve may refuse at `.remote()` already (queue full) or at the first chunk
             request = dataclasses.replace(request, submitted_at=time.time())
-            stream = MeteredStream(self._handles[spec.name].options(stream=True).generate.remote(request), account)
+            stream = MeteredStream(self._handle(model).generate.remote(request), account)
             first = await asyncio.wait_for(stream.__anext__(), self._args.ingress.first_token_timeout_s)
         except BaseException as exc:
             if stream is not None:
                 stream.cancel()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise model_error(exc, spec.name) from None
-        self._metrics.record_first_token(spec.name, time.perf_counter() - started)
+            raise model_error(exc, model) from None
+        self._metrics.record_first_token(model, time.perf_counter() - started)
         return first, stream
 
     async def _collect(
-        self, spec: ModelSpec, first: GenerationChunk, stream: MeteredStream
+        self, model: str, first: GenerationChunk, stream: MeteredStream
     ) -> tuple[str, GenerationChunk]:
         parts, last = [first.text], first
         try:
@@ -308,7 +313,7 @@ class OpenAIIngress:
         except StopAsyncIteration:
             pass
         except Exception as exc:
-            raise model_error(exc, spec.name) from None
+            raise model_error(exc, model) from None
         finally:
             stream.cancel()
         return "".join(parts), last

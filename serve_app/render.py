@@ -19,13 +19,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from serve_app.config import (
-    ConfigError,
-    describe_validation_error,
-    load_serve_config,
-    modelserve_applications,
-    parse_app_args,
-)
+from serve_app.config import ConfigError, describe_validation_error
 from serve_app.deploy_settings import (
     CPU_GROUP,
     GPU_GROUP,
@@ -35,6 +29,7 @@ from serve_app.deploy_settings import (
     load_deploy_settings,
     plan_placement,
 )
+from serve_app.serve_config import load_serve_config, parse_serve_config
 
 HEADER = (
     "# Rendered by `modelserve render` (serve_app/render.py) from serve_config.yaml and\n"
@@ -121,11 +116,7 @@ def deployable_serve_config(serve_config: dict[str, Any]) -> dict[str, Any]:
         ServeDeploySchema.model_validate(config)
     except ValidationError as exc:
         raise ConfigError("serve config rejected by Ray Serve:\n" + describe_validation_error(exc, config)) from None
-    applications = modelserve_applications(config)
-    if not applications:
-        raise ConfigError("serve config has no application with import_path serve_app.app:...")
-    for application in applications:
-        parse_app_args(application.get("args"))
+    parse_serve_config(config, "serve config")
     return config
 
 
@@ -215,7 +206,7 @@ def _rayservice(settings: DeploySettings, serve_config: dict[str, Any]) -> dict[
         "kind": "RayService",
         "metadata": _metadata(settings, settings.name, "rayservice"),
         "spec": {
-            "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False),
+            "serveConfigV2": yaml.dump(serve_config, Dumper=_Dumper, sort_keys=False),
             "rayClusterConfig": {
                 "rayVersion": settings.ray_version,
                 "enableInTreeAutoscaling": True,

@@ -1,7 +1,8 @@
-"""Model lifecycle as Serve sees it (ready, scaling, at zero, starting, failed), for /v1/models and admin status.
+"""Which models Serve runs and where each is in its lifecycle (ready, scaling, at zero, starting, failed).
 
-`serve.status()` is a controller round trip, so the ingress keeps the answer for a
-couple of seconds rather than asking on every request.
+The ingress routes by this and shows it in /v1/models and the admin status. `serve.status()`
+is a controller round trip, so the answer is kept for a couple of seconds rather than asked
+for on every request.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 
 from ray import serve
 
+from serve_app.config import model_deployment_name
 from serve_app.protocol import ModelStatus
 
 logger = logging.getLogger("ray.serve.modelserve.status")
@@ -37,37 +40,54 @@ def classify(status: str, replica_states: dict[str, int], message: str) -> Model
     return ModelStatus(state=state, running_replicas=running, starting_replicas=starting, message=message)
 
 
+@dataclass(frozen=True)
+class ServeSnapshot:
+    """The models Serve runs (application name = model id) and the ingress's own state."""
+
+    models: dict[str, ModelStatus] = field(default_factory=dict)
+    ingress: ModelStatus | None = None
+
+
 class StatusCache:
-    """Deployment states of this app, refreshed at most every `ttl_s` seconds."""
+    """Which models exist and their states, read from Serve at most every `ttl_s` seconds.
+
+    A model is any application holding the deployment named after it
+    (`model_deployment_name`), so `serve deploy` adding or removing a model application is
+    all the ingress needs to know.
+    """
 
     def __init__(self, ttl_s: float = 2.0) -> None:
         self._ttl_s = ttl_s
         self._fetched_at = 0.0
-        self._states: dict[str, ModelStatus] = {}
+        self._snapshot = ServeSnapshot()
         self._lock = asyncio.Lock()
 
-    async def deployments(self) -> dict[str, ModelStatus]:
+    async def snapshot(self, max_age_s: float | None = None) -> ServeSnapshot:
+        """The cached snapshot, read again when older than `max_age_s` (default: the cache's ttl)."""
         async with self._lock:
-            if time.monotonic() - self._fetched_at > self._ttl_s:
+            if time.monotonic() - self._fetched_at > (self._ttl_s if max_age_s is None else max_age_s):
                 try:
-                    self._states = await asyncio.to_thread(self._read)
-                except Exception as exc:  # noqa: BLE001 - status is advisory; serving must not depend on it
+                    self._snapshot = await asyncio.to_thread(self._read)
+                except Exception as exc:  # noqa: BLE001 - keep serving the last known models
                     logger.warning("could not read Serve status: %s", exc)
-                    self._states = {}
                 self._fetched_at = time.monotonic()
-            return self._states
+            return self._snapshot
 
     @staticmethod
-    def _read() -> dict[str, ModelStatus]:
-        app = serve.status().applications.get(serve.get_replica_context().app_name)
-        if app is None:
-            return {}
-        return {
-            name: classify(
-                _name(overview.status), {_name(k): v for k, v in overview.replica_states.items()}, overview.message
-            )
-            for name, overview in app.deployments.items()
-        }
+    def _read() -> ServeSnapshot:
+        own_app = serve.get_replica_context().app_name
+        snapshot = ServeSnapshot()
+        for app_name, app in serve.status().applications.items():
+            for name, overview in app.deployments.items():
+                status = classify(
+                    _name(overview.status), {_name(k): v for k, v in overview.replica_states.items()},
+                    overview.message,
+                )
+                if app_name == own_app and name == "ingress":
+                    snapshot = ServeSnapshot(snapshot.models, status)
+                elif app_name != own_app and name == model_deployment_name(app_name):
+                    snapshot.models[app_name] = status
+        return snapshot
 
 
 def _name(value: object) -> str:

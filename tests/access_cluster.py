@@ -26,6 +26,7 @@ import yaml
 from auth_helpers import SECRET_1, claims
 
 from serve_app.auth import api_key_hash
+from serve_app.serve_config import application_entries
 
 ISSUER, AUDIENCE = "https://idp.test/", "modelserve-test"
 API_KEY = "msk-test-service-account-key"
@@ -173,27 +174,19 @@ class Cluster:
             "engine": {"n_ctx": 2048, "n_threads": 1, "stream_interval_ms": 20},
             "deployment": {"num_replicas": 1, "max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.25}},
         }
+        ingress = {
+            "deployment": {"num_replicas": 2, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}}
+        }
         return {
             "proxy_location": "HeadOnly",
             "http_options": {"host": "127.0.0.1", "port": self.http_port},
-            "applications": [
-                {
-                    "name": APP,
-                    "route_prefix": ROUTE_PREFIX,
-                    "import_path": "serve_app.app:build_app",
-                    "args": {
-                        "models": [{"name": ALLOWED, **model}, {"name": HIDDEN, **model}],
-                        "ingress": {
-                            "deployment": {
-                                "num_replicas": 2,
-                                "max_ongoing_requests": 64,
-                                "ray_actor_options": {"num_cpus": 0.25},
-                            }
-                        },
-                    },
-                    "deployments": [{"name": "ingress", "user_config": policy}],
-                }
-            ],
+            "applications": application_entries(
+                [{"name": ALLOWED, **model}, {"name": HIDDEN, **model}],
+                {"ingress": ingress},
+                name=APP,
+                route_prefix=ROUTE_PREFIX,
+                policy=policy,
+            ),
         }
 
     def deploy(self, policy: dict[str, Any], timeout_s: float = 180) -> None:
@@ -211,12 +204,13 @@ class Cluster:
         assert result.returncode == 0, result.stderr
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            app = self.details().get("applications", {}).get(APP, {})
-            ingress = app.get("deployments", {}).get("ingress", {})
-            if app.get("status") == "DEPLOY_FAILED":
-                raise AssertionError(f"deploy failed: {app.get('message')}")
+            apps = self.details().get("applications", {})
+            if failed := [a.get("message") for a in apps.values() if a.get("status") == "DEPLOY_FAILED"]:
+                raise AssertionError(f"deploy failed: {failed}")
+            ingress = apps.get(APP, {}).get("deployments", {}).get("ingress", {})
             if (
-                app.get("status") == "RUNNING"
+                set(apps) == {APP, ALLOWED, HIDDEN}
+                and all(a.get("status") == "RUNNING" for a in apps.values())
                 and ingress.get("status") == "HEALTHY"
                 and ingress.get("deployment_config", {}).get("user_config") == policy
             ):
@@ -228,12 +222,16 @@ class Cluster:
         return httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=10).json()
 
     def replicas(self) -> dict[str, set[tuple[str, int]]]:
-        deployments = self.details()["applications"][APP]["deployments"]
-        return {name: {(r["replica_id"], r["pid"]) for r in d["replicas"]} for name, d in deployments.items()}
+        """Replica ids and PIDs of every deployment of every application."""
+        return {
+            f"{app}/{name}": {(r["replica_id"], r["pid"]) for r in d["replicas"]}
+            for app, details in self.details()["applications"].items()
+            for name, d in details["deployments"].items()
+        }
 
-    def replica_logs(self, deployment: str) -> dict[str, str]:
+    def replica_logs(self, deployment: str, app: str = APP) -> dict[str, str]:
         logs = self.temp_dir / "session_latest" / "logs" / "serve"
-        return {p.name: p.read_text(errors="replace") for p in logs.glob(f"replica_{APP}_{deployment}_*.log")}
+        return {p.name: p.read_text(errors="replace") for p in logs.glob(f"replica_{app}_{deployment}_*.log")}
 
     def all_logs(self) -> str:
         logs = self.temp_dir / "session_latest" / "logs"

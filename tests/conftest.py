@@ -6,7 +6,6 @@ tiny random-weight GGUF, with fractional CPUs so everything fits on 2 cores.
 
 from __future__ import annotations
 
-import copy
 import os
 import secrets
 import subprocess
@@ -27,6 +26,7 @@ from s3_server import TEST_CREDENTIALS, MotoS3  # noqa: E402
 from tiny_gguf import write_tiny_llama_gguf  # noqa: E402
 
 from serve_app.cli_auth import mint_token  # noqa: E402
+from serve_app.serve_config import INGRESS_IMPORT_PATH, MODEL_IMPORT_PATH  # noqa: E402
 
 HTTP_PORT = 8000
 DASHBOARD_PORT = 8265
@@ -40,28 +40,29 @@ TINY_ZERO = "tiny-llama-autoscaled"  # starts at zero replicas, scales 0..2 with
 METRICS_PORT = 8089
 
 
+def model_app(name: str, source: str, defaults: dict[str, Any], **entry: Any) -> dict[str, Any]:
+    """A model application as serve_config.yaml writes one: named after the model, no HTTP route."""
+    return {
+        "name": name,
+        "route_prefix": None,
+        "import_path": MODEL_IMPORT_PATH,
+        "args": {"model_defaults": defaults, "model": {"name": name, "source": source, **entry}},
+    }
+
+
 def make_test_config(tiny_path: Path) -> dict[str, Any]:
-    """serve_config.yaml as shipped, sized for a 2-core test machine, plus the tiny model."""
+    """serve_config.yaml as shipped, sized for a 2-core test machine, plus tiny models."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": HTTP_PORT}
-    app = next(a for a in config["applications"] if a["import_path"] == "serve_app.app:build_app")
-    app["name"] = APP_NAME
-    args = app["args"]
-    args["model_defaults"]["deployment"] = {
-        "num_replicas": 1,
-        "max_ongoing_requests": 4,
-        "max_queued_requests": 8,
-        "ray_actor_options": {"num_cpus": 0.5},
-    }
-    gemma = next(m for m in args["models"] if m["name"] == GEMMA)
-    tiny = copy.deepcopy(gemma)
-    tiny.update(name=TINY, source=str(tiny_path), engine={"n_ctx": 256, "n_threads": 1})
-    tiny["deployment"] = {"max_ongoing_requests": 2, "max_queued_requests": 4, "ray_actor_options": {"num_cpus": 0.25}}
-    tiny_s3 = copy.deepcopy(tiny)
-    tiny_s3.update(name=TINY_S3, source=TINY_S3_SOURCE)
-    tiny_zero = copy.deepcopy(tiny)
-    tiny_zero.update(name=TINY_ZERO, engine={"n_ctx": 512, "n_threads": 1})
-    tiny_zero["deployment"] = {
+    ingress = next(a for a in config["applications"] if a["import_path"] == INGRESS_IMPORT_PATH)
+    ingress["name"] = APP_NAME
+    ingress["args"]["ingress"] = {"deployment": {"ray_actor_options": {"num_cpus": 0.25}}}
+    gemma = next(a for a in config["applications"] if a["name"] == GEMMA)
+    defaults = gemma["args"]["model_defaults"]
+    defaults["deployment"] = {"num_replicas": 1, "max_queued_requests": 8, "ray_actor_options": {"num_cpus": 0.5}}
+    tiny_engine = {"n_ctx": 256, "n_threads": 1}
+    tiny_deployment = {"max_ongoing_requests": 2, "max_queued_requests": 4, "ray_actor_options": {"num_cpus": 0.25}}
+    zero_deployment = {
         "max_ongoing_requests": 1,
         "max_queued_requests": 8,
         "ray_actor_options": {"num_cpus": 0.25},
@@ -70,8 +71,14 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
             "upscale_delay_s": 0, "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 2,
         },
     }
-    args["models"] = [gemma, tiny, tiny_s3, tiny_zero]
-    args["ingress"] = {"deployment": {"ray_actor_options": {"num_cpus": 0.25}}}
+    config["applications"] = [
+        ingress,
+        gemma,
+        model_app(TINY, str(tiny_path), defaults, engine=tiny_engine, deployment=tiny_deployment),
+        model_app(TINY_S3, TINY_S3_SOURCE, defaults, engine=tiny_engine, deployment=tiny_deployment),
+        model_app(TINY_ZERO, str(tiny_path), defaults, engine={"n_ctx": 512, "n_threads": 1},
+                  deployment=zero_deployment),
+    ]
     return config
 
 
@@ -84,19 +91,19 @@ def serve_cli(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str
     return result
 
 
-def wait_for_app(name: str = APP_NAME, timeout_s: float = 300) -> dict[str, Any]:
-    """Wait until `serve status` reports the app RUNNING; fail with the status on DEPLOY_FAILED."""
+def wait_for_apps(timeout_s: float = 300) -> dict[str, Any]:
+    """Wait until `serve status` reports every application RUNNING; fail with the status on DEPLOY_FAILED."""
     deadline = time.monotonic() + timeout_s
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
         status = yaml.safe_load(serve_cli("status").stdout) or {}
-        app = (status.get("applications") or {}).get(name) or {}
-        if app.get("status") == "RUNNING":
-            return app
-        if app.get("status") == "DEPLOY_FAILED":
-            raise AssertionError(f"deploy failed: {app}")
+        apps = status.get("applications") or {}
+        if failed := {name: app for name, app in apps.items() if app.get("status") == "DEPLOY_FAILED"}:
+            raise AssertionError(f"deploy failed: {failed}")
+        if apps and all(app.get("status") == "RUNNING" for app in apps.values()):
+            return apps
         time.sleep(1)
-    raise AssertionError(f"app {name} not running after {timeout_s}s: {status}")
+    raise AssertionError(f"applications not running after {timeout_s}s: {status}")
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +167,7 @@ def config_path(ray_cluster: None, tiny_path: Path, tmp_path_factory: pytest.Tem
 def app_url(config_path: Path) -> str:
     """The app deployed with `serve deploy` exactly as an operator would."""
     serve_cli("deploy", str(config_path))
-    wait_for_app()
+    wait_for_apps()
     httpx.get(f"{BASE_URL}/health", timeout=30).raise_for_status()
     return BASE_URL
 

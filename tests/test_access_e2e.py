@@ -16,7 +16,7 @@ import httpx
 import jwt
 import openai
 import pytest
-from access_cluster import ALLOWED, API_KEY, AUDIENCE, HIDDEN, ISSUER, LONG, Cluster, e2e_policy, token
+from access_cluster import ALLOWED, API_KEY, APP, AUDIENCE, HIDDEN, ISSUER, LONG, Cluster, e2e_policy, token
 from auth_helpers import SECRET_1, SECRET_2, claims, forged, write_keys
 from tiny_gguf import write_tiny_llama_gguf
 
@@ -60,7 +60,7 @@ def test_tenant_sees_and_uses_only_its_models(cluster: Cluster) -> None:
     ]  # a model outside the allowlist is indistinguishable from one that does not exist
 
     admin = cluster.client(token("ops", roles=("admin",)))
-    assert [m.id for m in admin.models.list().data] == [ALLOWED, HIDDEN]
+    assert [m.id for m in admin.models.list().data] == sorted([ALLOWED, HIDDEN])
     assert admin.completions.create(model=HIDDEN, prompt="hi", max_tokens=2).usage.completion_tokens == 2
     assert cluster.client(token("stranger")).models.list().data == []
     rs256 = jwt.encode(
@@ -73,7 +73,9 @@ def test_tenant_sees_and_uses_only_its_models(cluster: Cluster) -> None:
 
 def model_logs(cluster: Cluster) -> str:
     """What the model replicas logged: Serve's access line per call carries the HTTP request's id."""
-    return "".join(text for model in (ALLOWED, HIDDEN) for text in cluster.replica_logs(f"model-{model}").values())
+    return "".join(
+        text for model in (ALLOWED, HIDDEN) for text in cluster.replica_logs(f"model-{model}", app=model).values()
+    )
 
 
 def test_bad_credentials_get_401_and_never_reach_a_model(cluster: Cluster, keys: dict[str, Any]) -> None:
@@ -292,7 +294,7 @@ def test_live_reload_by_serve_deploy_changes_access_without_restarting_anything(
     assert [m.id for m in team.models.list().data] == [ALLOWED]
     assert [m.id for m in strict.models.list().data] == [ALLOWED]
     replicas_before = cluster.replicas()
-    assert len(replicas_before["ingress"]) == 2
+    assert len(replicas_before[f"{APP}/ingress"]) == 2 and len(replicas_before) == 3  # the ingress and two models
     in_flight = cluster.client(token("ops", roles=("admin",))).completions.create(**LONG, stream=True)
     chunks = [next(iter(in_flight))]
 
@@ -301,7 +303,7 @@ def test_live_reload_by_serve_deploy_changes_access_without_restarting_anything(
     del policy["tenants"]["strict"]  # ... and drop another (it becomes an unknown tenant: denied)
     cluster.deploy(policy)
 
-    assert [m.id for m in team.models.list().data] == [ALLOWED, HIDDEN]
+    assert [m.id for m in team.models.list().data] == sorted([ALLOWED, HIDDEN])
     assert team.completions.create(model=HIDDEN, prompt="hi", max_tokens=2).usage.completion_tokens == 2
     assert strict.models.list().data == []
     with pytest.raises(openai.NotFoundError):
@@ -313,7 +315,7 @@ def test_live_reload_by_serve_deploy_changes_access_without_restarting_anything(
     broken = copy.deepcopy(policy)
     broken["tenants"]["team-a"]["max_tokens"] = 0  # an invalid document must not take the ingress down
     cluster.deploy(broken)
-    assert [m.id for m in team.models.list().data] == [ALLOWED, HIDDEN]  # the previous policy still holds
+    assert [m.id for m in team.models.list().data] == sorted([ALLOWED, HIDDEN])  # the previous policy still holds
     assert cluster.replicas() == replicas_before
     rejected = [
         line

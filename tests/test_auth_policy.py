@@ -265,10 +265,11 @@ def test_minted_tokens_verify_and_expire(keys: dict[str, Any]) -> None:
 
 
 def unsynced_copy(tmp_path: Path) -> Path:
-    """The committed serve_config.yaml without its synced ingress user_config (the last block of the file)."""
+    """The committed serve_config.yaml without its synced ingress user_config (the block up to the blank line)."""
     text = (Path(__file__).resolve().parent.parent / "serve_config.yaml").read_text()
     config = tmp_path / "serve_config.yaml"
-    config.write_text(text[: text.index("    deployments:\n")])
+    start = text.index("    deployments:\n")
+    config.write_text(text[:start] + text[text.index("\n\n", start) + 1 :])
     return config
 
 
@@ -291,7 +292,7 @@ def test_policy_sync_inlines_the_file_keeps_comments_and_checks(tmp_path: Path) 
     assert ingress["user_config"] == yaml.safe_load(policy.read_text())
     after["applications"][0].pop("deployments")
     assert after == before  # nothing else changed
-    assert "# Merged into every model entry" in config.read_text()
+    assert "# Merged under the model entry" in config.read_text() and "&model_defaults" in config.read_text()
     assert sync_policy(config, policy, None, check=True) == []
     other = root / "policies" / "example-multitenant.yaml"
     assert sync_policy(config, other, None, check=True) == ["modelserve"]

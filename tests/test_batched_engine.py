@@ -32,7 +32,7 @@ from deployments.engine import (
 )
 from deployments.llama_cpp_batched import BatchedLlamaEngine
 from deployments.weight_cache import WeightCache
-from serve_app.config import ConfigError, ModelSpec, parse_app_args
+from serve_app.config import ConfigError, ModelSpec, parse_model_args
 
 TINY_PROMPTS = ["Hello the quick brown fox", "Once upon a time there was a dog", "The house near the big port"]
 COUNTING = "Count from 1 to 1000, separated by commas: 1, 2, 3,"  # Gemma keeps counting well past 300 tokens
@@ -295,14 +295,21 @@ def _model(**overrides: Any) -> dict[str, Any]:
 
 
 def test_max_ongoing_requests_follows_the_slot_count() -> None:
-    slots_given = parse_app_args({"models": [_model(engine={"parallel": 8})]}).models[0]
+    slots_given = parse_model_args({"model": _model(engine={"parallel": 8})})
     assert slots_given.deployment.max_ongoing_requests == 8
-    ongoing_given = parse_app_args({"models": [_model(deployment={"max_ongoing_requests": 3})]}).models[0]
+    ongoing_given = parse_model_args({"model": _model(deployment={"max_ongoing_requests": 3})})
     assert ongoing_given.engine.parallel == 3
-    defaults = parse_app_args({"models": [_model()]}).models[0]
+    defaults = parse_model_args({"model": _model()})
     assert defaults.engine.parallel == defaults.deployment.max_ongoing_requests
-    assert ModelSpec.model_validate(slots_given.model_dump(mode="json")) == slots_given  # survives the trip to a replica
+    # The model's own setting wins over the defaults' way of saying the same thing, either way round.
+    own_ongoing = parse_model_args({"model_defaults": {"engine": {"parallel": 4}},
+                                    "model": _model(deployment={"max_ongoing_requests": 2})})
+    assert own_ongoing.engine.parallel == own_ongoing.deployment.max_ongoing_requests == 2
+    own_slots = parse_model_args({"model_defaults": {"deployment": {"max_ongoing_requests": 4}},
+                                  "model": _model(engine={"parallel": 8})})
+    assert own_slots.engine.parallel == own_slots.deployment.max_ongoing_requests == 8
+    assert ModelSpec.model_validate(slots_given.model_dump(mode="json")) == slots_given  # survives the trip to replicas
     with pytest.raises(ConfigError, match=r"engine.parallel \(8\) and deployment.max_ongoing_requests \(2\) differ"):
-        parse_app_args({"models": [_model(engine={"parallel": 8}, deployment={"max_ongoing_requests": 2})]})
+        parse_model_args({"model": _model(engine={"parallel": 8}, deployment={"max_ongoing_requests": 2})})
     with pytest.raises(ConfigError, match="at most 256"):
-        parse_app_args({"models": [_model(deployment={"max_ongoing_requests": 300})]})
+        parse_model_args({"model": _model(deployment={"max_ongoing_requests": 300})})

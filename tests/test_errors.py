@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,9 @@ import pytest
 import yaml
 from conftest import GEMMA, ROOT, TINY
 
-from serve_app.app import build_app
+from serve_app.app import build_app, build_model_app
 from serve_app.config import ConfigError
+from serve_app.serve_config import parse_serve_config
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -110,7 +112,7 @@ def test_unknown_route_is_an_openai_error(app_url: str, auth: dict[str, str]) ->
 
 def _bad_config(tmp_path: Path) -> Path:
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["applications"][0]["args"]["models"][0]["engine"]["n_ctx"] = "lots"
+    config["applications"][1]["args"]["model"]["engine"]["n_ctx"] = "lots"
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -127,16 +129,28 @@ def test_modelserve_validate(tmp_path: Path) -> None:
         capture_output=True, text=True,
     )
     assert bad.returncode == 1
-    assert f"models[0] ({GEMMA}).engine.n_ctx" in bad.stderr and "'lots'" in bad.stderr
+    assert f"application '{GEMMA}'" in bad.stderr and "model.engine.n_ctx" in bad.stderr and "'lots'" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
-def test_build_app_rejects_bad_args_naming_field_and_value() -> None:
-    args = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
-    args["models"].append({"name": "second", "source": "/models/x.gguf", "backend": "tensorrt"})
+def test_build_model_app_rejects_bad_args_naming_field_and_value() -> None:
+    args = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][1]["args"]
+    args["model"]["backend"] = "tensorrt"
     with pytest.raises(ConfigError) as info:
-        build_app(args)
-    assert "models[1] (second).backend" in str(info.value) and "'tensorrt'" in str(info.value)
-    args["models"][1] = {"name": GEMMA, "source": "/models/x.gguf"}
-    with pytest.raises(ConfigError, match="collides"):
-        build_app(args)
+        build_model_app(args)
+    assert "model.backend" in str(info.value) and "'tensorrt'" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        build_app({"ingress": {"first_token_timeout_s": -1}})
+    assert "ingress.first_token_timeout_s" in str(info.value) and "-1" in str(info.value)
+
+
+def test_a_model_application_must_be_named_after_its_model_and_have_no_route() -> None:
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    misnamed = copy.deepcopy(config)
+    misnamed["applications"][1]["name"] = "gemma"
+    with pytest.raises(ConfigError, match=f"application 'gemma' serves model '{GEMMA}'"):
+        parse_serve_config(misnamed)
+    routed = copy.deepcopy(config)
+    routed["applications"][1]["route_prefix"] = "/gemma"
+    with pytest.raises(ConfigError, match="route_prefix: null"):
+        parse_serve_config(routed)

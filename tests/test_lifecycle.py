@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from conftest import GEMMA, METRICS_PORT, TINY, TINY_ZERO, serve_cli, wait_for_app
+from conftest import GEMMA, METRICS_PORT, TINY, TINY_ZERO, model_app, serve_cli, wait_for_apps
 
 from serve_app.cli_auth import mint_token
 
@@ -48,6 +48,7 @@ def test_models_report_their_state(client: openai.OpenAI, admin: httpx.Client) -
     assert cards[TINY_ZERO]["state"] == "at_zero" and cards[TINY_ZERO]["running_replicas"] == 0
     states = model_states(admin)
     assert set(states) == set(cards) and states[TINY]["deployment"] == f"model-{TINY}"
+    assert states[TINY]["application"] == TINY
 
 
 def test_admin_status_needs_the_admin_role(app_url: str, auth: dict[str, str]) -> None:
@@ -69,32 +70,52 @@ def test_scale_from_zero_up_under_a_burst_and_back_to_zero(client: openai.OpenAI
     wait_until(lambda: model_states(admin)[TINY_ZERO]["state"] == "at_zero", 90, "scale back to zero")
 
 
-def deploy_with(config_path: Path, tmp_path: Path, extra_model: dict[str, Any] | None) -> None:
+def deploy_with(config_path: Path, tmp_path: Path, extra_app: dict[str, Any] | None) -> None:
     config = yaml.safe_load(config_path.read_text())
-    if extra_model:
-        config["applications"][0]["args"]["models"].append(extra_model)
+    if extra_app:
+        config["applications"].append(extra_app)
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     serve_cli("deploy", str(path))
     time.sleep(2)  # let the controller take the new config before polling its status
-    wait_for_app()
+    wait_for_apps()
 
 
-def test_adding_and_removing_a_model_by_serve_deploy(
+def replica_ids() -> dict[str, set[str]]:
+    """Live replica actor ids per Serve deployment, from Ray's state API (SERVE_REPLICA::app#deployment#id)."""
+    from ray.util.state import list_actors
+
+    replicas: dict[str, set[str]] = {}
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000):
+        if (actor.name or "").startswith("SERVE_REPLICA::"):
+            app, deployment, _ = actor.name.removeprefix("SERVE_REPLICA::").split("#")
+            replicas.setdefault(f"{app}/{deployment}", set()).add(actor.actor_id)
+    return replicas
+
+
+def test_adding_and_removing_a_model_by_serve_deploy_restarts_nothing_else(
     config_path: Path, tiny_path: Path, tmp_path: Path, app_url: str, token: str
 ) -> None:
-    extra = {"name": "tiny-extra", "source": str(tiny_path), "engine": {"n_ctx": 256, "n_threads": 1},
-             "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}}
-    deploy_with(config_path, tmp_path, extra)
     client = openai.OpenAI(base_url=f"{app_url}/v1", api_key=token, max_retries=0, timeout=120)
+    assert client.completions.create(model=TINY, prompt="hi", max_tokens=3).usage.completion_tokens > 0
+    # Every fixed-size deployment's replicas (the autoscaled model comes and goes on its own).
+    before = {key: ids for key, ids in replica_ids().items() if not key.startswith(f"{TINY_ZERO}/")}
+    defaults = yaml.safe_load(config_path.read_text())["applications"][1]["args"]["model_defaults"]
+    extra = model_app("tiny-extra", str(tiny_path), defaults, engine={"n_ctx": 256, "n_threads": 1},
+                      deployment={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}})
+    deploy_with(config_path, tmp_path, extra)
     assert "tiny-extra" in [m.id for m in client.models.list().data]
     assert client.completions.create(model="tiny-extra", prompt="hi", max_tokens=3).usage.completion_tokens > 0
+    after_add = replica_ids()
+    assert {key: after_add.get(key) for key in before} == before  # the ingress and every model kept its replicas
 
     deploy_with(config_path, tmp_path, None)
-    assert "tiny-extra" not in [m.id for m in client.models.list().data]
+    wait_until(lambda: "tiny-extra" not in [m.id for m in client.models.list().data], 30, "tiny-extra to go")
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="tiny-extra", prompt="hi", max_tokens=3)
     assert client.completions.create(model=TINY, prompt="hi", max_tokens=3).usage.completion_tokens > 0
+    after_remove = replica_ids()
+    assert {key: after_remove.get(key) for key in before} == before
 
 
 def scrape(name: str) -> float:

@@ -25,8 +25,8 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app import render
-from serve_app.config import modelserve_applications, parse_app_args
 from serve_app.deploy_settings import GIB, DeploySettings, load_deploy_settings
+from serve_app.serve_config import application_entries, parse_serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "kuberay"
@@ -47,13 +47,9 @@ def run_cli(*argv: str | Path) -> int:
 
 def serve_config(*models: dict[str, Any], ingress_cpus: float = 0.5) -> dict[str, Any]:
     models = models or (model("tiny", num_cpus=1, autoscaling_config={"min_replicas": 1, "max_replicas": 3}),)
-    args = {"models": list(models), "ingress": {"deployment": {"ray_actor_options": {"num_cpus": ingress_cpus}}}}
-    return {
-        "http_options": {"host": "127.0.0.1", "port": 8123},
-        "applications": [
-            {"name": "modelserve", "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": args}
-        ],
-    }
+    ingress = {"ingress": {"deployment": {"ray_actor_options": {"num_cpus": ingress_cpus}}}}
+    applications = application_entries(list(models), ingress)
+    return {"http_options": {"host": "127.0.0.1", "port": 8123}, "applications": applications}
 
 
 def model(name: str, backend: str = "llama_cpp", **deployment: Any) -> dict[str, Any]:
@@ -181,10 +177,9 @@ def test_committed_serve_config_v2_is_the_deployable_serve_config() -> None:
     assert deployed["http_options"]["host"] == "0.0.0.0" and deployed["http_options"]["port"] == 8000
     source = yaml.safe_load(SERVE_CONFIG.read_text())
     assert deployed["applications"] == source["applications"]
-    applications = modelserve_applications(deployed)
-    assert applications
-    for application in applications:
-        parse_app_args(application["args"])
+    apps = parse_serve_config(deployed)
+    assert apps.ingress and apps.models
+    for application, _ in apps.ingress + apps.models:
         module_name, attribute = application["import_path"].split(":")
         try:
             module = importlib.import_module(module_name)

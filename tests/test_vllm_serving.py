@@ -130,64 +130,68 @@ def test_vllm_model_failing_to_start_leaves_llama_cpp_serving(
     from tiny_gguf import write_tiny_llama_gguf
 
     from deployments.weight_cache import WeightCache
-    from serve_app.app import build_app
+    from serve_app.app import run_targets
+    from serve_app.serve_config import application_entries
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     tiny = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
-    args = {
-        "models": [
-            {
-                "name": "tiny",
-                "source": str(tiny),
-                "engine": {"n_ctx": 256, "n_threads": 1},
-                "deployment": {"ray_actor_options": {"num_cpus": 0.5}},
-            },
-            vllm_model(
-                "tiny-vllm",
-                source=tiny_hf_source,
-                storage={"endpoint_url": moto.endpoint_url},
-                vllm={"max_model_len": 256, "gpu_memory_utilization": 0.5},
-                deployment={"ray_actor_options": {"num_cpus": 0.5}},
-            ),
-        ],
-        "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.25}}, "first_token_timeout_s": 5},
-        "access": {"enabled": False},
-    }
-    serve.run_many(
-        [serve.RunTarget(build_app(args), name="vllm-test", route_prefix="/")], wait_for_applications_running=False
-    )
+    models = [
+        {
+            "name": "tiny",
+            "source": str(tiny),
+            "engine": {"n_ctx": 256, "n_threads": 1},
+            "deployment": {"ray_actor_options": {"num_cpus": 0.5}},
+        },
+        vllm_model(
+            "tiny-vllm",
+            source=tiny_hf_source,
+            storage={"endpoint_url": moto.endpoint_url},
+            vllm={"max_model_len": 256, "gpu_memory_utilization": 0.5},
+            deployment={"ray_actor_options": {"num_cpus": 0.5}},
+        ),
+    ]
+    ingress = {"ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.25}}, "first_token_timeout_s": 5}}
+    applications = application_entries(models, ingress, name="vllm-test", policy={"enabled": False})
+    serve.run_many(run_targets(applications), wait_for_applications_running=False)
     deadline, app = time.monotonic() + 480, None
     while time.monotonic() < deadline:
-        app = serve.status().applications.get("vllm-test")
-        if (
-            app is not None
-            and app.deployments.get("model-tiny-vllm")
-            and app.deployments["model-tiny-vllm"].status.value == "DEPLOY_FAILED"
-        ):
+        app = serve.status().applications.get("tiny-vllm")
+        if app is not None and app.deployments.get("model-tiny-vllm") and app.status.value == "DEPLOY_FAILED":
             break
         time.sleep(2)
     assert app is not None, "application never appeared"
-    states = {name: overview.status.value for name, overview in app.deployments.items()}
     assert app.status.value == "DEPLOY_FAILED"
-    assert states == {"model-tiny": "HEALTHY", "model-tiny-vllm": "DEPLOY_FAILED", "ingress": "HEALTHY"}
+    assert app.deployments["model-tiny-vllm"].status.value == "DEPLOY_FAILED"
     reason = app.deployments["model-tiny-vllm"].message
     assert (
         "EngineUnavailable: model 'tiny-vllm': vLLM did not start: RuntimeError: Failed to create vLLM engine config"
         in reason
     )
     assert "vLLM found no usable GPU on the node" in reason
+    others = serve.status().applications
+    assert others["tiny"].status.value == "RUNNING" and others["vllm-test"].status.value == "RUNNING"
 
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    # Our own surfaces say the same: the model is listed as failed, with the one-line reason.
+    base = f"http://127.0.0.1:{port}"
+    cards = {card["id"]: card["status"] for card in httpx.get(f"{base}/v1/models", timeout=30).json()["data"]}
+    assert cards["tiny"]["state"] == "ready"
+    assert cards["tiny-vllm"]["state"] == "failed" and "vLLM found no usable GPU" in cards["tiny-vllm"]["message"]
+    admin = httpx.get(f"{base}/v1/admin/status", timeout=30).json()["models"]  # access off: an anonymous admin
+    assert admin["tiny-vllm"]["state"] == "failed" and admin["tiny-vllm"]["running_replicas"] == 0
+
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
     reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
     assert reply.choices[0].message.content and reply.usage.completion_tokens == 8
     answer = httpx.post(
-        f"http://127.0.0.1:{port}/v1/chat/completions",
+        f"{base}/v1/chat/completions",
         timeout=60,
         json={"model": "tiny-vllm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
     )
-    assert answer.status_code == 503 and answer.json()["error"]["type"] == "server_error"
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "model_unavailable"
+    assert "vLLM found no usable GPU" in answer.json()["error"]["message"]
 
     entries = WeightCache(ray_with_gpu).entries()
     assert [(entry.source, entry.complete, entry.leased) for entry in entries] == [(tiny_hf_source, True, False)]
-    serve.delete("vllm-test")
+    for name in ("vllm-test", "tiny", "tiny-vllm"):
+        serve.delete(name)

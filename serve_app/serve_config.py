@@ -1,0 +1,103 @@
+"""A Serve config file as modelserve reads it: one ingress application plus one application per model.
+
+`modelserve validate`, `up`, `render` and `policy sync` check the whole file here, so a
+config with a typo or a misnamed application is refused before `serve deploy` starts any of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve_app.config import ConfigError, IngressArgs, ModelSpec, parse_ingress_args, parse_model_args
+
+INGRESS_IMPORT_PATH = "serve_app.app:build_app"
+MODEL_IMPORT_PATH = "serve_app.app:build_model_app"
+
+
+@dataclass(frozen=True)
+class ServeConfigApps:
+    """The validated modelserve applications of a Serve config, each with its application entry."""
+
+    ingress: list[tuple[dict[str, Any], IngressArgs]]
+    models: list[tuple[dict[str, Any], ModelSpec]]
+
+
+def load_serve_config(path: str | Path) -> dict[str, Any]:
+    """Read a Serve config file (the one `serve deploy` takes)."""
+    with open(path, encoding="utf-8") as handle:
+        config = yaml.safe_load(handle)
+    if not isinstance(config, dict) or not isinstance(config.get("applications"), list):
+        raise ConfigError(f"{path}: not a Serve config (no 'applications' list)")
+    return config
+
+
+def ingress_applications(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return [app for app in config["applications"] if app.get("import_path") == INGRESS_IMPORT_PATH]
+
+
+def model_applications(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return [app for app in config["applications"] if app.get("import_path") == MODEL_IMPORT_PATH]
+
+
+def application_entries(
+    models: list[dict[str, Any]],
+    ingress_args: dict[str, Any] | None = None,
+    *,
+    name: str = "modelserve",
+    route_prefix: str = "/",
+    policy: dict[str, Any] | None = None,
+    model_defaults: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The `applications` of a Serve config for an ingress and these model entries, shaped as serve_config.yaml."""
+    ingress: dict[str, Any] = {
+        "name": name, "route_prefix": route_prefix, "import_path": INGRESS_IMPORT_PATH, "args": ingress_args or {}
+    }
+    if policy is not None:
+        ingress["deployments"] = [{"name": "ingress", "user_config": policy}]
+    return [ingress] + [
+        {
+            "name": model["name"],
+            "route_prefix": None,
+            "import_path": MODEL_IMPORT_PATH,
+            "args": {"model_defaults": model_defaults or {}, "model": model},
+        }
+        for model in models
+    ]
+
+
+def parse_serve_config(config: dict[str, Any], where: str = "serve config") -> ServeConfigApps:
+    """Validate every modelserve application; raise ConfigError naming the application and the bad field."""
+    ingress, models = ingress_applications(config), model_applications(config)
+    if not ingress:
+        raise ConfigError(f"{where}: no application with import_path {INGRESS_IMPORT_PATH}")
+    if not models:
+        raise ConfigError(f"{where}: no model application (import_path {MODEL_IMPORT_PATH})")
+    parsed = ServeConfigApps([], [])
+    for app in ingress:
+        parsed.ingress.append((app, _parse(where, app, parse_ingress_args)))
+    for app in models:
+        spec = _parse(where, app, parse_model_args)
+        name = app.get("name")
+        if name != spec.name:
+            raise ConfigError(
+                f"{where}: application {name!r} serves model {spec.name!r}: name the application after its "
+                "model (the ingress finds each model by its application's name)"
+            )
+        if "route_prefix" not in app or app["route_prefix"] is not None:
+            raise ConfigError(
+                f"{where}: application {name!r}: set `route_prefix: null` (a model is reached only through "
+                "the ingress, which authenticates and applies policy)"
+            )
+        parsed.models.append((app, spec))
+    return parsed
+
+
+def _parse(where: str, app: dict[str, Any], parse: Any) -> Any:
+    try:
+        return parse(app.get("args"))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: application {app.get('name', '?')!r}: {exc}") from None
