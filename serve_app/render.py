@@ -38,7 +38,9 @@ HEADER = (
 SERVE_PORT = 8000
 METRICS_PORT = 8080
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-JWT_SECRET_KEY = "MODELSERVE_JWT_SECRET"
+JWT_SECRET_FILE_ENV = "MODELSERVE_JWT_SECRET_FILE"
+JWT_MOUNT = "/etc/modelserve/jwt"  # one file per key of the Secret, named by its kid: rotation without restarts
+JWT_VOLUME = "jwt-keys"
 MINIO_PORTS = {"api": 9000, "console": 9001}
 CACHE_VOLUME = "model-cache"
 RAY_USER = "1000:100"  # uid:gid of the `ray` user in rayproject/ray images
@@ -128,14 +130,17 @@ def _ray_container(
     if settings.s3_endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": settings.s3_endpoint})
     env += [_secret_env(key, settings.secrets.s3) for key in S3_SECRET_KEYS]
-    env.append(_secret_env(JWT_SECRET_KEY, settings.secrets.jwt))
+    env.append({"name": JWT_SECRET_FILE_ENV, "value": JWT_MOUNT})
     return {
         "name": name,
         "image": image,
         "ports": [{"name": port_name, "containerPort": port} for port_name, port in ports.items()],
         "env": env,
         "resources": resources,
-        "volumeMounts": [{"name": CACHE_VOLUME, "mountPath": settings.model_cache_path}],
+        "volumeMounts": [
+            {"name": CACHE_VOLUME, "mountPath": settings.model_cache_path},
+            {"name": JWT_VOLUME, "mountPath": JWT_MOUNT, "readOnly": True},
+        ],
     }
 
 
@@ -149,7 +154,7 @@ def _ray_pod_template(
         "command": ["chown", RAY_USER, settings.model_cache_path],
         "securityContext": {"runAsUser": 0},
         "resources": _resources(0.1, 0.125),
-        "volumeMounts": container["volumeMounts"],
+        "volumeMounts": [m for m in container["volumeMounts"] if m["name"] == CACHE_VOLUME],
     }
     return {
         "metadata": {"labels": _labels(settings, component), "annotations": dict(PROMETHEUS_ANNOTATIONS)},
@@ -157,7 +162,10 @@ def _ray_pod_template(
             "initContainers": [cache_owner],
             "containers": [container],
             "volumes": [
-                {"name": CACHE_VOLUME, "hostPath": {"path": settings.model_cache_path, "type": "DirectoryOrCreate"}}
+                {"name": CACHE_VOLUME, "hostPath": {"path": settings.model_cache_path, "type": "DirectoryOrCreate"}},
+                # Kubelet refreshes a Secret volume in place (no subPath): a key added to the Secret is a new kid
+                # the ingress accepts after its next key reload, with no pod restart.
+                {"name": JWT_VOLUME, "secret": {"secretName": settings.secrets.jwt}},
             ],
             **extra_spec,
         },
@@ -321,7 +329,7 @@ def render_manifests(serve_config: dict[str, Any], settings: DeploySettings) -> 
         f"{s3}.env.example": _env_example(
             s3, {S3_SECRET_KEYS[0]: "change-me", S3_SECRET_KEYS[1]: "change-me-to-8-or-more-characters"}
         ),
-        f"{jwt}.env.example": _env_example(jwt, {JWT_SECRET_KEY: "change-me-to-a-long-random-string"}),
+        f"{jwt}.env.example": _env_example(jwt, {"key-1": "change-me-to-a-long-random-string-of-32-or-more-bytes"}),
     }
     if settings.minio.enabled:
         files["minio.yaml"] = _yaml(*_minio(settings))

@@ -319,6 +319,23 @@ def test_secrets_only_by_reference_never_by_value(tmp_path: Path, monkeypatch: p
     assert "*.env" in (KUBERAY / ".gitignore").read_text().splitlines()
 
 
+def test_jwt_keys_are_a_mounted_secret_directory_so_keys_rotate_without_restarts() -> None:
+    deploy = settings()
+    service = rayservice(render.render_manifests(serve_config(), deploy))
+    cluster = service["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [group["template"] for group in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+        container = pod["spec"]["containers"][0]
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == render.JWT_MOUNT)
+        assert "subPath" not in mount and mount["readOnly"]  # subPath mounts never see Secret updates
+        assert volumes[mount["name"]]["secret"] == {"secretName": deploy.secrets.jwt}
+        assert {"name": "MODELSERVE_JWT_SECRET_FILE", "value": render.JWT_MOUNT} in container["env"]
+        assert not any(e["name"] == "MODELSERVE_JWT_SECRET" for e in container["env"])
+        init = pod["spec"]["initContainers"][0]
+        assert all(m["mountPath"] != render.JWT_MOUNT for m in init["volumeMounts"])
+
+
 def _containers(node: Any) -> list[dict[str, Any]]:
     if isinstance(node, dict):
         found = [c for key in ("containers", "initContainers") for c in node.get(key, [])]
@@ -339,7 +356,7 @@ def test_ray_pods_share_cache_path_export_metrics_and_leave_probes_to_kuberay() 
         assert template["metadata"]["annotations"]["prometheus.io/port"] == "8080"
         assert {"name": "metrics", "containerPort": 8080} in ray_container["ports"]
         assert {"name": "serve", "containerPort": 8000} in ray_container["ports"]
-        [volume] = template["spec"]["volumes"]
+        volume = next(v for v in template["spec"]["volumes"] if "hostPath" in v)
         assert volume["hostPath"] == {"path": "/var/cache/models", "type": "DirectoryOrCreate"}
         assert {"name": volume["name"], "mountPath": "/var/cache/models"} in ray_container["volumeMounts"]
         assert {"name": "MODELSERVE_CACHE_DIR", "value": "/var/cache/models"} in ray_container["env"]
@@ -377,7 +394,7 @@ def test_kustomize_builds_committed_manifests_with_generated_secrets(tmp_path: P
     secrets = {doc["metadata"]["name"]: set(doc["data"]) for doc in docs if doc["kind"] == "Secret"}
     assert secrets == {
         deploy.secrets.s3: {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
-        deploy.secrets.jwt: {"MODELSERVE_JWT_SECRET"},
+        deploy.secrets.jwt: {"key-1"},  # file names in the mounted directory: the kids
     }
     for doc in docs:
         assert_valid(doc)
