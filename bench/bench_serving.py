@@ -26,6 +26,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,6 +43,8 @@ from harness import (
     summarize,
     wait_http,
 )
+
+SETTLE_S = 10.0
 
 
 def raw_backend(model: str, n_ctx: int, threads: int) -> Backend:
@@ -85,7 +88,7 @@ def raw_backend(model: str, n_ctx: int, threads: int) -> Backend:
     return stream, stop
 
 
-def modelserve_backend(model: str, n_ctx: int, threads: int, slots: int, stream_interval_ms: float) -> Backend:
+def modelserve_backend(model: str, n_ctx: int, threads: int, slots: int, stream_interval_ms: float | None) -> Backend:
     """The full app (ingress + model deployment) on a private local Ray, called over HTTP like any client."""
     import ray
     import yaml
@@ -101,10 +104,11 @@ def modelserve_backend(model: str, n_ctx: int, threads: int, slots: int, stream_
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     gemma = {
         "name": "gemma", "source": model,
-        "engine": {"n_ctx": n_ctx, "n_threads": threads, "parallel": slots, "chat_format": "gemma",
-                   "stream_interval_ms": stream_interval_ms},
+        "engine": {"n_ctx": n_ctx, "n_threads": threads, "parallel": slots, "chat_format": "gemma"},
         "deployment": {"max_queued_requests": 64, "ray_actor_options": {"num_cpus": 1}},
     }
+    if stream_interval_ms is not None:
+        gemma["engine"]["stream_interval_ms"] = stream_interval_ms
     ingress = {"ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.5}}}}
     policy = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
     serve.run_many(run_targets(application_entries([gemma], ingress, name="bench", policy=policy)))
@@ -128,7 +132,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds per concurrency; the best counts")
     parser.add_argument("--slots", type=int, default=16, help="sequence slots of the batching backends")
     parser.add_argument("--n-ctx", type=int, default=1024, help="context tokens (per slot for batching backends)")
-    parser.add_argument("--stream-interval-ms", type=float, default=20.0, help="modelserve's stream coalescing window")
+    parser.add_argument("--stream-interval-ms", type=float, default=None,
+                        help="modelserve's stream coalescing window (default: the engine's)")
+    parser.add_argument("--backends", nargs="+", default=None, help="run only these (default: all)")
     args = parser.parse_args()
     max_tokens, rounds = (32, 1) if args.quick else (64, args.rounds)
     concurrencies = args.concurrency or ([1, 4] if args.quick else [1, 4, 8, 16])
@@ -143,15 +149,17 @@ def main() -> None:
         backends["llama-server"] = lambda: llama_server(args.llama_server, model, args.n_ctx, args.slots, args.threads)
     else:
         print("llama-server: skipped (pass --llama-server PATH to a built binary)", flush=True)
+    backends = {name: start for name, start in backends.items() if name in (args.backends or backends)}
 
     best: dict[tuple[str, int], Result] = {}
     for name, start in backends.items():
         stream, stop = start()
         try:
-            run_load(stream, 1, 1, 4)  # warm-up
+            run_load(stream, 1, 2, 8)  # warm-up, then let start-up work (Serve's controller, imports) settle
+            time.sleep(SETTLE_S)
             for concurrency in concurrencies:
                 for _ in range(rounds):
-                    wall, samples = run_load(stream, concurrency, max(2, 2 * concurrency), max_tokens)
+                    wall, samples = run_load(stream, concurrency, max(4, 2 * concurrency), max_tokens)
                     result = summarize(name, concurrency, wall, samples, count_tokens)
                     kept = best.get((name, concurrency))
                     if kept is None or result.tokens_per_s > kept.tokens_per_s:
@@ -166,7 +174,7 @@ def main() -> None:
         print("auth + policy overhead: " + (overhead.stdout.strip().splitlines() or ["(failed)"])[-1])
     print(f"machine: {os.cpu_count()} CPUs, threads={args.threads}, max_tokens={max_tokens}, slots={args.slots}")
     ratios = []
-    for concurrency in concurrencies:
+    for concurrency in concurrencies if "modelserve" in backends else []:
         ours = best[("modelserve", concurrency)].tokens_per_s
         parts = [f"modelserve/{name}={ours / best[(name, concurrency)].tokens_per_s:.2f}"
                  for name in backends if name != "modelserve"]

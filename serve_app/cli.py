@@ -17,16 +17,17 @@ from serve_app.serve_config import ServeConfigApps, load_serve_config, parse_ser
 DASHBOARD = "http://127.0.0.1:8265"
 
 
-def _validate(path: str) -> ServeConfigApps:
-    """Parse every modelserve application in a Serve config; raise ConfigError naming the bad fields."""
-    return parse_serve_config(load_serve_config(path), str(path))
+def _validate(path: str) -> ServeConfigApps | None:
+    """Every modelserve application of a Serve config, parsed; None after printing what is wrong (field by field)."""
+    try:
+        return parse_serve_config(load_serve_config(path), str(path))
+    except (ConfigError, OSError, yaml.YAMLError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    try:
-        apps = _validate(args.config)
-    except (ConfigError, OSError, yaml.YAMLError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if (apps := _validate(args.config)) is None:
         return 1
     for app, _ in apps.ingress:
         print(f"ok  ingress  application={app['name']}  route_prefix={app.get('route_prefix', '/')}")
@@ -74,10 +75,7 @@ def _wait_until_running(app_names: list[str], timeout_s: float) -> str | None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    try:
-        apps = _validate(args.config)
-    except (ConfigError, OSError, yaml.YAMLError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if (apps := _validate(args.config)) is None:
         return 1
     from serve_app import cli_auth
 
