@@ -374,16 +374,16 @@ class WeightCache:
             raise job.error(str(exc)) from None
 
     def _fetch_s3_file(self, job: _Job, client: Any, bucket: str, key: str, name: str) -> Path:
-        from deployments import s3_store
+        from deployments import s3_download, s3_store
 
         info = s3_store.head(client, bucket, key)  # the one request a warm start costs
         filename = PurePosixPath(key).name
 
         def download_into(entry_dir: Path) -> tuple[str, int]:
             self._make_room(info.size, keep=name, job=job)
-            progress = s3_store.TransferProgress(job.what, info.size, job.progress)
+            progress = s3_download.TransferProgress(job.what, info.size, job.progress)
             partial = entry_dir / f"{filename}.partial"
-            fetched = s3_store.Download(client, bucket, info, partial, progress, self.retry).run()
+            fetched = s3_download.Download(client, bucket, info, partial, progress, self.retry).run()
             progress.log(f"downloaded {fetched} bytes in {time.monotonic() - job.started:.1f} s")
             os.replace(partial, entry_dir / filename)
             return filename, fetched
@@ -392,7 +392,7 @@ class WeightCache:
 
     def _fetch_s3_prefix(self, job: _Job, client: Any, bucket: str, prefix: str, name: str) -> Path:
         """A model directory: one LIST decides freshness; only new or changed files download."""
-        from deployments import s3_store
+        from deployments import s3_download, s3_store
 
         listing = {obj.key[len(prefix) :]: obj for obj in s3_store.list_objects(client, bucket, prefix)}
         if not listing:
@@ -408,7 +408,7 @@ class WeightCache:
             verified, target = _read_json(verified_path) or {}, entry_dir / dirname
             stale = sorted(rel for rel in listing if verified.get(rel) != files[rel] or not (target / rel).is_file())
             self._make_room(sum(listing[rel].size for rel in stale), keep=name, job=job)
-            progress = s3_store.TransferProgress(job.what, sum(listing[rel].size for rel in stale), job.progress)
+            progress = s3_download.TransferProgress(job.what, sum(listing[rel].size for rel in stale), job.progress)
             for rel in stale:
                 info = s3_store.head(client, bucket, listing[rel].key)  # metadata: the sha256
                 if info.etag != listing[rel].etag:
@@ -416,7 +416,7 @@ class WeightCache:
                 destination = target / rel
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 partial = destination.with_name(destination.name + ".partial")
-                s3_store.Download(client, bucket, info, partial, progress, self.retry).run()
+                s3_download.Download(client, bucket, info, partial, progress, self.retry).run()
                 os.replace(partial, destination)
                 verified[rel] = files[rel]
                 _write_json(verified_path, verified)
