@@ -1,336 +1,25 @@
 """Continuous-batching llama.cpp engine: many concurrent streams per GGUF replica.
 
-One llama.cpp context holds `parallel` sequence slots, each with its own KV window of `n_ctx`
-tokens. One decode thread owns the context. Each step it feeds every streaming sequence its
-last sampled token, fills the rest of the step with prompt chunks of newly admitted sequences
-(chunked prefill: at most `prefill_chunk` prompt tokens while others stream, so a long prompt
-never pauses them for more than one step), decodes all of it in one `llama_decode` with logits
-only for the rows that sample, and samples each of those rows with the sequence's own sampler
-chain. Requests wait in FIFO order for a free slot and are admitted at the next step; a finished
-or cancelled sequence gives its slot (and, unless prefix reuse keeps them, its KV cells) back at
-once. Prompts are rendered and tokenized on the decode thread at admission, so requests that
-arrive together are admitted in the same step. The replica's event loop only moves chunks.
+The Engine facade: it leases the GGUF from the weight cache, loads it, and bridges the replica's
+event loop to the one decode thread (`deployments.llama_cpp_decode`) that admits, batches and
+samples every request's sequence. The event loop only moves chunks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from typing import Any
 
-import llama_cpp
-import numpy as np
-
-from deployments.engine import Engine, EngineError, EngineUnavailable, GenerationChunk, GenerationRequest
-from deployments.llama_cpp_engine import (
-    ChatTemplate,
-    Prompt,
-    TokenPieces,
-    context_params,
-    load_model,
-    prepare_prompt,
-    sampler_chain,
-)
-from deployments.text import StopMatcher, Utf8Stream
+from deployments.engine import Engine, EngineUnavailable, GenerationChunk, GenerationRequest
+from deployments.llama_cpp_decode import DONE, DecodeLoop, Submission
+from deployments.llama_cpp_engine import ChatTemplate, Prompt, load_model, prepare_prompt
 from deployments.weight_cache import WeightCache
-from serve_app.config import EngineSettings, ModelSpec
+from serve_app.config import ModelSpec
 
 logger = logging.getLogger(__name__)
-
-_DONE = object()
-
-
-@dataclass
-class _Submission:
-    """A request handed to the decode thread; `cancelled` is set by the request's coroutine."""
-
-    request: GenerationRequest
-    emit: Callable[[Any], None]
-    cancelled: bool = False
-
-
-class _Sequence:
-    """An admitted request: its slot, sampler and decoding state (decode thread only)."""
-
-    def __init__(self, submission: _Submission, prompt: Prompt, slot: _Slot) -> None:
-        self.submission, self.prompt, self.slot = submission, prompt, slot
-        self.request_id, self.emit = submission.request.request_id, submission.emit
-        self.sampler: Any = None
-        self.n_fed = 0  # prompt tokens already in the KV cache
-        self.produced = 0
-        self.next_token = -1  # sampled, not yet decoded
-        self.decoder = Utf8Stream()
-        self.stops = StopMatcher(prompt.stops)
-
-    @property
-    def cancelled(self) -> bool:
-        return self.submission.cancelled
-
-    @property
-    def streaming(self) -> bool:
-        return self.n_fed == len(self.prompt.tokens)
-
-
-@dataclass
-class _Slot:
-    """A llama.cpp sequence id and the tokens whose KV cells it holds, by position."""
-
-    seq_id: int
-    cached: list[int] = field(default_factory=list)
-    sequence: _Sequence | None = None
-
-
-@dataclass
-class _Feed:
-    """Tokens of one sequence in one decode step; `row` is the batch index to sample from, if any."""
-
-    sequence: _Sequence
-    tokens: list[int]
-    sample: bool
-    row: int = -1
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    return len(os.path.commonprefix([a, b]))
-
-
-class DecodeLoop:
-    """Owns the llama.cpp context and the thread that decodes every active sequence together."""
-
-    def __init__(
-        self, model: Any, settings: EngineSettings, prepare: Callable[[GenerationRequest], Prompt], name: str
-    ) -> None:
-        self._name, self._prepare, self._pieces = name, prepare, TokenPieces(model.vocab)
-        self._prefill_chunk, self._prefix_reuse = settings.prefill_chunk, settings.prefix_reuse
-        self._capacity = max(settings.n_batch, settings.parallel + settings.prefill_chunk)
-        params = context_params(settings, n_seq=settings.parallel, n_batch=self._capacity)
-        self._ctx = llama_cpp.llama_init_from_model(model.model, params)
-        if self._ctx is None:
-            raise ValueError(f"llama.cpp could not create a context of {settings.parallel} x {settings.n_ctx} tokens")
-        self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
-        self._n_vocab = model.n_vocab()
-        self._n_swa = llama_cpp.llama_model_n_swa(model.model)
-        self._slots = [_Slot(seq_id) for seq_id in range(settings.parallel)]
-        self._waiting: deque[_Submission] = deque()
-        self._active: list[_Sequence] = []  # admission order: prompts are fed first come, first served
-        self._wake = threading.Condition()
-        self._stopping = False
-        self.thread = threading.Thread(target=self._run, name=f"llama-decode-{name}", daemon=True)
-        self.thread.start()
-
-    def submit(self, submission: _Submission) -> None:
-        with self._wake:
-            if self._stopping:
-                raise EngineUnavailable(f"model {self._name!r} is shutting down")
-            self._waiting.append(submission)
-            self._wake.notify()
-
-    def cancel(self, submission: _Submission) -> None:
-        """Called when the request's stream closes; the decode thread frees the slot before its next step."""
-        submission.cancelled = True
-        with self._wake:
-            self._wake.notify()
-
-    def close(self) -> None:
-        """Stop the thread, fail what is left and free llama.cpp memory (only once the thread is gone)."""
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        self.thread.join()  # within one decode step
-        message = f"model {self._name!r} is shutting down"
-        for sequence in list(self._active):
-            self._fail(sequence, message)
-        for submission in self._waiting:
-            submission.emit(EngineUnavailable(message))
-            submission.emit(_DONE)
-        self._waiting.clear()
-        llama_cpp.llama_batch_free(self._batch)
-        llama_cpp.llama_free(self._ctx)
-
-    # Everything below runs on the decode thread.
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not (self._stopping or self._waiting or self._active):
-                    self._wake.wait()
-                if self._stopping:
-                    return
-                free = [slot for slot in self._slots if slot.sequence is None]
-                arrivals = []
-                while len(arrivals) < len(free) and self._waiting:
-                    submission = self._waiting.popleft()
-                    if not submission.cancelled:
-                        arrivals.append(submission)
-            try:
-                for submission in arrivals:
-                    self._admit(submission, free)
-                for sequence in [s for s in self._active if s.cancelled]:
-                    self._release(sequence)
-                if self._active:
-                    self._step()
-            except Exception:  # a bug must not kill the replica's only decode thread
-                logger.exception("model %s: decode step failed; failing its %d sequences", self._name, len(self._active))
-                for sequence in list(self._active):
-                    self._fail(sequence, f"model {self._name!r} failed during generation")
-
-    def _admit(self, submission: _Submission, free: list[_Slot]) -> None:
-        """Tokenize and check the prompt, then give it the free slot caching most of it, else the lowest one.
-
-        Low ids keep the active sequence ids contiguous: with one KV stream per sequence, llama.cpp
-        decodes a run of consecutive ids as one micro-batch and splits the batch at every gap.
-        """
-        try:
-            prompt = self._prepare(submission.request)
-        except EngineError as exc:
-            submission.emit(exc)
-            submission.emit(_DONE)
-            return
-        except Exception:  # only this request is lost
-            logger.exception("model %s: could not prepare request %s", self._name, submission.request.request_id)
-            submission.emit(EngineUnavailable(f"model {self._name!r} could not prepare this request"))
-            submission.emit(_DONE)
-            return
-        tokens = prompt.tokens
-        slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens) if self._prefix_reuse else 0, -s.seq_id))
-        free.remove(slot)
-        sequence = _Sequence(submission, prompt, slot)
-        slot.sequence = sequence
-        self._active.append(sequence)
-        try:
-            self._start(sequence)
-        except Exception:  # only this request is lost
-            logger.exception("model %s: could not start request %s", self._name, sequence.request_id)
-            self._fail(sequence, f"model {self._name!r} could not start this request")
-
-    def _start(self, sequence: _Sequence) -> None:
-        slot, tokens = sequence.slot, sequence.prompt.tokens
-        keep = min(_common_prefix(slot.cached, tokens), len(tokens) - 1) if self._prefix_reuse else 0
-        # Sliding-window layers may have dropped cells the kept prefix needs; then recompute everything.
-        if keep and llama_cpp.llama_memory_seq_pos_min(self._memory, slot.seq_id) > max(0, keep - self._n_swa):
-            keep = 0
-        if not (keep and llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)):
-            keep = 0
-            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-        del slot.cached[keep:]
-        sequence.n_fed = keep
-        sampling = sequence.submission.request.sampling
-        plain_greedy = sampling.temperature <= 0 and not (sampling.presence_penalty or sampling.frequency_penalty)
-        sequence.sampler = None if plain_greedy else sampler_chain(sampling, self._n_vocab)
-
-    def _step(self) -> None:
-        """One llama_decode: a token for each streaming sequence, then prompt chunks in admission order."""
-        feeds = [_Feed(s, [s.next_token], True) for s in self._active if s.streaming]
-        room = self._capacity - len(feeds)
-        if feeds:
-            room = min(room, self._prefill_chunk)
-        for sequence in self._active:
-            if room <= 0:
-                break
-            if sequence.streaming:
-                continue
-            start = sequence.n_fed
-            chunk = sequence.prompt.tokens[start : start + room]
-            feeds.append(_Feed(sequence, chunk, start + len(chunk) == len(sequence.prompt.tokens)))
-            room -= len(chunk)
-        feeds.sort(key=lambda feed: feed.sequence.slot.seq_id)  # llama.cpp takes sequences in id order
-        status = self._decode(feeds)
-        if status == 0:
-            self._absorb(feeds)
-            return
-        # Roll back what the failed call left, then retry each sequence alone so only the one at fault fails.
-        for feed in feeds:
-            llama_cpp.llama_memory_seq_rm(self._memory, feed.sequence.slot.seq_id, len(feed.sequence.slot.cached), -1)
-        for feed in feeds:
-            if len(feeds) > 1:
-                status = self._decode([feed])
-            if status == 0:
-                self._absorb([feed])
-            else:
-                self._fail(feed.sequence, f"model {self._name!r}: llama.cpp could not decode (status {status})")
-
-    def _decode(self, feeds: list[_Feed]) -> int:
-        batch = self._batch
-        token, pos, n_seq_id, seq_id, logits = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
-        n = 0
-        for feed in feeds:
-            slot = feed.sequence.slot
-            first = len(slot.cached)
-            for offset, value in enumerate(feed.tokens):
-                token[n], pos[n], n_seq_id[n], logits[n] = value, first + offset, 1, False
-                seq_id[n][0] = slot.seq_id
-                n += 1
-            if feed.sample:
-                logits[n - 1] = True
-                feed.row = n - 1
-        batch.n_tokens = n
-        return llama_cpp.llama_decode(self._ctx, batch)
-
-    def _absorb(self, feeds: list[_Feed]) -> None:
-        """Record what the decode put in the KV cache, then sample the sequences that asked for logits."""
-        for feed in feeds:
-            sequence = feed.sequence
-            if not sequence.streaming:
-                sequence.n_fed += len(feed.tokens)
-            sequence.slot.cached.extend(feed.tokens)
-            if feed.sample and not sequence.cancelled:
-                self._accept(sequence, self._sample(sequence, feed.row))
-
-    def _sample(self, sequence: _Sequence, row: int) -> int:
-        if sequence.sampler is None:  # plain greedy: numpy's argmax (first maximum, as llama.cpp's) is 10x faster
-            logits = llama_cpp.llama_get_logits_ith(self._ctx, row)
-            return int(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
-        return llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, row)
-
-    def _accept(self, sequence: _Sequence, token: int) -> None:
-        """Turn a sampled token into text, stop checks and chunks (the stop string itself is never sent)."""
-        if self._pieces.is_eog(token):
-            self._finish(sequence, "", "stop", hit=False)
-            return
-        sequence.produced += 1
-        text, hit = sequence.stops.feed(sequence.decoder.feed(self._pieces.piece(token)))
-        if hit:
-            self._finish(sequence, text, "stop", hit=True)
-        elif sequence.produced >= sequence.prompt.max_new_tokens:
-            self._finish(sequence, text, "length", hit=False)
-        else:
-            if text:
-                sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.produced))
-            sequence.next_token = token
-
-    def _finish(self, sequence: _Sequence, text: str, reason: str, hit: bool) -> None:
-        if not hit:
-            tail, hit = sequence.stops.feed(sequence.decoder.flush())
-            text += tail if hit else tail + sequence.stops.flush()
-            reason = "stop" if hit else reason
-        sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.produced, reason))  # type: ignore[arg-type]
-        sequence.emit(_DONE)
-        self._release(sequence)
-
-    def _fail(self, sequence: _Sequence, message: str) -> None:
-        logger.error("%s (request %s)", message, sequence.request_id)
-        sequence.emit(EngineUnavailable(message))
-        sequence.emit(_DONE)
-        self._release(sequence, keep_cache=False)
-
-    def _release(self, sequence: _Sequence, keep_cache: bool = True) -> None:
-        """Give the slot back now; its KV cells go too unless prefix reuse may want them."""
-        self._active.remove(sequence)
-        if sequence.sampler is not None:
-            llama_cpp.llama_sampler_free(sequence.sampler)
-            sequence.sampler = None
-        slot = sequence.slot
-        slot.sequence = None
-        if not (keep_cache and self._prefix_reuse):
-            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-            slot.cached.clear()
 
 
 class BatchedLlamaEngine(Engine):
@@ -391,10 +80,10 @@ class BatchedLlamaEngine(Engine):
             except RuntimeError:  # the replica's event loop has closed: nobody is listening any more
                 pass
 
-        submission = _Submission(request, emit)
+        submission = Submission(request, emit)
         self._decode_loop.submit(submission)
         try:
-            while (item := await queue.get()) is not _DONE:
+            while (item := await queue.get()) is not DONE:
                 if isinstance(item, BaseException):
                     raise item
                 yield item

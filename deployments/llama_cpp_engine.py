@@ -1,6 +1,6 @@
 """llama.cpp building blocks for GGUF models: loading, chat template, token pieces and prompt checks.
 
-They hold no scheduling (`deployments.llama_cpp_batched` runs the model). llama.cpp's own log
+They hold no scheduling (`deployments.llama_cpp_decode` runs the model). llama.cpp's own log
 lines go to the `llama_cpp` Python logger (warnings and errors) instead of the replica's stderr.
 """
 
