@@ -14,56 +14,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from engine_streams import Completion, drain, make_request
 from llama_cpp import Llama
 from tiny_gguf import write_tiny_llama_gguf
 
-from deployments.engine import (
-    ContextLengthExceeded,
-    GenerationChunk,
-    GenerationRequest,
-    SamplingParams,
-)
+from deployments.engine import ContextLengthExceeded
 from deployments.llama_cpp_batched import BatchedLlamaEngine
 from deployments.weight_cache import WeightCache
 from serve_app.config import ConfigError, ModelSpec, parse_model_args
 
 TINY_PROMPTS = ["Hello the quick brown fox", "Once upon a time there was a dog", "The house near the big port"]
 COUNTING = "Count from 1 to 1000, separated by commas: 1, 2, 3,"  # Gemma keeps counting well past 300 tokens
-_ids = itertools.count()
-
-
-@dataclass
-class Completion:
-    chunks: list[GenerationChunk] = field(default_factory=list)
-    arrivals: list[float] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return "".join(chunk.text for chunk in self.chunks)
-
-    @property
-    def final(self) -> GenerationChunk:
-        return self.chunks[-1]
-
-
-def make_request(
-    prompt: str | None = None, messages: tuple[dict[str, str], ...] | None = None, **sampling: Any
-) -> GenerationRequest:
-    return GenerationRequest(f"req-{next(_ids)}", SamplingParams(**sampling), messages=messages, prompt=prompt)
-
-
-async def drain(stream: AsyncIterator[GenerationChunk], into: Completion) -> Completion:
-    async for chunk in stream:
-        into.chunks.append(chunk)
-        into.arrivals.append(time.perf_counter())
-    return into
 
 
 async def complete(engine: BatchedLlamaEngine, prompt: str | None = None, **kwargs: Any) -> Completion:
