@@ -1,12 +1,13 @@
 """The per-model Serve deployment: hosts one engine and streams its chunks to the ingress.
 
-Each streamed item costs Serve a few milliseconds, so chunks produced within
-`stream_interval_ms` travel as one item; the first chunk always goes out at once.
+Each streamed item costs Serve a few milliseconds, so engines hand over chunks made within
+`stream_interval_ms` as one (the first at once): the llama.cpp engine on its decode thread,
+Ray Serve LLM for vLLM.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,41 +30,6 @@ def make_engine(spec: ModelSpec, cache: WeightCache) -> Engine:
 
         return BatchedLlamaEngine(spec, cache)
     raise ValueError(f"model {spec.name!r}: backend {spec.backend!r} is not available in this build")
-
-
-async def coalesce(chunks: AsyncIterator[GenerationChunk], interval_s: float) -> AsyncIterator[GenerationChunk]:
-    """Yield the first chunk at once, then merge the chunks that arrive within each interval."""
-    source = chunks.__aiter__()
-    pending: asyncio.Future[GenerationChunk] | None = None
-    first = True
-    try:
-        while True:
-            try:
-                chunk = await (pending or source.__anext__())
-            except StopAsyncIteration:
-                return
-            pending = None
-            if not first and interval_s > 0:
-                deadline = asyncio.get_running_loop().time() + interval_s
-                while chunk.finish_reason is None:
-                    pending = asyncio.ensure_future(source.__anext__())
-                    done, _ = await asyncio.wait({pending}, timeout=deadline - asyncio.get_running_loop().time())
-                    if not done:
-                        break
-                    try:
-                        chunk = chunk.merge(pending.result())
-                    except StopAsyncIteration:
-                        pending = None
-                        yield chunk
-                        return
-                    pending = None
-            first = False
-            yield chunk
-    finally:
-        if pending is not None:
-            pending.cancel()
-            await asyncio.gather(pending, return_exceptions=True)
-        await source.aclose()
 
 
 class ModelMetrics:
@@ -114,8 +80,9 @@ class ModelServer:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         self._metrics.record_queue_wait(request)
-        async for chunk in coalesce(self._engine.generate(request), self._spec.engine.stream_interval_ms / 1000):
-            yield chunk
+        async with contextlib.aclosing(self._engine.generate(request)) as chunks:  # closing it cancels the request
+            async for chunk in chunks:
+                yield chunk
 
     async def check_health(self) -> None:
         await self._engine.check_health()
