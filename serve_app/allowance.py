@@ -11,6 +11,7 @@ the extra, and entirely within FLUSH_S once a tenant goes idle; held slots are r
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import uuid
@@ -221,14 +222,25 @@ class SharedLimiter:
         return self._actor
 
     async def _send(self, holder: str, tenant: str, limits: Limits, ask: Exchange) -> Grant:
-        return await asyncio.wait_for(self._handle().exchange.remote(holder, tenant, limits, ask), CALL_TIMEOUT_S)
+        return await asyncio.wait_for(self._submit(holder, tenant, limits, ask), CALL_TIMEOUT_S)
 
     def _post(self, holder: str, tenant: str, limits: Limits, ask: Exchange) -> None:
         """Fire-and-forget: handing credit back never delays a response (a lost message only under-admits)."""
         try:
-            self._handle().exchange.remote(holder, tenant, limits, ask)
+            self._submit(holder, tenant, limits, ask)
         except RayActorError:
             self._actor = None
+
+    def _submit(self, holder: str, tenant: str, limits: Limits, ask: Exchange) -> ray.ObjectRef:
+        """Call the actor on behalf of this replica, never as a child task of the request being served.
+
+        Ray makes an actor call the child of the request task in whose context it is made, and Serve cancels
+        that task recursively when the client disconnects. A limiter call cancelled before it was sent leaves a
+        gap in this replica's ordered calls to the actor, which then holds every later call from this replica
+        (each arrival restarts its wait for the missing one): after one unlucky disconnect every limited request
+        through this replica got 503. A call made from an empty context has no request parent to be cancelled by.
+        """
+        return contextvars.Context().run(lambda: self._handle().exchange.remote(holder, tenant, limits, ask))
 
     async def _flush_forever(self) -> None:
         while True:

@@ -186,7 +186,6 @@ def test_requests_per_minute_hold_across_two_ingress_replicas(cluster: Cluster) 
     assert len(served_by) == 2  # both ingress replicas answered for this tenant, and they shared one budget
 
 
-@pytest.mark.flaky(reruns=2, reruns_delay=5)  # known flake: the shared limiter can time out just after a disconnect
 def test_tokens_per_minute_hold_and_settle_with_real_usage(cluster: Cluster) -> None:
     client = cluster.client(token("tpm"))
     # A long stream abandoned after its first chunk is settled with what it really used, not its reservation.
@@ -227,7 +226,6 @@ def admitted_eventually(call: Any, timeout_s: float = 15) -> Any:
             time.sleep(0.3)
 
 
-@pytest.mark.flaky(reruns=2, reruns_delay=5)  # known flake: the shared limiter can time out just after a disconnect
 def test_concurrency_limit_and_slots_freed_on_disconnect_and_errors(cluster: Cluster) -> None:
     client = cluster.client(token("conc"))
     one_token = lambda: client.completions.create(model=ALLOWED, prompt="hi", max_tokens=1)
