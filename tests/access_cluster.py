@@ -35,6 +35,8 @@ ROUTE_PREFIX = "/ms"  # not "/": the app must not care where Serve mounts it
 ALLOWED, HIDDEN = "tiny-chat", "secret-model"
 # A few seconds of greedy tiny-model decoding that never meets EOS: holds a request open.
 LONG = {"model": ALLOWED, "prompt": "hello there", "max_tokens": 1500, "temperature": 0}
+# The tiny model makes ~2000 tokens/s: a stream that must still be running when the test acts next.
+HELD = {**LONG, "max_tokens": 7000}
 
 
 def free_ports(count: int) -> list[int]:
@@ -171,7 +173,7 @@ class Cluster:
     def config(self, policy: dict[str, Any]) -> dict[str, Any]:
         model = {
             "source": str(self.model_path),
-            "engine": {"n_ctx": 2048, "n_threads": 1, "stream_interval_ms": 20},
+            "engine": {"n_ctx": 8192, "n_threads": 1, "stream_interval_ms": 20},
             "deployment": {"num_replicas": 1, "max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.25}},
         }
         ingress = {

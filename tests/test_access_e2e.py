@@ -16,7 +16,7 @@ import httpx
 import jwt
 import openai
 import pytest
-from access_cluster import ALLOWED, API_KEY, APP, AUDIENCE, HIDDEN, ISSUER, LONG, Cluster, e2e_policy, token
+from access_cluster import ALLOWED, API_KEY, APP, AUDIENCE, HELD, HIDDEN, ISSUER, LONG, Cluster, e2e_policy, token
 from auth_helpers import SECRET_1, SECRET_2, claims, forged, write_keys
 from tiny_gguf import write_tiny_llama_gguf
 
@@ -29,7 +29,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Any]) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("e2e")
-    model_path = write_tiny_llama_gguf(root / "tiny.gguf", n_ctx_train=2048)
+    model_path = write_tiny_llama_gguf(root / "tiny.gguf", n_ctx_train=8192)
     cluster = Cluster(root, keys, model_path)
     try:
         cluster.wait_ready()
@@ -192,7 +192,9 @@ def test_tokens_per_minute_hold_and_settle_with_real_usage(cluster: Cluster) -> 
     stream = client.completions.create(**LONG, stream=True)
     next(iter(stream))
     stream.close()
-    deadline = time.monotonic() + 15
+    # The abandoned stream may have used up to all its 1500 tokens before the disconnect reached the server;
+    # refilling room for another 1500 at 2000/min then takes up to (1500 - 500) * 60 / 2000 = 30 s.
+    deadline = time.monotonic() + 35
     while True:
         second = send_all([lambda: client.completions.with_raw_response.create(**LONG)], 1)[0]
         if not isinstance(second, openai.APIStatusError) or time.monotonic() > deadline:
@@ -229,7 +231,7 @@ def admitted_eventually(call: Any, timeout_s: float = 15) -> Any:
 def test_concurrency_limit_and_slots_freed_on_disconnect_and_errors(cluster: Cluster) -> None:
     client = cluster.client(token("conc"))
     one_token = lambda: client.completions.create(model=ALLOWED, prompt="hi", max_tokens=1)
-    held = client.completions.create(**LONG, stream=True)
+    held = client.completions.create(**HELD, stream=True)
     next(iter(held))  # the request is admitted and streaming: it holds the tenant's only slot
     with pytest.raises(openai.RateLimitError) as info:
         one_token()
@@ -237,7 +239,7 @@ def test_concurrency_limit_and_slots_freed_on_disconnect_and_errors(cluster: Clu
     held.close()  # client disconnect: the slot must come back
     assert admitted_eventually(one_token).usage.completion_tokens == 1
     with pytest.raises(openai.BadRequestError) as info:  # fails inside the model, after admission
-        client.completions.create(model=ALLOWED, prompt="word " * 3000, max_tokens=1)
+        client.completions.create(model=ALLOWED, prompt="word " * 9000, max_tokens=1)
     assert info.value.body["code"] == "context_length_exceeded"
     assert one_token().usage.completion_tokens == 1  # ... and its slot was released at once
     results = send_all([one_token] * 6, 6)
