@@ -10,8 +10,10 @@ alone on the machine, in turn:
 - modelserve: the full app (auth, ingress, batched llama.cpp replica with SLOTS slots) on a local
   Ray, called over HTTP with a token like any client.
 
-Prints aggregate decode tokens/s and time-to-first-token p50/p95 per concurrency (best of
-`--rounds`), then the ratios of modelserve to each baseline on the last line.
+Each backend is warmed up and left to settle (start-up work such as Serve's controller finishing
+a deploy) before it is measured. Prints aggregate decode tokens/s and time-to-first-token p50/p95
+per concurrency (best of `--rounds`, and of `--repeat` runs of the whole sequence), then the
+ratios of modelserve to each baseline on the last line.
 
     python bench/bench_serving.py --llama-server PATH   # concurrency 1 4 8 16, then the auth overhead
     python bench/bench_serving.py --quick               # concurrency 1 and 4, about a minute
@@ -135,6 +137,8 @@ def main() -> None:
     parser.add_argument("--stream-interval-ms", type=float, default=None,
                         help="modelserve's stream coalescing window (default: the engine's)")
     parser.add_argument("--backends", nargs="+", default=None, help="run only these (default: all)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the whole sequence of backends this many times (each alone on the machine)")
     args = parser.parse_args()
     max_tokens, rounds = (32, 1) if args.quick else (64, args.rounds)
     concurrencies = args.concurrency or ([1, 4] if args.quick else [1, 4, 8, 16])
@@ -152,11 +156,11 @@ def main() -> None:
     backends = {name: start for name, start in backends.items() if name in (args.backends or backends)}
 
     best: dict[tuple[str, int], Result] = {}
-    for name, start in backends.items():
+    for name, start in [item for _ in range(args.repeat) for item in backends.items()]:
         stream, stop = start()
         try:
             run_load(stream, 1, 2, 8)  # warm-up, then let start-up work (Serve's controller, imports) settle
-            time.sleep(SETTLE_S)
+            time.sleep(2.0 if args.quick else SETTLE_S)
             for concurrency in concurrencies:
                 for _ in range(rounds):
                     wall, samples = run_load(stream, concurrency, max(4, 2 * concurrency), max_tokens)
