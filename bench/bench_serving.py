@@ -90,7 +90,7 @@ def raw_backend(model: str, n_ctx: int, threads: int) -> Backend:
     return stream, stop
 
 
-def modelserve_backend(model: str, n_ctx: int, threads: int, slots: int, stream_interval_ms: float | None) -> Backend:
+def modelserve_backend(model: str, n_ctx: int, threads: int, slots: int, engine: dict[str, float]) -> Backend:
     """The full app (ingress + model deployment) on a private local Ray, called over HTTP like any client."""
     import ray
     import yaml
@@ -106,11 +106,9 @@ def modelserve_backend(model: str, n_ctx: int, threads: int, slots: int, stream_
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     gemma = {
         "name": "gemma", "source": model,
-        "engine": {"n_ctx": n_ctx, "n_threads": threads, "parallel": slots, "chat_format": "gemma"},
+        "engine": {"n_ctx": n_ctx, "n_threads": threads, "parallel": slots, "chat_format": "gemma", **engine},
         "deployment": {"max_queued_requests": 64, "ray_actor_options": {"num_cpus": 1}},
     }
-    if stream_interval_ms is not None:
-        gemma["engine"]["stream_interval_ms"] = stream_interval_ms
     ingress = {"ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.5}}}}
     policy = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
     serve.run_many(run_targets(application_entries([gemma], ingress, name="bench", policy=policy)))
@@ -136,6 +134,8 @@ def main() -> None:
     parser.add_argument("--n-ctx", type=int, default=1024, help="context tokens (per slot for batching backends)")
     parser.add_argument("--stream-interval-ms", type=float, default=None,
                         help="modelserve's stream coalescing window (default: the engine's)")
+    parser.add_argument("--stream-items-per-s", type=float, default=None,
+                        help="modelserve's cap on a replica's stream items per second (default: the engine's)")
     parser.add_argument("--backends", nargs="+", default=None, help="run only these (default: all)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the whole sequence of backends this many times (each alone on the machine)")
@@ -144,10 +144,12 @@ def main() -> None:
     concurrencies = args.concurrency or ([1, 4] if args.quick else [1, 4, 8, 16])
 
     model, count_tokens = demo_model()
+    given = {"stream_interval_ms": args.stream_interval_ms, "stream_items_per_s": args.stream_items_per_s}
+    engine_options = {key: value for key, value in given.items() if value is not None}
     backends: dict[str, Callable[[], Backend]] = {
         "raw": lambda: raw_backend(model, args.n_ctx, args.threads),
         "llama_cpp.server": lambda: llama_cpp_server(model, args.n_ctx, args.threads),
-        "modelserve": lambda: modelserve_backend(model, args.n_ctx, args.threads, args.slots, args.stream_interval_ms),
+        "modelserve": lambda: modelserve_backend(model, args.n_ctx, args.threads, args.slots, engine_options),
     }
     if args.llama_server and Path(args.llama_server).is_file():
         backends["llama-server"] = lambda: llama_server(args.llama_server, model, args.n_ctx, args.slots, args.threads)

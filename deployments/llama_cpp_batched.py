@@ -73,29 +73,43 @@ class BatchedLlamaEngine(Engine):
         if self._decode_loop is None:
             raise EngineUnavailable(f"model {self._spec.name!r} is not loaded")
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        outbox = Outbox(asyncio.get_running_loop(), queue.put_nowait, self._spec.engine.stream_interval_ms / 1000)
+        settings, decode_loop = self._spec.engine, self._decode_loop
+        outbox = Outbox(
+            asyncio.get_running_loop(), queue.put_nowait, settings.stream_interval_ms / 1000,
+            settings.stream_items_per_s, lambda: decode_loop.active_count,
+        )
         submission = Submission(request, outbox.put)
-        self._decode_loop.submit(submission)
+        decode_loop.submit(submission)
         try:
             while (item := await queue.get()) is not DONE:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            self._decode_loop.cancel(submission)
+            decode_loop.cancel(submission)
 
 
 class Outbox:
     """One request's chunks on their way from the decode thread to the replica's event loop.
 
-    Every hand-over wakes the event loop and becomes a Serve stream item that costs a few ms
-    of CPU on its way to the client (taken from the decode threads on a small node). So after
-    the first chunk, which goes at once, chunks made within `interval_s` of the last hand-over
+    Every hand-over wakes the event loop and becomes a Serve stream item that costs a few ms of
+    CPU on its way to the client (taken from the decode threads on a small node). So after the
+    first chunk, which goes at once, chunks made within the interval since the last hand-over
     travel merged: the next chunk after the interval, the finishing chunk or an error sends them.
+    The interval is `interval_s`, grown when several streams share the replica to (active streams /
+    `items_per_s`), so the replica's items per second stay bounded however many streams it decodes.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[Any], None], interval_s: float) -> None:
-        self._loop, self._deliver, self._interval_s = loop, deliver, interval_s
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        deliver: Callable[[Any], None],
+        interval_s: float,
+        items_per_s: float,
+        active_streams: Callable[[], int],
+    ) -> None:
+        self._loop, self._deliver = loop, deliver
+        self._interval_s, self._items_per_s, self._active_streams = interval_s, items_per_s, active_streams
         self._pending: GenerationChunk | None = None
         self._sent_at: float | None = None  # None until the first chunk went out
 
@@ -105,7 +119,7 @@ class Outbox:
             item = self._pending.merge(item) if self._pending is not None else item
             self._pending = None
             now = time.monotonic()
-            if item.finish_reason is None and self._sent_at is not None and now - self._sent_at < self._interval_s:
+            if item.finish_reason is None and self._sent_at is not None and now - self._sent_at < self._interval():
                 self._pending = item
                 return
             self._sent_at = now
@@ -113,6 +127,12 @@ class Outbox:
             self._send(self._pending)
             self._pending = None
         self._send(item)
+
+    def _interval(self) -> float:
+        streams = self._active_streams()
+        if self._items_per_s <= 0 or streams <= 1:  # one stream alone keeps the configured interval
+            return self._interval_s
+        return max(self._interval_s, streams / self._items_per_s)
 
     def _send(self, item: Any) -> None:
         try:

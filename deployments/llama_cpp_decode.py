@@ -114,6 +114,11 @@ class DecodeLoop:
         self.thread = threading.Thread(target=self._run, name=f"llama-decode-{name}", daemon=True)
         self.thread.start()
 
+    @property
+    def active_count(self) -> int:
+        """Sequences admitted and not finished (read on the decode thread)."""
+        return len(self._active)
+
     def submit(self, submission: Submission) -> None:
         with self._wake:
             if self._stopping:

@@ -57,8 +57,12 @@ class EngineSettings(_Strict):
     )
     chat_template: str | None = Field(None, description="Jinja chat template; overrides chat_format and GGUF.")
     stream_interval_ms: float = Field(
-        50.0, ge=0, description="Tokens produced within this window travel as one stream item (first one at once); "
-        "each item costs Serve CPU on the way to the client. 50 ms is Ray Serve LLM's default too.",
+        100.0, ge=0, description="Tokens produced within this window travel as one stream item (first one at once): "
+        "each item costs Serve a few ms of CPU on its way to the client (proxy, ingress, replica).",
+    )
+    stream_items_per_s: float = Field(
+        40.0, ge=0, description="llama.cpp: under load, the stream items one replica sends per second in all (0: no "
+        "cap). Each stream's interval grows to (active streams / this) so Serve's per-item CPU stays bounded.",
     )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
