@@ -156,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _operator_modules() -> list[Any]:
-    from serve_app import cli_auth, cli_weights, render
+    from serve_app import cli_auth, cli_render, cli_weights
 
-    return [cli_auth, cli_weights, render]
+    return [cli_auth, cli_weights, cli_render]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,35 +1,22 @@
 """Render modelserve's Kubernetes manifests (KubeRay RayService, MinIO, kustomization).
 
 serve_config.yaml says what is served and kuberay/deploy.yaml where; the manifests are
-derived from both and never hand-edited, so `render --check` can keep the committed copy
-honest and `render --dry-run` can say before any apply whether every replica fits a pod.
+derived from both and never hand-edited (the `render` command in `serve_app.cli_render`
+writes and checks them).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import difflib
 import json
-import os
-import sys
-from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
 from serve_app.config import ConfigError, describe_validation_error
-from serve_app.deploy_settings import (
-    CPU_GROUP,
-    GPU_GROUP,
-    DeploySettings,
-    GpuWorkerGroupSettings,
-    WorkerGroupSettings,
-    load_deploy_settings,
-    plan_placement,
-)
-from serve_app.serve_config import load_serve_config, parse_serve_config
+from serve_app.deploy_settings import CPU_GROUP, GPU_GROUP, DeploySettings, GpuWorkerGroupSettings, WorkerGroupSettings
+from serve_app.serve_config import parse_serve_config
 
 HEADER = (
     "# Rendered by `modelserve render` (serve_app/render.py) from serve_config.yaml and\n"
@@ -344,102 +331,3 @@ def render_manifests(serve_config: dict[str, Any], settings: DeploySettings) -> 
     }
     files["kustomization.yaml"] = _yaml(kustomization)
     return dict(sorted(files.items()))
-
-
-def _is_rendered(path: Path) -> bool:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.readline() == HEADER.splitlines(keepends=True)[0]
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-def _stale_files(files: dict[str, str], out: Path) -> list[Path]:
-    """Files render wrote earlier that it no longer produces (e.g. minio.yaml after disabling MinIO)."""
-    if not out.is_dir():
-        return []
-    return sorted(p for p in out.iterdir() if p.name not in files and p.is_file() and _is_rendered(p))
-
-
-def compare_manifests(files: dict[str, str], out: Path) -> list[str]:
-    """One message (with a unified diff) per file in `out` that differs from what render produces."""
-    differences = []
-    for name, text in files.items():
-        path = out / name
-        if not path.is_file():
-            differences.append(f"{path}: missing")
-            continue
-        current = path.read_text(encoding="utf-8")
-        if current != text:
-            diff = difflib.unified_diff(
-                current.splitlines(keepends=True),
-                text.splitlines(keepends=True),
-                f"{path} (on disk)",
-                f"{path} (rendered)",
-            )
-            differences.append(f"{path}: differs\n" + "".join(diff).rstrip("\n"))
-    differences += [f"{path}: no longer rendered (delete it)" for path in _stale_files(files, out)]
-    return differences
-
-
-def write_manifests(files: dict[str, str], out: Path) -> None:
-    """Write each file atomically (temp file + rename), then remove stale rendered files."""
-    out.mkdir(parents=True, exist_ok=True)
-    stale = _stale_files(files, out)
-    for name, text in files.items():
-        path = out / name
-        if path.is_file() and path.read_text(encoding="utf-8") == text:
-            continue
-        temporary = out / f".{name}.tmp"
-        try:
-            temporary.write_text(text, encoding="utf-8")
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-    for path in stale:
-        path.unlink()
-
-
-def run_render(args: argparse.Namespace) -> int:
-    """The `render` subcommand: 0 ok, 1 manifests out of date / plan undeployable, 2 bad input."""
-    try:
-        serve_config = load_serve_config(args.config)
-        settings = load_deploy_settings(args.settings)
-        if args.dry_run:
-            report, problems = plan_placement(deployable_serve_config(serve_config), settings)
-            print(report)
-            for problem in problems:
-                print(f"error: {problem}", file=sys.stderr)
-            return 1 if problems else 0
-        files = render_manifests(serve_config, settings)
-        if args.check:
-            differences = compare_manifests(files, args.out)
-            for difference in differences:
-                print(difference)
-            if differences:
-                print(f"{len(differences)} file(s) out of date: run `modelserve render`", file=sys.stderr)
-            return 1 if differences else 0
-        write_manifests(files, args.out)
-    except (ConfigError, OSError, yaml.YAMLError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"rendered {len(files)} files into {args.out}")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `render` subcommand to the modelserve CLI."""
-    parser = subparsers.add_parser(
-        "render",
-        help="render the KubeRay/Kubernetes manifests in kuberay/ from serve_config.yaml",
-        description="Render kuberay/ manifests from the Serve config and kuberay/deploy.yaml.",
-    )
-    parser.add_argument("--config", type=Path, default=Path("serve_config.yaml"), help="Serve config file")
-    parser.add_argument("--settings", type=Path, default=Path("kuberay/deploy.yaml"), help="deploy settings file")
-    parser.add_argument("--out", type=Path, default=Path("kuberay"), help="directory of rendered manifests")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--check", action="store_true", help="exit 1 if files in --out differ from a fresh render")
-    mode.add_argument(
-        "--dry-run", action="store_true", help="print models, replica bounds and worker groups; exit 1 if unplaceable"
-    )
-    parser.set_defaults(func=run_render)

@@ -24,7 +24,7 @@ import ray
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app import render
+from serve_app import cli_render, render
 from serve_app.deploy_settings import GIB, DeploySettings, load_deploy_settings
 from serve_app.serve_config import application_entries, parse_serve_config
 
@@ -40,7 +40,7 @@ needs_real_config = pytest.mark.skipif(not SERVE_CONFIG.exists(), reason="serve_
 def run_cli(*argv: str | Path) -> int:
     """Run `render` through argparse exactly as serve_app/cli.py registers it."""
     parser = argparse.ArgumentParser(prog="modelserve")
-    render.register(parser.add_subparsers(dest="command", required=True))
+    cli_render.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args([str(arg) for arg in argv])
     return args.func(args)
 
