@@ -76,7 +76,8 @@ class StatusCache:
     @staticmethod
     def _read() -> ServeSnapshot:
         own_app = serve.get_replica_context().app_name
-        snapshot = ServeSnapshot()
+        models: dict[str, ModelStatus] = {}
+        ingress: ModelStatus | None = None
         for app_name, app in serve.status().applications.items():
             for name, overview in app.deployments.items():
                 status = classify(
@@ -84,10 +85,10 @@ class StatusCache:
                     overview.message,
                 )
                 if app_name == own_app and name == "ingress":
-                    snapshot = ServeSnapshot(snapshot.models, status)
+                    ingress = status
                 elif app_name != own_app and name == model_deployment_name(app_name):
-                    snapshot.models[app_name] = status
-        return snapshot
+                    models[app_name] = status
+        return ServeSnapshot(models, ingress)
 
 
 def _name(value: object) -> str:
