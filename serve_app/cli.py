@@ -17,18 +17,20 @@ from serve_app.serve_config import ServeConfigApps, load_serve_config, parse_ser
 DASHBOARD = "http://127.0.0.1:8265"
 
 
-def _validate(path: str) -> ServeConfigApps | None:
-    """Every modelserve application of a Serve config, parsed; None after printing what is wrong (field by field)."""
+def _validate(path: str) -> tuple[dict[str, Any], ServeConfigApps] | None:
+    """The Serve config and its modelserve applications, parsed; None after printing what is wrong (by field)."""
     try:
-        return parse_serve_config(load_serve_config(path), str(path))
+        config = load_serve_config(path)
+        return config, parse_serve_config(config, str(path))
     except (ConfigError, OSError, yaml.YAMLError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    if (apps := _validate(args.config)) is None:
+    if (validated := _validate(args.config)) is None:
         return 1
+    _, apps = validated
     for app, _ in apps.ingress:
         print(f"ok  ingress  application={app['name']}  route_prefix={app.get('route_prefix', '/')}")
     for _, spec in apps.models:
@@ -75,11 +77,11 @@ def _wait_until_running(app_names: list[str], timeout_s: float) -> str | None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    if (apps := _validate(args.config)) is None:
+    if (validated := _validate(args.config)) is None:
         return 1
+    config, apps = validated
     from serve_app import cli_auth
 
-    config = load_serve_config(args.config)
     state = cli_auth.state_dir()
     secret_env = cli_auth.dev_secret_env(state)  # generated once (0600) unless MODELSERVE_JWT_SECRET[_FILE] is set
     if not _ray_running():
