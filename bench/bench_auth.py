@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 from harness import ROOT, free_port
 
-from serve_app.serve_config import application_entries
+from serve_app.serve_config import application_entries, use_serve_process_env
 
 sys.path.insert(0, str(ROOT / "tests"))
 from tiny_gguf import write_tiny_llama_gguf  # noqa: E402
@@ -81,6 +81,7 @@ def main() -> int:
 
     os.environ["MODELSERVE_JWT_SECRET"] = secrets.token_urlsafe(48)  # fresh per run; inherited by replicas
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a private loopback cluster; leaves the user's Ray token alone
+    use_serve_process_env()  # the Ray settings modelserve ships with
     import ray
     from ray import serve
 

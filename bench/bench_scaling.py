@@ -100,9 +100,10 @@ def measure(rounds: int, cache: WeightCache) -> list[tuple[float, float, float]]
     from ray import serve
 
     from serve_app.app import run_targets
-    from serve_app.serve_config import application_entries
+    from serve_app.serve_config import application_entries, use_serve_process_env
 
     port = free_port()
+    use_serve_process_env()  # the Ray settings modelserve ships with
     ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
              logging_level="error", log_to_driver=False)
     try:

@@ -98,10 +98,11 @@ def modelserve_backend(model: str, n_ctx: int, threads: int, slots: int, engine:
 
     from serve_app.app import run_targets
     from serve_app.cli_auth import mint_token
-    from serve_app.serve_config import application_entries
+    from serve_app.serve_config import application_entries, use_serve_process_env
 
     port = free_port()
     secret = os.environ.setdefault("MODELSERVE_JWT_SECRET", secrets.token_urlsafe(48))  # inherited by replicas
+    use_serve_process_env()  # the Ray settings modelserve ships with
     ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="error")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     gemma = {

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from serve_app.config import ConfigError
-from serve_app.serve_config import ServeConfigApps, load_serve_config, parse_serve_config
+from serve_app.serve_config import SERVE_PROCESS_ENV, ServeConfigApps, load_serve_config, parse_serve_config
 
 DASHBOARD = "http://127.0.0.1:8265"
 
@@ -90,7 +90,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         started = _run(
             ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
              "--num-cpus", cpus, "--disable-usage-stats"],
-            env=secret_env,
+            env={**SERVE_PROCESS_ENV, **os.environ, **secret_env},  # what the caller exports wins
         )
         if started.returncode != 0:
             print(f"error: ray start failed:\n{started.stderr or started.stdout}", file=sys.stderr)

@@ -261,7 +261,7 @@ class OpenAIIngress:
     async def _model(self, name: str, account: RequestAccount) -> tuple[str, ModelStatus]:
         """The model, if Serve runs it and the caller may use it; both failures get the same 404 (no leaking)."""
         account.model = name
-        status = (await self._status.snapshot()).models.get(name)
+        status = (await self._status.cached()).models.get(name)
         if status is None:  # perhaps deployed a moment ago: look again, at most twice a second
             status = (await self._status.snapshot(max_age_s=MISSING_MODEL_RECHECK_S)).models.get(name)
         if status is None or not self._access.allows(account, name):

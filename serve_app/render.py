@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from serve_app.config import ConfigError, describe_validation_error
 from serve_app.deploy_settings import CPU_GROUP, GPU_GROUP, DeploySettings, GpuWorkerGroupSettings, WorkerGroupSettings
-from serve_app.serve_config import parse_serve_config
+from serve_app.serve_config import SERVE_PROCESS_ENV, parse_serve_config
 
 HEADER = (
     "# Rendered by `modelserve render` (serve_app/render.py) from serve_config.yaml and\n"
@@ -118,6 +118,7 @@ def _ray_container(
         env.append({"name": "AWS_ENDPOINT_URL", "value": settings.s3_endpoint})
     env += [_secret_env(key, settings.secrets.s3) for key in S3_SECRET_KEYS]
     env.append({"name": JWT_SECRET_FILE_ENV, "value": JWT_MOUNT})
+    env += [{"name": key, "value": value} for key, value in SERVE_PROCESS_ENV.items()]
     return {
         "name": name,
         "image": image,

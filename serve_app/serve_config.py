@@ -6,6 +6,8 @@ config with a typo or a misnamed application is refused before `serve deploy` st
 
 from __future__ import annotations
 
+import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,26 @@ from serve_app.config import ConfigError, IngressArgs, ModelSpec, parse_ingress_
 
 INGRESS_IMPORT_PATH = "serve_app.app:build_app"
 MODEL_IMPORT_PATH = "serve_app.app:build_model_app"
+
+# Environment of every Ray process modelserve runs in (`ray start` in `modelserve up`, the KubeRay pods,
+# tests and benches). Ray's defaults suit large nodes; on a small CPU node each Ray process's timers
+# take CPU from the model's decode threads. The controller reconciles twice a second instead of ten
+# times (autoscaling delays are in seconds, so unchanged), and replicas, proxies and handles export
+# Serve's cached metrics once a second instead of ten times (Prometheus scrapes every 10-15 s).
+# Measured on 2 vCPUs: idle Ray CPU 10.8% -> 6.8% of a core, c=1 decode tokens/s +4%.
+SERVE_PROCESS_ENV = {
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+}
+
+
+def use_serve_process_env(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Add SERVE_PROCESS_ENV to an environment (the process's own by default) where it sets nothing else.
+
+    Before `ray.init` or `ray start`: every Ray process started from there inherits it.
+    """
+    for key, value in SERVE_PROCESS_ENV.items():
+        environ.setdefault(key, value)
 
 
 @dataclass(frozen=True)

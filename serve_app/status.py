@@ -1,13 +1,16 @@
 """Which models Serve runs and where each is in its lifecycle (ready, scaling, at zero, starting, failed).
 
 The ingress routes by this and shows it in /v1/models and the admin status. `serve.status()`
-is a controller round trip, so the answer is kept for a couple of seconds rather than asked
-for on every request.
+is a controller round trip of ~17 ms (the controller builds every application's details), so
+the answer is kept for a couple of seconds. Generation requests never wait for it once it is
+known: they take the cached answer and renew it in the background (only a model the cache
+does not hold is looked up at once). /v1/models and the admin status wait for a fresh one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from dataclasses import dataclass, field
@@ -49,7 +52,7 @@ class ServeSnapshot:
 
 
 class StatusCache:
-    """Which models exist and their states, read from Serve at most every `ttl_s` seconds.
+    """Which models exist and their states, renewed from Serve once older than `ttl_s` seconds.
 
     A model is any application holding the deployment named after it
     (`model_deployment_name`), so `serve deploy` adding or removing a model application is
@@ -58,20 +61,40 @@ class StatusCache:
 
     def __init__(self, ttl_s: float = 2.0) -> None:
         self._ttl_s = ttl_s
-        self._fetched_at = 0.0
+        self._fetched_at: float | None = None  # when the snapshot's read began
         self._snapshot = ServeSnapshot()
-        self._lock = asyncio.Lock()
+        self._refresh: asyncio.Task[None] | None = None
 
     async def snapshot(self, max_age_s: float | None = None) -> ServeSnapshot:
-        """The cached snapshot, read again when older than `max_age_s` (default: the cache's ttl)."""
-        async with self._lock:
-            if time.monotonic() - self._fetched_at > (self._ttl_s if max_age_s is None else max_age_s):
-                try:
-                    self._snapshot = await asyncio.to_thread(self._read)
-                except Exception as exc:  # noqa: BLE001 - keep serving the last known models
-                    logger.warning("could not read Serve status: %s", exc)
-                self._fetched_at = time.monotonic()
-            return self._snapshot
+        """A snapshot no older than `max_age_s` (default: the ttl), waiting for a read if the cached one is."""
+        if self._age() > (self._ttl_s if max_age_s is None else max_age_s):
+            await asyncio.shield(self._start_refresh())  # shared: a caller that goes away does not cancel it
+        return self._snapshot
+
+    async def cached(self) -> ServeSnapshot:
+        """For the generation path: the cached snapshot at once, renewed in the background past the ttl."""
+        if self._fetched_at is None:
+            return await self.snapshot()
+        if self._age() > self._ttl_s:
+            self._start_refresh()
+        return self._snapshot
+
+    def _age(self) -> float:
+        return float("inf") if self._fetched_at is None else time.monotonic() - self._fetched_at
+
+    def _start_refresh(self) -> asyncio.Task[None]:
+        """One read at a time, outside any request's context (Serve cancels a request's Ray calls with it)."""
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.get_running_loop().create_task(self._fetch(), context=contextvars.Context())
+        return self._refresh
+
+    async def _fetch(self) -> None:
+        started = time.monotonic()
+        try:
+            self._snapshot = await asyncio.to_thread(self._read)
+        except Exception as exc:  # noqa: BLE001 - keep serving the last known models
+            logger.warning("could not read Serve status: %s", exc)
+        self._fetched_at = started
 
     @staticmethod
     def _read() -> ServeSnapshot:

@@ -26,7 +26,7 @@ import yaml
 from auth_helpers import SECRET_1, claims
 
 from serve_app.auth import api_key_hash
-from serve_app.serve_config import application_entries
+from serve_app.serve_config import application_entries, use_serve_process_env
 
 ISSUER, AUDIENCE = "https://idp.test/", "modelserve-test"
 API_KEY = "msk-test-service-account-key"
@@ -92,6 +92,7 @@ class Cluster:
         self.base_url = f"http://127.0.0.1:{http}{ROUTE_PREFIX}"
         self.http_port = http
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MODELSERVE_JWT_SECRET")}
+        use_serve_process_env(self.env)  # the Ray settings modelserve ships with
         self.env |= {
             "MODELSERVE_JWT_SECRET_FILE": str(keys["secret_dir"]),
             "RAY_USAGE_STATS_ENABLED": "0",

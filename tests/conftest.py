@@ -26,7 +26,7 @@ from s3_server import TEST_CREDENTIALS, MotoS3  # noqa: E402
 from tiny_gguf import write_tiny_llama_gguf  # noqa: E402
 
 from serve_app.cli_auth import mint_token  # noqa: E402
-from serve_app.serve_config import INGRESS_IMPORT_PATH, MODEL_IMPORT_PATH  # noqa: E402
+from serve_app.serve_config import INGRESS_IMPORT_PATH, MODEL_IMPORT_PATH, use_serve_process_env  # noqa: E402
 
 HTTP_PORT = 8000
 DASHBOARD_PORT = 8265
@@ -136,6 +136,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_store: MotoS3) -> I
 
     os.environ.setdefault("MODELSERVE_CACHE_DIR", str(tmp_path_factory.mktemp("weight-cache")))
     os.environ.setdefault("MODELSERVE_JWT_SECRET", secrets.token_urlsafe(48))  # replicas inherit it
+    use_serve_process_env()  # the Ray settings modelserve ships with
     ray.init(
         address="local",  # always a fresh cluster of our own, even if `ray start` runs here
         num_cpus=8,

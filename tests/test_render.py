@@ -26,7 +26,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve_app import cli_render, render
 from serve_app.deploy_settings import GIB, DeploySettings, load_deploy_settings
-from serve_app.serve_config import application_entries, parse_serve_config
+from serve_app.serve_config import SERVE_PROCESS_ENV, application_entries, parse_serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "kuberay"
@@ -319,7 +319,7 @@ def test_secrets_only_by_reference_never_by_value(tmp_path: Path, monkeypatch: p
     assert "*.env" in (KUBERAY / ".gitignore").read_text().splitlines()
 
 
-def test_jwt_keys_are_a_mounted_secret_directory_so_keys_rotate_without_restarts() -> None:
+def test_ray_pods_mount_jwt_keys_as_a_secret_directory_and_carry_the_serve_process_env() -> None:
     deploy = settings()
     service = rayservice(render.render_manifests(serve_config(), deploy))
     cluster = service["spec"]["rayClusterConfig"]
@@ -332,6 +332,7 @@ def test_jwt_keys_are_a_mounted_secret_directory_so_keys_rotate_without_restarts
         assert volumes[mount["name"]]["secret"] == {"secretName": deploy.secrets.jwt}
         assert {"name": "MODELSERVE_JWT_SECRET_FILE", "value": render.JWT_MOUNT} in container["env"]
         assert not any(e["name"] == "MODELSERVE_JWT_SECRET" for e in container["env"])
+        assert all({"name": k, "value": v} in container["env"] for k, v in SERVE_PROCESS_ENV.items())  # every Ray pod
         init = pod["spec"]["initContainers"][0]
         assert all(m["mountPath"] != render.JWT_MOUNT for m in init["volumeMounts"])
 
