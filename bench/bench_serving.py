@@ -25,6 +25,7 @@ import argparse
 import os
 import queue
 import secrets
+import statistics
 import subprocess
 import sys
 import threading
@@ -158,26 +159,32 @@ def main() -> None:
         print("llama-server: skipped (pass --llama-server PATH to a built binary)", flush=True)
     backends = {name: start for name, start in backends.items() if name in (args.backends or backends)}
 
-    best: dict[tuple[str, int], Result] = {}
-    for name, start in [item for _ in range(args.repeat) for item in backends.items()]:
+    runs: dict[tuple[str, int], list[Result]] = {}  # per (backend, concurrency): each run's best round
+    for run, (name, start) in enumerate([item for _ in range(args.repeat) for item in backends.items()]):
         stream, stop = start()
         try:
             run_load(stream, 1, 2, 8)  # warm-up, then let start-up work (Serve's controller, imports) settle
             time.sleep(2.0 if args.quick else SETTLE_S)
             for concurrency in concurrencies:
-                for _ in range(rounds):
-                    wall, samples = run_load(stream, concurrency, max(4, 2 * concurrency), max_tokens)
-                    result = summarize(name, concurrency, wall, samples, count_tokens)
-                    kept = best.get((name, concurrency))
-                    if kept is None or result.tokens_per_s > kept.tokens_per_s:
-                        best[(name, concurrency)] = result
-                print(best[(name, concurrency)].line(), flush=True)
+                results = [summarize(name, concurrency, *run_load(stream, concurrency, max(4, 2 * concurrency),
+                                                                  max_tokens), count_tokens) for _ in range(rounds)]
+                kept = max(results, key=lambda result: result.tokens_per_s)
+                runs.setdefault((name, concurrency), []).append(kept)
+                print(kept.line() + (f"  (run {run // len(backends) + 1})" if args.repeat > 1 else ""), flush=True)
         finally:
             stop()
+    best = {key: max(results, key=lambda result: result.tokens_per_s) for key, results in runs.items()}
+    if args.repeat > 1 and "modelserve" in backends:  # the machine's speed drifts: compare runs made side by side
+        for name in [name for name in backends if name != "modelserve"]:
+            for concurrency in concurrencies:
+                paired = [ours.tokens_per_s / theirs.tokens_per_s
+                          for ours, theirs in zip(runs[("modelserve", concurrency)], runs[(name, concurrency)])]
+                print(f"paired runs c={concurrency} modelserve/{name}: " + " ".join(f"{r:.3f}" for r in paired)
+                      + f"  (median {statistics.median(paired):.3f})")
 
     if not args.quick:  # the median latency auth + policy add per request, measured on its own app pair
         overhead = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_auth.py")), "--quick"],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, check=False)
         print("auth + policy overhead: " + (overhead.stdout.strip().splitlines() or ["(failed)"])[-1])
     print(f"machine: {os.cpu_count()} CPUs, threads={args.threads}, max_tokens={max_tokens}, slots={args.slots}")
     ratios = []
