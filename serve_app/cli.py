@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from serve_app.config import ConfigError
-from serve_app.serve_config import SERVE_PROCESS_ENV, ServeConfigApps, load_serve_config, parse_serve_config
+from serve_app.serve_config import ServeConfigApps, load_serve_config, parse_serve_config, use_serve_process_env
 
 DASHBOARD = "http://127.0.0.1:8265"
 
@@ -87,10 +87,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not _ray_running():
         cpus = str(args.num_cpus or max(4, os.cpu_count() or 1))
         print(f"starting a local Ray head (127.0.0.1, {cpus} CPU slots, dashboard {DASHBOARD}) ...", flush=True)
+        ray_env = {**os.environ, **secret_env}
+        use_serve_process_env(ray_env)  # what the caller exports wins
         started = _run(
             ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
              "--num-cpus", cpus, "--disable-usage-stats"],
-            env={**SERVE_PROCESS_ENV, **os.environ, **secret_env},  # what the caller exports wins
+            env=ray_env,
         )
         if started.returncode != 0:
             print(f"error: ray start failed:\n{started.stderr or started.stdout}", file=sys.stderr)

@@ -33,7 +33,7 @@ MODEL_IMPORT_PATH = "serve_app.app:build_model_app"
 #   a stream item does not cross threads inside the replica (also part of that mode). Our deployments
 #   never block their loop: weight fetches, model loads and Serve status reads go to threads.
 # Measured on 2 vCPUs (bench_serving.py, c=1): idle Ray CPU 10.8% -> 7% of a core; decode tokens/s
-# +4% (intervals), +5% (gRPC) and +3-8% (one loop), paired runs each; time to first token -10 ms.
+# +4% (intervals), +5% (gRPC) and +3-8% (one loop); time to first token -10 ms.
 SERVE_PROCESS_ENV = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
