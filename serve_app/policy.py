@@ -11,7 +11,6 @@ collects usage until the response ends and AccessMiddleware settles it.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import logging
@@ -216,8 +215,11 @@ class MeteredStream:
             self._stream.cancel()
 
 
-def authenticated(request: Request) -> RequestAccount:
-    """FastAPI dependency: the caller's account, which AccessMiddleware authenticated before routing."""
+async def authenticated(request: Request) -> RequestAccount:
+    """FastAPI dependency: the caller's account, which AccessMiddleware authenticated before routing.
+
+    Async so FastAPI calls it on the event loop: a plain `def` dependency costs a worker-thread hop.
+    """
     return request.state.account
 
 
