@@ -31,7 +31,7 @@ from harness import ROOT, free_port
 from serve_app.serve_config import application_entries, use_serve_process_env
 
 sys.path.insert(0, str(ROOT / "tests"))
-from tiny_gguf import write_tiny_llama_gguf  # noqa: E402
+from tiny_gguf import write_tiny_llama_gguf
 
 MODEL = "tiny"
 TENANTS = {

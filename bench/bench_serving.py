@@ -10,13 +10,14 @@ alone on the machine, in turn:
 - modelserve: the full app (auth, ingress, batched llama.cpp replica with SLOTS slots) on a local
   Ray, called over HTTP with a token like any client.
 
-Each backend is warmed up and left to settle (start-up work such as Serve's controller finishing
-a deploy) before it is measured. Prints aggregate decode tokens/s and time-to-first-token p50/p95
+Each backend is warmed up, and servers are left to settle (start-up work such as Serve's controller
+finishing a deploy), before it is measured. Prints aggregate decode tokens/s and time-to-first-token p50/p95
 per concurrency (best of `--rounds`, and of `--repeat` runs of the whole sequence), then the
-ratios of modelserve to each baseline on the last line.
+ratios of modelserve to each baseline on the last line. The machine's speed drifts, so raw c=1
+is measured right before modelserve and again right after it: their mean is the c=1 baseline.
 
     python bench/bench_serving.py --llama-server PATH   # concurrency 1 4 8 16, then the auth overhead
-    python bench/bench_serving.py --quick               # concurrency 1 and 4, about a minute
+    python bench/bench_serving.py --quick               # the targets only: c=1 vs raw, c=4 vs llama_cpp.server
 """
 
 from __future__ import annotations
@@ -125,9 +126,46 @@ def modelserve_backend(model: str, n_ctx: int, threads: int, slots: int, engine:
     return http_stream(base, "gemma", headers={"Authorization": f"Bearer {token}"}), stop
 
 
+QUICK_BASELINES = {"raw": [1], "llama_cpp.server": [4], "llama-server": [4]}  # what the targets compare
+
+
+def plan(names: list[str], concurrencies: list[int], quick: bool) -> list[tuple[str, list[int], str]]:
+    """The order backends run in: (backend, its concurrencies, a label for its lines).
+
+    The machine's speed drifts by several percent within minutes, so modelserve's c=1 is compared
+    with raw c=1 measured right before modelserve starts and again right after it stops (the mean
+    of the two is the baseline); the other backends run first. `quick` measures the baselines only
+    at the concurrency their target compares.
+    """
+    def measured(name: str) -> list[int]:
+        return [c for c in concurrencies if not quick or c in QUICK_BASELINES.get(name, concurrencies)]
+
+    bracketed = {"raw", "modelserve"} <= set(names) and 1 in measured("raw")
+    steps = [(name, measured(name), "") for name in names if name not in ("raw", "modelserve")]
+    if "raw" in names:
+        steps.append(("raw", [c for c in measured("raw") if c != 1] + [1] if bracketed else measured("raw"), ""))
+    if "modelserve" in names:
+        steps.append(("modelserve", concurrencies, ""))
+    if bracketed:
+        steps.append(("raw", [1], "  (after modelserve)"))
+    return [step for step in steps if step[1]]
+
+
+def requests(concurrency: int, quick: bool) -> int:
+    """Requests per round: two waves (at least 8) so one slow request moves a round's rate little; quick: one wave."""
+    return max(4, concurrency) if quick else max(8, 2 * concurrency)
+
+
+def mean_result(results: list[Result]) -> Result:
+    first = results[0]
+    return Result(first.backend, first.concurrency, statistics.mean(r.tokens_per_s for r in results),
+                  statistics.mean(r.ttft_p50_ms for r in results), max(r.ttft_p95_ms for r in results))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="concurrency 1 and 4, one round of 32 tokens")
+    parser.add_argument("--quick", action="store_true",
+                        help="within a minute: one round at c=1 and 4, baselines only where a target compares")
     parser.add_argument("--llama-server", default=None, help="path of a llama-server binary (skipped if absent)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 4 8 16 (quick: 1 4)")
@@ -142,7 +180,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the whole sequence of backends this many times (each alone on the machine)")
     args = parser.parse_args()
-    max_tokens, rounds = (32, 1) if args.quick else (64, args.rounds)
+    max_tokens, rounds = 64, 1 if args.quick else args.rounds
     concurrencies = args.concurrency or ([1, 4] if args.quick else [1, 4, 8, 16])
 
     model, count_tokens = demo_model()
@@ -160,23 +198,32 @@ def main() -> None:
     backends = {name: start for name, start in backends.items() if name in (args.backends or backends)}
 
     runs: dict[tuple[str, int], list[Result]] = {}  # per (backend, concurrency): each run's best round
-    for run, (name, start) in enumerate([item for _ in range(args.repeat) for item in backends.items()]):
-        stream, stop = start()
-        try:
-            run_load(stream, 1, 2, 8)  # warm-up, then let start-up work (Serve's controller, imports) settle
-            time.sleep(2.0 if args.quick else SETTLE_S)
-            for concurrency in concurrencies:
-                results = [summarize(name, concurrency, *run_load(stream, concurrency, max(4, 2 * concurrency),
-                                                                  max_tokens), count_tokens) for _ in range(rounds)]
-                kept = max(results, key=lambda result: result.tokens_per_s)
-                runs.setdefault((name, concurrency), []).append(kept)
-                print(kept.line() + (f"  (run {run // len(backends) + 1})" if args.repeat > 1 else ""), flush=True)
-        finally:
-            stop()
+    steps = plan(list(backends), concurrencies, args.quick)
+    for run in range(args.repeat):
+        bracket: list[Result] = []  # raw c=1 just before and just after modelserve
+        for name, step_concurrencies, label in steps:
+            stream, stop = backends[name]()
+            try:
+                run_load(stream, 1, 2, 8)  # warm-up; servers then finish start-up work (Serve's controller, imports)
+                time.sleep(0.0 if name == "raw" else 2.0 if args.quick else SETTLE_S)
+                for concurrency in step_concurrencies:
+                    load = (stream, concurrency, requests(concurrency, args.quick), max_tokens)
+                    results = [summarize(name, concurrency, *run_load(*load), count_tokens) for _ in range(rounds)]
+                    kept = max(results, key=lambda result: result.tokens_per_s)
+                    if name == "raw" and concurrency == 1 and "modelserve" in backends:
+                        bracket.append(kept)
+                    else:
+                        runs.setdefault((name, concurrency), []).append(kept)
+                    print(kept.line() + label + (f"  (run {run + 1})" if args.repeat > 1 else ""), flush=True)
+            finally:
+                stop()
+        if bracket:
+            runs.setdefault(("raw", 1), []).append(mean_result(bracket))
+            print(runs[("raw", 1)][-1].line() + "  (mean of the two around modelserve: the c=1 baseline)", flush=True)
     best = {key: max(results, key=lambda result: result.tokens_per_s) for key, results in runs.items()}
     if args.repeat > 1 and "modelserve" in backends:  # the machine's speed drifts: compare runs made side by side
         for name in [name for name in backends if name != "modelserve"]:
-            for concurrency in concurrencies:
+            for concurrency in [c for c in concurrencies if (name, c) in runs]:
                 paired = [ours.tokens_per_s / theirs.tokens_per_s
                           for ours, theirs in zip(runs[("modelserve", concurrency)], runs[(name, concurrency)])]
                 print(f"paired runs c={concurrency} modelserve/{name}: " + " ".join(f"{r:.3f}" for r in paired)
@@ -191,7 +238,7 @@ def main() -> None:
     for concurrency in concurrencies if "modelserve" in backends else []:
         ours = best[("modelserve", concurrency)].tokens_per_s
         parts = [f"modelserve/{name}={ours / best[(name, concurrency)].tokens_per_s:.2f}"
-                 for name in backends if name != "modelserve"]
+                 for name in backends if name != "modelserve" and (name, concurrency) in best]
         ratios.append(f"c{concurrency}: " + " ".join(parts))
     print("ratios (decode tokens/s): " + "; ".join(ratios))
 
