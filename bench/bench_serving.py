@@ -10,11 +10,12 @@ alone on the machine, in turn:
 - modelserve: the full app (auth, ingress, batched llama.cpp replica with SLOTS slots) on a local
   Ray, called over HTTP with a token like any client.
 
-Each backend is warmed up, and servers are left to settle (start-up work such as Serve's controller
-finishing a deploy), before it is measured. Prints aggregate decode tokens/s and time-to-first-token p50/p95
-per concurrency (best of `--rounds`, and of `--repeat` runs of the whole sequence), then the
-ratios of modelserve to each baseline on the last line. The machine's speed drifts, so raw c=1
-is measured right before modelserve and again right after it: their mean is the c=1 baseline.
+Each backend is warmed up, and servers are left to settle (start-up work such as Serve's
+controller finishing a deploy), before it is measured. Prints aggregate decode tokens/s and
+time-to-first-token p50/p95 per concurrency (best of `--rounds`, and of `--repeat` runs of the
+whole sequence), then the ratios of modelserve to each baseline on the last line. The machine's
+speed drifts, so raw c=1 is measured right before modelserve and again right after it: their
+mean is the c=1 baseline.
 
     python bench/bench_serving.py --llama-server PATH   # concurrency 1 4 8 16, then the auth overhead
     python bench/bench_serving.py --quick               # the targets only: c=1 vs raw, c=4 vs llama_cpp.server
@@ -180,7 +181,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the whole sequence of backends this many times (each alone on the machine)")
     args = parser.parse_args()
-    max_tokens, rounds = 64, 1 if args.quick else args.rounds
+    max_tokens, rounds = 64, (1 if args.quick else args.rounds)
     concurrencies = args.concurrency or ([1, 4] if args.quick else [1, 4, 8, 16])
 
     model, count_tokens = demo_model()
