@@ -50,23 +50,35 @@ def replica_class_name(app: str, deployment: str) -> str:
 class CrashWatch:
     """Counts each model's replica crashes over a sliding window, from Ray's table of dead actors.
 
-    Ray does not record when an actor died, so a death counts from when this watch first saw it;
-    deaths already in the table at the first read are history, not a loop in progress.
+    Ray does not record when an actor died, so a death counts from when this watch first saw it.
+    Deaths already in the table at the watch's first read are history (an ingress that restarts
+    does not see an old loop as a new one); a model deployed later starts with none.
     """
 
     def __init__(self) -> None:
         self._seen: dict[str, dict[str, float]] = {}  # model -> dead actor id -> first seen (monotonic), -inf: old
         self._tails: dict[str, tuple[str, tuple[str, ...]]] = {}  # model -> (actor id, its stderr tail)
+        self._primed = False
 
-    def read(self, app: str, deployment: str) -> CrashReport:
-        """This deployment's crashes in the last CRASH_WINDOW_S seconds (blocking state-API calls)."""
+    def read_all(self, deployments: dict[str, str]) -> dict[str, CrashReport | Exception]:
+        """Each model's (application -> deployment) crashes in the last CRASH_WINDOW_S s; blocking state-API calls."""
+        reports: dict[str, CrashReport | Exception] = {}
+        for app, deployment in deployments.items():
+            try:
+                reports[app] = self._read(app, deployment, history=not self._primed)
+            except Exception as exc:  # noqa: BLE001 - one model's failed read must not hide the others
+                reports[app] = exc
+        self._primed = True
+        return reports
+
+    def _read(self, app: str, deployment: str, history: bool) -> CrashReport:
         from ray.util.state import list_actors
 
         dead = list_actors(
             filters=[("class_name", "=", replica_class_name(app, deployment)), ("state", "=", "DEAD")],
             detail=True, limit=10_000, timeout=10, raise_on_missing_output=False,
         )
-        now, history = time.monotonic(), app not in self._seen
+        now = time.monotonic()
         seen = self._seen.setdefault(app, {})
         reasons = {}
         for actor in dead:

@@ -119,7 +119,7 @@ class StatusCache:
                     models[app_name] = status
         crashes = self._read_crashes(models)
         for name, report in crashes.items():
-            if report.crash_looping and models[name].state != "failed":
+            if report.crash_looping:  # the loop's reason says more than Serve's "health check failed"
                 models[name] = models[name].model_copy(update={"state": "failed", "message": report.reason})
         return ServeSnapshot(models, ingress, crashes)
 
@@ -128,14 +128,13 @@ class StatusCache:
         if time.monotonic() - self._crashes_read_at >= CHECK_INTERVAL_S:
             self._crashes_read_at = time.monotonic()
             crashes = {}
-            for name in models:
-                try:
-                    crashes[name] = self._crash_watch.read(name, model_deployment_name(name))
-                except Exception as exc:  # noqa: BLE001 - keep the last known deaths when the state API fails
-                    logger.warning("could not read replica deaths of %s: %s", name, exc)
-                    crashes[name] = self._crashes.get(name, CrashReport(0))
+            for name, report in self._crash_watch.read_all({m: model_deployment_name(m) for m in models}).items():
+                if isinstance(report, Exception):  # keep the last known deaths when the state API fails
+                    logger.warning("could not read replica deaths of %s: %s", name, report)
+                    report = self._crashes.get(name, CrashReport(0))
+                crashes[name] = report
                 if self._on_crashes is not None:
-                    self._on_crashes(name, crashes[name])
+                    self._on_crashes(name, report)
             self._crashes = crashes
         return {name: report for name, report in self._crashes.items() if name in models}
 

@@ -30,12 +30,12 @@ def fresh_user_env(home: Path) -> dict[str, str]:
 def modelserve(env: dict[str, str], *argv: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(Path(sys.executable).parent / "modelserve"), *argv],
-        cwd=ROOT, env=env, text=True, capture_output=True, timeout=timeout,
+        cwd=ROOT, env=env, text=True, capture_output=True, timeout=timeout, check=False,
     )
 
 
 def ray_running(env: dict[str, str]) -> bool:
-    return subprocess.run(["ray", "status"], env=env, capture_output=True, timeout=120).returncode == 0
+    return subprocess.run(["ray", "status"], env=env, capture_output=True, timeout=120, check=False).returncode == 0
 
 
 def up_and_chat(env: dict[str, str]) -> None:
