@@ -81,8 +81,8 @@ def serialized(args: argparse.Namespace) -> Backend:
 
 def modelserve_engine(args: argparse.Namespace) -> Backend:
     """The batched engine behind a small sync adapter; its event loop runs in a helper thread."""
-    from deployments.engine import GenerationRequest, SamplingParams
-    from deployments.llama_cpp_batched import BatchedLlamaEngine
+    from deployments.api import GenerationRequest, SamplingParams
+    from deployments.llama_cpp.engine import BatchedLlamaEngine
     from serve_app.config import ModelSpec
 
     spec = ModelSpec(name="bench", source=args.model, engine={

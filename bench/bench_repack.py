@@ -22,7 +22,7 @@ from typing import Any
 
 from harness import ROOT, Result, demo_model, run_load, summarize
 
-from deployments.llama_cpp_engine import cpu_has_amx
+from deployments.llama_cpp.model import cpu_has_amx
 from serve_app.serve_config import load_serve_config, parse_serve_config
 
 CONCURRENCIES = (1, 8)
@@ -31,8 +31,8 @@ MAX_TOKENS = 64
 
 def _measure(conn: Any, model: str, engine: dict[str, Any]) -> None:
     """In a child process: start the engine with these settings, run each concurrency, send the results back."""
-    from deployments.engine import GenerationRequest, SamplingParams
-    from deployments.llama_cpp_batched import BatchedLlamaEngine
+    from deployments.api import GenerationRequest, SamplingParams
+    from deployments.llama_cpp.engine import BatchedLlamaEngine
     from serve_app.config import ModelSpec
 
     _, count_tokens = demo_model()

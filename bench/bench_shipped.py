@@ -34,7 +34,7 @@ import httpx
 from bench_serving import mean_result, raw_backend, requests
 from harness import ROOT, Backend, Result, demo_model, http_stream, llama_server, run_load, summarize
 
-from deployments.llama_cpp_engine import choose_repack, cpu_has_amx
+from deployments.llama_cpp.model import choose_repack, cpu_has_amx
 from serve_app import cli_auth
 from serve_app.serve_config import load_serve_config, parse_serve_config
 

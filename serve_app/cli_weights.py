@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from deployments.weight_cache import WeightCache, WeightFetchError
+from deployments.weights.cache import WeightCache, WeightFetchError
 from serve_app.config import StorageSettings
 
 _DST_ENV = {
@@ -105,7 +105,7 @@ def _failures(command: Callable[[argparse.Namespace], int]) -> Callable[[argpars
     """Report expected failures as one line on stderr and exit code 1, never a traceback."""
 
     def run(args: argparse.Namespace) -> int:
-        from deployments.s3_store import StoreError
+        from deployments.weights.s3 import StoreError
 
         try:
             return command(args)
@@ -131,7 +131,7 @@ def _bar(description: str) -> Iterator[Callable[[int, int], None]]:
 
 def push_path(client: Any, path: Path, destination: str) -> list[tuple[str, int, str]]:
     """Upload a file or a directory tree; returns (uri, size, sha256) for each object."""
-    from deployments import s3_store
+    from deployments.weights import s3 as s3_store
 
     bucket, key = s3_store.parse_s3_uri(destination)
     if not path.exists():
@@ -164,7 +164,7 @@ def _upload(client: Any, path: Path, bucket: str, key: str, callback: Callable[[
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from deployments.s3_store import CHUNK_BYTES, WORKERS, describe
+    from deployments.weights.s3 import CHUNK_BYTES, WORKERS, describe
 
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -185,7 +185,7 @@ def _upload(client: Any, path: Path, bucket: str, key: str, callback: Callable[[
 
 @_failures
 def _push(args: argparse.Namespace) -> int:
-    from deployments import s3_store
+    from deployments.weights import s3 as s3_store
 
     for uri, size, sha256 in push_path(s3_store.make_client(_storage(args)), args.path, args.destination):
         print(f"{uri}\t{size}\tsha256={sha256}")
@@ -208,7 +208,7 @@ def _pull(args: argparse.Namespace) -> int:
 
 @_failures
 def _ls(args: argparse.Namespace) -> int:
-    from deployments import s3_store
+    from deployments.weights import s3 as s3_store
 
     bucket, prefix = s3_store.parse_s3_uri(args.location)
     objects = s3_store.list_objects(s3_store.make_client(_storage(args)), bucket, prefix)
@@ -238,7 +238,7 @@ def _cache_rm(args: argparse.Namespace) -> int:
 
 @_failures
 def _import(args: argparse.Namespace) -> int:
-    from deployments import s3_store
+    from deployments.weights import s3 as s3_store
 
     cache = WeightCache(args.cache_dir)
     with _bar(f"fetch {args.source}") as progress:

@@ -22,7 +22,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.engine import (
+from deployments.api import (
     ContextLengthExceeded,
     EngineError,
     EngineUnavailable,

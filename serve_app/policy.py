@@ -27,7 +27,7 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray.serve.handle import DeploymentResponseGenerator
 
-from deployments.engine import GenerationChunk, GenerationRequest
+from deployments.api import GenerationChunk, GenerationRequest
 from serve_app.allowance import Admission, LimiterUnavailable, SharedLimiter
 from serve_app.auth import Authenticator, AuthError, AuthSettings, Principal
 from serve_app.config import ConfigError, describe_validation_error

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.engine import GenerationChunk, GenerationRequest, SamplingParams
+from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
 
 _ids = itertools.count()
 

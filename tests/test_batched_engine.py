@@ -24,9 +24,9 @@ from engine_streams import Completion, drain, make_request
 from llama_cpp import Llama
 from tiny_gguf import write_tiny_llama_gguf
 
-from deployments.engine import ContextLengthExceeded
-from deployments.llama_cpp_batched import BatchedLlamaEngine
-from deployments.weight_cache import WeightCache
+from deployments.api import ContextLengthExceeded
+from deployments.llama_cpp.engine import BatchedLlamaEngine
+from deployments.weights.cache import WeightCache
 from serve_app.config import ConfigError, ModelSpec, parse_model_args
 
 TINY_PROMPTS = ["Hello the quick brown fox", "Once upon a time there was a dog", "The house near the big port"]

@@ -27,7 +27,7 @@ import pytest
 from engine_streams import Completion, drain, make_request
 from tiny_gguf import write_tiny_llama_gguf
 
-from deployments.engine import ContextLengthExceeded, EngineError, GenerationChunk
+from deployments.api import ContextLengthExceeded, EngineError, GenerationChunk
 from serve_app.config import ModelSpec
 
 WINDOW = 512  # context tokens of one request, on both backends
@@ -65,7 +65,7 @@ async def construct(cls: type[T], *args: Any, **kwargs: Any) -> T:
 async def start_llama_cpp(directory: Path, cleanup: ExitStack) -> tuple[Any, Callable[[str], int]]:
     from llama_cpp import Llama
 
-    from deployments.server import ModelServer
+    from deployments.model_server import ModelServer
 
     path = write_tiny_llama_gguf(directory / "tiny.gguf", n_ctx_train=WINDOW)
     engine = {"n_ctx": WINDOW, "parallel": 1, "n_threads": 1, "stream_interval_ms": STREAM_INTERVAL_MS}
@@ -89,7 +89,7 @@ async def start_vllm(directory: Path, cleanup: ExitStack) -> tuple[Any, Callable
     from tiny_hf import write_tiny_hf_llama
     from transformers import AutoTokenizer
 
-    from deployments.vllm_engine import VllmModelServer, make_llm_config
+    from deployments.vllm.server import VllmModelServer, make_llm_config
 
     path = write_tiny_hf_llama(directory / "tiny-hf", max_positions=WINDOW)
     spec = ModelSpec.model_validate({

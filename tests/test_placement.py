@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from engine_streams import Completion, drain, make_request
 
-from deployments.llama_cpp_batched import BatchedLlamaEngine
-from deployments.llama_cpp_engine import choose_repack, cpu_has_amx
-from deployments.weight_cache import WeightCache
+from deployments.llama_cpp.engine import BatchedLlamaEngine
+from deployments.llama_cpp.model import choose_repack, cpu_has_amx
+from deployments.weights.cache import WeightCache
 from serve_app.config import ConfigError, ModelSpec, parse_model_args
 from serve_app.serve_config import load_serve_config, parse_serve_config
 

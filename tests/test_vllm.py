@@ -163,7 +163,7 @@ def test_without_gpu_extra_validate_render_and_build_fail_with_one_message(tmp_p
         "try:\n"
         "    build_model_app(vllm)\n"
         "except ConfigError as exc:\n"
-        "    print(json.dumps({'error': str(exc), 'vllm_module': 'deployments.vllm_engine' in sys.modules}))\n"
+        "    print(json.dumps({'error': str(exc), 'vllm_module': 'deployments.vllm.server' in sys.modules}))\n"
     )
     args = [app["args"] for app in serve_config(LLAMA, vllm_model())["applications"][1:]]
     built = _run("-c", build, json.dumps(args), cwd=ROOT)
@@ -258,7 +258,7 @@ def ray_with_gpu(gpu_extra: None, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 def _deployment_of(spec: ModelSpec) -> Any:
-    from deployments.vllm_engine import build_vllm_deployment
+    from deployments.vllm.server import build_vllm_deployment
 
     return build_vllm_deployment(spec)._bound_deployment
 
@@ -325,8 +325,8 @@ def test_unknown_engine_argument_is_a_config_error(ray_with_gpu: Path) -> None:
 def test_replica_loads_the_cached_directory_and_leases_it(
     gpu_extra: None, moto: MotoS3, tiny_hf_source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from deployments.vllm_engine import fetch_model_directory, make_llm_config
-    from deployments.weight_cache import WeightCache, WeightFetchError
+    from deployments.vllm.server import fetch_model_directory, make_llm_config
+    from deployments.weights.cache import WeightCache, WeightFetchError
 
     for name, value in TEST_CREDENTIALS.items():
         monkeypatch.setenv(name, value)

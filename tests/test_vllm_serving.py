@@ -33,7 +33,7 @@ def _sse(model: Any) -> str:
 
 
 async def _collect(*batches: Any, param: str = "messages") -> list[Any]:
-    from deployments.vllm_engine import openai_stream_chunks
+    from deployments.vllm.server import openai_stream_chunks
 
     async def stream() -> Any:
         for batch in batches:
@@ -65,7 +65,7 @@ def test_vllm_stream_and_error_formats_become_engine_chunks_and_errors(gpu_extra
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
     from vllm.exceptions import VLLMValidationError
 
-    from deployments.engine import ContextLengthExceeded, EngineUnavailable, GenerationChunk, InvalidGenerationRequest
+    from deployments.api import ContextLengthExceeded, EngineUnavailable, GenerationChunk, InvalidGenerationRequest
 
     def usage(completion: int) -> UsageInfo:
         return UsageInfo(prompt_tokens=7, completion_tokens=completion, total_tokens=7 + completion)
@@ -129,7 +129,7 @@ def test_vllm_model_failing_to_start_leaves_llama_cpp_serving(
     from ray import serve
     from tiny_gguf import write_tiny_llama_gguf
 
-    from deployments.weight_cache import WeightCache
+    from deployments.weights.cache import WeightCache
     from serve_app.app import run_targets
     from serve_app.serve_config import application_entries
 

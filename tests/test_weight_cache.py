@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.weight_cache import RetryPolicy, WeightCache, WeightFetchError
+from deployments.weights.cache import RetryPolicy, WeightCache, WeightFetchError
 from serve_app import cli_weights
 from serve_app.config import StorageSettings
 from tests.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3, free_port, subprocess_env
@@ -23,7 +23,7 @@ MB = 1024 * 1024
 FETCH_IN_CHILD = """
 import json, logging, pathlib, sys, time
 logging.basicConfig(level=logging.INFO)
-from deployments.weight_cache import WeightCache
+from deployments.weights.cache import WeightCache
 from serve_app.config import StorageSettings
 root, source, endpoint, go = sys.argv[1:5]
 print("ready", flush=True)

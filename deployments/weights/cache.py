@@ -5,7 +5,7 @@ wait for the entry's download lock and reuse it), written under a temporary name
 only after verification; `meta.json` is written last, so an interrupted fetch is never served.
 Sources are local paths, `package://` modules (GGUF chunks assembled once) and `s3://` objects
 or prefixes. Locks, leases and eviction within the size budget live in
-`deployments.weight_cache_entries`.
+`deployments.weights.entries`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlparse
 
 import platformdirs
 
-from deployments.weight_cache_entries import (
+from deployments.weights.entries import (
     CacheEntries,
     CacheEntry,
     CacheFull,
@@ -214,7 +214,7 @@ class WeightCache:
 
     def _fetch_s3(self, job: _Job, storage: StorageSettings) -> Path:
         """One object (`s3://bucket/key`) or every object under a prefix (`s3://bucket/prefix/`)."""
-        from deployments import s3_store
+        from deployments.weights import s3 as s3_store
 
         try:
             bucket, key = s3_store.parse_s3_uri(job.source)
@@ -230,7 +230,8 @@ class WeightCache:
             raise job.error(str(exc)) from None
 
     def _fetch_s3_file(self, job: _Job, client: Any, bucket: str, key: str, name: str) -> Path:
-        from deployments import s3_download, s3_store
+        from deployments.weights import download as s3_download
+        from deployments.weights import s3 as s3_store
 
         info = s3_store.head(client, bucket, key)  # the one request a warm start costs
         filename = PurePosixPath(key).name
@@ -248,7 +249,8 @@ class WeightCache:
 
     def _fetch_s3_prefix(self, job: _Job, client: Any, bucket: str, prefix: str, name: str) -> Path:
         """A model directory: one LIST decides freshness; only new or changed files download."""
-        from deployments import s3_download, s3_store
+        from deployments.weights import download as s3_download
+        from deployments.weights import s3 as s3_store
 
         listing = {obj.key[len(prefix) :]: obj for obj in s3_store.list_objects(client, bucket, prefix)}
         if not listing:

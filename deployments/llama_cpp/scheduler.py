@@ -1,4 +1,4 @@
-"""The decode loop of the continuous-batching llama.cpp engine (`deployments.llama_cpp_batched`).
+"""The decode loop of the continuous-batching llama.cpp engine (`deployments.llama_cpp.engine`).
 
 One llama.cpp context holds `parallel` sequence slots, each with its own KV window of `n_ctx`
 tokens. One decode thread owns the context. Each step it feeds every streaming sequence its
@@ -25,9 +25,9 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from deployments.engine import EngineError, EngineUnavailable, GenerationChunk, GenerationRequest
-from deployments.llama_cpp_engine import Prompt, TokenPieces, context_params, sampler_chain
-from deployments.text import StopMatcher, Utf8Stream
+from deployments.api import EngineError, EngineUnavailable, GenerationChunk, GenerationRequest
+from deployments.llama_cpp.model import Prompt, TokenPieces, context_params, sampler_chain
+from deployments.llama_cpp.text import StopMatcher, Utf8Stream
 from serve_app.config import EngineSettings
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Continuous-batching llama.cpp engine: many concurrent streams per GGUF replica.
 
 The Engine facade: it leases the GGUF from the weight cache, loads it, and bridges the replica's
-event loop to the one decode thread (`deployments.llama_cpp_decode`) that admits, batches and
+event loop to the one decode thread (`deployments.llama_cpp.scheduler`) that admits, batches and
 samples every request's sequence. The event loop only moves chunks.
 """
 
@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
 from typing import Any
 
-from deployments.engine import Engine, EngineUnavailable, GenerationChunk, GenerationRequest
-from deployments.llama_cpp_decode import DONE, DecodeLoop, Submission
-from deployments.llama_cpp_engine import ChatTemplate, Prompt, RepackChoice, choose_repack, load_model, prepare_prompt
-from deployments.weight_cache import WeightCache
+from deployments.api import Engine, EngineUnavailable, GenerationChunk, GenerationRequest
+from deployments.llama_cpp.model import ChatTemplate, Prompt, RepackChoice, choose_repack, load_model, prepare_prompt
+from deployments.llama_cpp.scheduler import DONE, DecodeLoop, Submission
+from deployments.weights.cache import WeightCache
 from serve_app.config import ModelSpec
 
 logger = logging.getLogger(__name__)

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import botocore.exceptions as boto_errors
 
-from deployments.s3_store import CHUNK_BYTES, WORKERS, ObjectChanged, ObjectInfo, StoreError, describe, is_transient
+from deployments.weights.s3 import CHUNK_BYTES, WORKERS, ObjectChanged, ObjectInfo, StoreError, describe, is_transient
 
 if TYPE_CHECKING:
-    from deployments.weight_cache import RetryPolicy
+    from deployments.weights.cache import RetryPolicy
 
 logger = logging.getLogger("modelserve.weights")
 

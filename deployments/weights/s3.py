@@ -2,7 +2,7 @@
 
 Every boto3 failure becomes a StoreError whose message says what to fix (bucket, key, endpoint,
 credentials) without leaking secrets; `is_transient` tells a retryable network error from the
-rest. The resumable, verified object download is `deployments.s3_download`.
+rest. The resumable, verified object download is `deployments.weights.download`.
 """
 
 from __future__ import annotations

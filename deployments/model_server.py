@@ -16,8 +16,8 @@ from typing import Any
 from ray import serve
 from ray.serve import metrics
 
-from deployments.engine import Engine, GenerationChunk, GenerationRequest
-from deployments.weight_cache import FetchStats, WeightCache
+from deployments.api import Engine, GenerationChunk, GenerationRequest
+from deployments.weights.cache import FetchStats, WeightCache
 from serve_app.config import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 def make_engine(spec: ModelSpec, cache: WeightCache) -> Engine:
     """The engine for a model's backend; heavy imports happen only for the backend in use."""
     if spec.backend == "llama_cpp":
-        from deployments.llama_cpp_batched import BatchedLlamaEngine
+        from deployments.llama_cpp.engine import BatchedLlamaEngine
 
         return BatchedLlamaEngine(spec, cache)
     raise ValueError(f"model {spec.name!r}: backend {spec.backend!r} is not available in this build")

@@ -25,7 +25,7 @@ from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-from deployments.engine import (
+from deployments.api import (
     ContextLengthExceeded,
     EngineError,
     EngineUnavailable,
@@ -34,7 +34,7 @@ from deployments.engine import (
     GenerationRequest,
     InvalidGenerationRequest,
 )
-from deployments.weight_cache import WeightCache, WeightFetchError
+from deployments.weights.cache import WeightCache, WeightFetchError
 from serve_app.config import ConfigError, ModelSpec
 
 logger = logging.getLogger("modelserve.vllm")

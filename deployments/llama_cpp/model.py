@@ -1,6 +1,6 @@
 """llama.cpp building blocks for GGUF models: loading, chat template, token pieces and prompt checks.
 
-They hold no scheduling (`deployments.llama_cpp_decode` runs the model). llama.cpp's own log
+They hold no scheduling (`deployments.llama_cpp.scheduler` runs the model). llama.cpp's own log
 lines go to the `llama_cpp` Python logger (warnings and errors) instead of the replica's stderr.
 """
 
@@ -17,7 +17,7 @@ import llama_cpp
 from llama_cpp import llama_chat_format
 from llama_cpp._internals import LlamaModel
 
-from deployments.engine import ContextLengthExceeded, GenerationRequest, InvalidGenerationRequest, SamplingParams
+from deployments.api import ContextLengthExceeded, GenerationRequest, InvalidGenerationRequest, SamplingParams
 from serve_app.config import EngineSettings
 
 _llama_logger = logging.getLogger("llama_cpp")

@@ -1,7 +1,7 @@
 """The weight cache's entries on disk, and the rules for writing, using and deleting them.
 
 Every replica process on a node shares one cache, so who may touch an entry when is decided
-here, apart from fetching (`deployments.weight_cache`, which knows the sources): a filelock per
+here, apart from fetching (`deployments.weights.cache`, which knows the sources): a filelock per
 entry serializes its download, a shared flock on a sidecar file is the lease a running replica
 holds on weights in use, and a size budget evicts the least recently used unleased entries.
 

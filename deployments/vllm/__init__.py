@@ -1,0 +1,1 @@
+"""The vLLM backend (GPU), served through Ray Serve LLM; needs the gpu extra."""
