@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 from harness import ROOT, free_port
 
-from serve_app.serve_config import application_entries, use_serve_process_env
+from serve_app.cli.serve_file import application_entries, use_serve_process_env
 
 sys.path.insert(0, str(ROOT / "tests"))
 from tiny_gguf import write_tiny_llama_gguf
@@ -86,7 +86,7 @@ def main() -> int:
     from ray import serve
 
     from serve_app.app import run_targets
-    from serve_app.cli_auth import mint_token
+    from serve_app.cli.tokens import mint_token
 
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,7 +23,7 @@ from typing import Any
 from harness import ROOT, Result, demo_model, run_load, summarize
 
 from deployments.llama_cpp.model import cpu_has_amx
-from serve_app.serve_config import load_serve_config, parse_serve_config
+from serve_app.cli.serve_file import load_serve_config, parse_serve_config
 
 CONCURRENCIES = (1, 8)
 MAX_TOKENS = 64

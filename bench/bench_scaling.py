@@ -27,7 +27,7 @@ from pathlib import Path
 from harness import Stream, demo_model, free_port, http_stream, wait_http
 
 from deployments.weights.cache import WeightCache, WeightFetchError
-from serve_app.cli_weights import push_path
+from serve_app.cli.weights import push_path
 from serve_app.config import model_deployment_name
 from tests.s3_server import TEST_CREDENTIALS, MotoS3
 
@@ -100,7 +100,7 @@ def measure(rounds: int, cache: WeightCache) -> list[tuple[float, float, float]]
     from ray import serve
 
     from serve_app.app import run_targets
-    from serve_app.serve_config import application_entries, use_serve_process_env
+    from serve_app.cli.serve_file import application_entries, use_serve_process_env
 
     port = free_port()
     use_serve_process_env()  # the Ray settings modelserve ships with

@@ -114,8 +114,8 @@ def modelserve_backend(model: str, n_ctx: int, threads: int, slots: int, engine:
     from ray import serve
 
     from serve_app.app import run_targets
-    from serve_app.cli_auth import mint_token
-    from serve_app.serve_config import application_entries, use_serve_process_env
+    from serve_app.cli.serve_file import application_entries, use_serve_process_env
+    from serve_app.cli.tokens import mint_token
 
     port = free_port()
     secret = os.environ.setdefault("MODELSERVE_JWT_SECRET", secrets.token_urlsafe(48))  # inherited by replicas

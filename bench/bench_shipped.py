@@ -35,8 +35,8 @@ from bench_serving import mean_result, raw_backend, requests
 from harness import ROOT, Backend, Result, demo_model, http_stream, llama_server, run_load, summarize
 
 from deployments.llama_cpp.model import choose_repack, cpu_has_amx
-from serve_app import cli_auth
-from serve_app.serve_config import load_serve_config, parse_serve_config
+from serve_app.cli import tokens as cli_auth
+from serve_app.cli.serve_file import load_serve_config, parse_serve_config
 
 MAX_TOKENS = 64
 SETTLE_S = 10.0

@@ -28,7 +28,7 @@ from boto3.s3.transfer import TransferConfig
 
 from deployments.weights.cache import WeightCache
 from deployments.weights.s3 import CHUNK_BYTES, WORKERS
-from serve_app.cli_weights import push_path
+from serve_app.cli.weights import push_path
 from serve_app.config import StorageSettings
 from tests.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3
 

@@ -14,10 +14,10 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.model_server import ModelServer
+from serve_app.access.policy import parse_policy
+from serve_app.cli.serve_file import INGRESS_IMPORT_PATH, MODEL_IMPORT_PATH
 from serve_app.config import ConfigError, ModelSpec, parse_ingress_args, parse_model_args
-from serve_app.ingress import OpenAIIngress
-from serve_app.policy import parse_policy
-from serve_app.serve_config import INGRESS_IMPORT_PATH, MODEL_IMPORT_PATH
+from serve_app.ingress.routes import OpenAIIngress
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -324,7 +324,7 @@ class IngressArgs(_Strict):
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     access: dict[str, Any] | None = Field(
         None,
-        description="Initial policy document (serve_app.policy) for the ingress user_config. A Serve config "
+        description="Initial policy document (serve_app.access.policy) for the ingress user_config. A Serve config "
         "sets it on the ingress deployment's user_config instead (`modelserve policy sync`): changing `args` "
         "restarts the ingress, changing that user_config reloads the policy in place.",
     )

@@ -25,8 +25,8 @@ import openai
 import yaml
 from auth_helpers import SECRET_1, claims
 
-from serve_app.auth import api_key_hash
-from serve_app.serve_config import application_entries, use_serve_process_env
+from serve_app.access.authn import api_key_hash
+from serve_app.cli.serve_file import application_entries, use_serve_process_env
 
 ISSUER, AUDIENCE = "https://idp.test/", "modelserve-test"
 API_KEY = "msk-test-service-account-key"

@@ -18,11 +18,11 @@ import yaml
 from auth_helpers import SECRET_1, SECRET_2, b64url, claims, forged, write_keys
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from serve_app.auth import Authenticator, AuthError, AuthSettings, Principal, api_key_hash
-from serve_app.cli_auth import dev_secret, mint_token, parse_ttl, register, sync_policy
+from serve_app.access.authn import Authenticator, AuthError, AuthSettings, Principal, api_key_hash
+from serve_app.access.policy import AccessGate, RequestAccount, TenantPolicy, parse_policy, reset_duration
+from serve_app.cli.tokens import dev_secret, mint_token, parse_ttl, register, sync_policy
 from serve_app.config import ConfigError
-from serve_app.policy import AccessGate, RequestAccount, TenantPolicy, parse_policy, reset_duration
-from serve_app.protocol import OpenAIError
+from serve_app.ingress.protocol import OpenAIError
 
 
 @pytest.fixture(scope="module")
@@ -393,7 +393,7 @@ def test_jwks_url_is_cached_and_refetched_for_a_new_kid(keys: dict[str, Any], mo
         with pytest.raises(AuthError, match="kid"):
             authenticate(auth, bearer(new))  # within the refetch cooldown: no stampede on unknown kids
         assert server.fetches == 1
-        monkeypatch.setattr("serve_app.auth.JWKS_COOLDOWN_S", 0.0)
+        monkeypatch.setattr("serve_app.access.authn.JWKS_COOLDOWN_S", 0.0)
         assert authenticate(auth, bearer(new)).tenant == "team-a"
         assert server.fetches == 2
     finally:

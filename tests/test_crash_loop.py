@@ -20,7 +20,7 @@ import yaml
 from conftest import GEMMA, METRICS_PORT, model_app
 from test_lifecycle import admin, deploy_with, model_states, wait_until  # noqa: F401 - admin is a fixture
 
-from serve_app.crash_watch import CRASH_THRESHOLD, replica_class_name
+from serve_app.ingress.crash_watch import CRASH_THRESHOLD, replica_class_name
 
 CRASHY = "tiny-crashy"
 

@@ -13,8 +13,8 @@ import yaml
 from conftest import GEMMA, ROOT, TINY
 
 from serve_app.app import build_app, build_model_app
+from serve_app.cli.serve_file import parse_serve_config
 from serve_app.config import ConfigError
-from serve_app.serve_config import parse_serve_config
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 

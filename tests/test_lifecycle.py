@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import GEMMA, METRICS_PORT, TINY, TINY_ZERO, model_app, serve_cli, wait_for_apps
 
-from serve_app.cli_auth import mint_token
+from serve_app.cli.tokens import mint_token
 
 LONG = {"model": TINY_ZERO, "prompt": "hello there", "max_tokens": 480, "temperature": 0}
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from serve_app.allowance import Allowances
-from serve_app.limits import HOLDING_TTL_S, Exchange, Limits, TokenBuckets
+from serve_app.access.limiter_actor import HOLDING_TTL_S, Exchange, Limits, TokenBuckets
+from serve_app.access.limiter_client import Allowances
 
 
 class SharedBuckets:

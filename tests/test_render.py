@@ -24,9 +24,10 @@ import ray
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app import cli_render, render
-from serve_app.deploy_settings import GIB, DeploySettings, load_deploy_settings
-from serve_app.serve_config import SERVE_PROCESS_ENV, application_entries, parse_serve_config
+from serve_app.cli import manifests as render
+from serve_app.cli import render as cli_render
+from serve_app.cli.deploy_settings import GIB, DeploySettings, load_deploy_settings
+from serve_app.cli.serve_file import SERVE_PROCESS_ENV, application_entries, parse_serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "kuberay"

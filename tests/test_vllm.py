@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
+from serve_app.cli.serve_file import application_entries
 from serve_app.config import VLLM_MAX_ONGOING_REQUESTS, ConfigError, ModelAppArgs, ModelSpec, parse_model_args
-from serve_app.serve_config import application_entries
 from tests.s3_server import TEST_CREDENTIALS, MotoS3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,8 +175,8 @@ def test_gpu_group_offers_its_accelerator_type_to_the_autoscaler() -> None:
     """A vLLM replica's bundles ask for `accelerator_type:<type>`; the autoscaler must see the GPU group offers it."""
     from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
 
-    from serve_app import render
-    from serve_app.deploy_settings import DeploySettings
+    from serve_app.cli import manifests as render
+    from serve_app.cli.deploy_settings import DeploySettings
 
     settings = DeploySettings.model_validate(
         {
@@ -214,7 +214,7 @@ def moto() -> Iterator[MotoS3]:
 @pytest.fixture(scope="module")
 def tiny_hf_source(moto: MotoS3, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A Hugging Face-format model directory pushed to S3 the way operators do (`modelserve push`)."""
-    from serve_app import cli_weights
+    from serve_app.cli import weights as cli_weights
 
     directory = tmp_path_factory.mktemp("hf") / "tiny-hf"
     directory.mkdir()

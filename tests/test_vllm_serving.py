@@ -131,7 +131,7 @@ def test_vllm_model_failing_to_start_leaves_llama_cpp_serving(
 
     from deployments.weights.cache import WeightCache
     from serve_app.app import run_targets
-    from serve_app.serve_config import application_entries
+    from serve_app.cli.serve_file import application_entries
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from deployments.weights.cache import RetryPolicy, WeightCache, WeightFetchError
-from serve_app import cli_weights
+from serve_app.cli import weights as cli_weights
 from serve_app.config import StorageSettings
 from tests.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3, free_port, subprocess_env
 

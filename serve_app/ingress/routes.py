@@ -30,11 +30,11 @@ from deployments.api import (
     GenerationRequest,
     SamplingParams,
 )
+from serve_app.access.envelope import AccessMiddleware
+from serve_app.access.policy import AccessGate, Caller, MeteredStream, RequestAccount
 from serve_app.config import IngressArgs, model_deployment_name
-from serve_app.metrics import IngressMetrics
-from serve_app.middleware import AccessMiddleware
-from serve_app.policy import AccessGate, Caller, MeteredStream, RequestAccount
-from serve_app.protocol import (
+from serve_app.ingress.metrics import IngressMetrics
+from serve_app.ingress.protocol import (
     AssistantMessage,
     ChatChunkChoice,
     ChatCompletionChoice,
@@ -54,7 +54,7 @@ from serve_app.protocol import (
     new_id,
     now,
 )
-from serve_app.status import StatusCache
+from serve_app.ingress.status import StatusCache
 
 logger = logging.getLogger("modelserve.ingress")
 

@@ -28,11 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray.serve.handle import DeploymentResponseGenerator
 
 from deployments.api import GenerationChunk, GenerationRequest
-from serve_app.allowance import Admission, LimiterUnavailable, SharedLimiter
-from serve_app.auth import Authenticator, AuthError, AuthSettings, Principal
+from serve_app.access.authn import Authenticator, AuthError, AuthSettings, Principal
+from serve_app.access.limiter_actor import Limits, Quota
+from serve_app.access.limiter_client import Admission, LimiterUnavailable, SharedLimiter
 from serve_app.config import ConfigError, describe_validation_error
-from serve_app.limits import Limits, Quota
-from serve_app.protocol import OpenAIError
+from serve_app.ingress.protocol import OpenAIError
 
 logger = logging.getLogger("ray.serve.modelserve.policy")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from serve_app.limits import Exchange, Grant, Limits, Quota, RateLimiter
+from serve_app.access.limiter_actor import Exchange, Grant, Limits, Quota, RateLimiter
 
 logger = logging.getLogger("ray.serve.modelserve.limits")
 

@@ -24,10 +24,10 @@ import jwt
 import platformdirs
 import yaml
 
-from serve_app.auth import SECRET_ENV, SECRET_FILE_ENV, AuthSettings, api_key_hash
+from serve_app.access.authn import SECRET_ENV, SECRET_FILE_ENV, AuthSettings, api_key_hash
+from serve_app.access.policy import load_policy_file, parse_policy
+from serve_app.cli.serve_file import ingress_applications, load_serve_config
 from serve_app.config import ConfigError
-from serve_app.policy import load_policy_file, parse_policy
-from serve_app.serve_config import ingress_applications, load_serve_config
 
 DEV_SECRET_FILE = "jwt-secret"
 DEFAULT_POLICY = "policies/default.yaml"

@@ -10,7 +10,7 @@ from typing import Any
 
 from ray.serve import metrics
 
-from serve_app.crash_watch import CRASH_WINDOW_S, CrashReport
+from serve_app.ingress.crash_watch import CRASH_WINDOW_S, CrashReport
 
 LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 

@@ -1,7 +1,7 @@
 """Render modelserve's Kubernetes manifests (KubeRay RayService, MinIO, kustomization).
 
 serve_config.yaml says what is served and kuberay/deploy.yaml where; the manifests are
-derived from both and never hand-edited (the `render` command in `serve_app.cli_render`
+derived from both and never hand-edited (the `render` command in `serve_app.cli.render`
 writes and checks them).
 """
 
@@ -14,9 +14,15 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from serve_app.cli.deploy_settings import (
+    CPU_GROUP,
+    GPU_GROUP,
+    DeploySettings,
+    GpuWorkerGroupSettings,
+    WorkerGroupSettings,
+)
+from serve_app.cli.serve_file import SERVE_PROCESS_ENV, parse_serve_config
 from serve_app.config import ConfigError, describe_validation_error
-from serve_app.deploy_settings import CPU_GROUP, GPU_GROUP, DeploySettings, GpuWorkerGroupSettings, WorkerGroupSettings
-from serve_app.serve_config import SERVE_PROCESS_ENV, parse_serve_config
 
 HEADER = (
     "# Rendered by `modelserve render` (serve_app/render.py) from serve_config.yaml and\n"

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from ray import serve
 
 from serve_app.config import model_deployment_name
-from serve_app.crash_watch import CHECK_INTERVAL_S, CrashReport, CrashWatch
-from serve_app.protocol import ModelStatus
+from serve_app.ingress.crash_watch import CHECK_INTERVAL_S, CrashReport, CrashWatch
+from serve_app.ingress.protocol import ModelStatus
 
 logger = logging.getLogger("ray.serve.modelserve.status")
 

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serve_app.cli.serve_file import parse_serve_config
 from serve_app.config import ConfigError, DeploymentSettings, VllmSettings, describe_validation_error
-from serve_app.serve_config import parse_serve_config
 
 GIB = 1024**3
 CPU_GROUP, GPU_GROUP = "cpu-workers", "gpu-workers"

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
+from serve_app.cli.serve_file import ServeConfigApps, load_serve_config, parse_serve_config, use_serve_process_env
 from serve_app.config import ConfigError
-from serve_app.serve_config import ServeConfigApps, load_serve_config, parse_serve_config, use_serve_process_env
 
 DASHBOARD = "http://127.0.0.1:8265"
 
@@ -95,7 +95,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if (validated := _validate(args.config)) is None:
         return 1
     config, apps = validated
-    from serve_app import cli_auth
+    from serve_app.cli import tokens as cli_auth
 
     state = cli_auth.state_dir()
     secret_env = cli_auth.dev_secret_env(state)  # generated once (0600) unless MODELSERVE_JWT_SECRET[_FILE] is set
@@ -226,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _operator_modules() -> list[Any]:
-    from serve_app import cli_auth, cli_render, cli_weights
+    from serve_app.cli import render as cli_render
+    from serve_app.cli import tokens as cli_auth
+    from serve_app.cli import weights as cli_weights
 
     return [cli_auth, cli_weights, cli_render]
 

@@ -1,0 +1,1 @@
+"""Who may call what, how often: authentication, the policy document, admission and shared limits."""
