@@ -83,7 +83,7 @@ def modelserve_engine(args: argparse.Namespace) -> Backend:
     """The batched engine behind a small sync adapter; its event loop runs in a helper thread."""
     from deployments.api import GenerationRequest, SamplingParams
     from deployments.llama_cpp.engine import BatchedLlamaEngine
-    from serve_app.config import ModelSpec
+    from deployments.spec import ModelSpec
 
     spec = ModelSpec(name="bench", source=args.model, engine={
         "n_ctx": args.n_ctx, "n_threads": args.threads, "parallel": args.slots, "chat_format": "gemma",

@@ -33,7 +33,7 @@ def _measure(conn: Any, model: str, engine: dict[str, Any]) -> None:
     """In a child process: start the engine with these settings, run each concurrency, send the results back."""
     from deployments.api import GenerationRequest, SamplingParams
     from deployments.llama_cpp.engine import BatchedLlamaEngine
-    from serve_app.config import ModelSpec
+    from deployments.spec import ModelSpec
 
     _, count_tokens = demo_model()
     spec = ModelSpec(name="bench", source=model, engine=engine)

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from boto3.s3.transfer import TransferConfig
 
+from deployments.spec import StorageSettings
 from deployments.weights.cache import WeightCache
 from deployments.weights.s3 import CHUNK_BYTES, WORKERS
 from serve_app.cli.weights import push_path
-from serve_app.config import StorageSettings
 from tests.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3
 
 MB = 1024 * 1024

@@ -17,8 +17,8 @@ from ray import serve
 from ray.serve import metrics
 
 from deployments.api import Engine, GenerationChunk, GenerationRequest
+from deployments.spec import ModelSpec
 from deployments.weights.cache import FetchStats, WeightCache
-from serve_app.config import ModelSpec
 
 logger = logging.getLogger(__name__)
 

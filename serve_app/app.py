@@ -14,9 +14,16 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.model_server import ModelServer
+from deployments.spec import ModelSpec
+from deployments.strict import ConfigError
 from serve_app.access.policy import parse_policy
-from serve_app.cli.serve_file import INGRESS_IMPORT_PATH, MODEL_IMPORT_PATH
-from serve_app.config import ConfigError, ModelSpec, parse_ingress_args, parse_model_args
+from serve_app.config import (
+    INGRESS_DEPLOYMENT,
+    INGRESS_IMPORT_PATH,
+    MODEL_IMPORT_PATH,
+    parse_ingress_args,
+    parse_model_args,
+)
 from serve_app.ingress.routes import OpenAIIngress
 
 
@@ -62,8 +69,8 @@ def run_targets(applications: list[dict[str, Any]]) -> list[serve.RunTarget]:
         args = dict(application.get("args") or {})
         if application["import_path"] == INGRESS_IMPORT_PATH:
             overrides = {d.get("name"): d for d in application.get("deployments") or []}
-            if "user_config" in overrides.get("ingress", {}):
-                args["access"] = overrides["ingress"]["user_config"]
+            if "user_config" in overrides.get(INGRESS_DEPLOYMENT, {}):
+                args["access"] = overrides[INGRESS_DEPLOYMENT]["user_config"]
             app = build_app(args)
         elif application["import_path"] == MODEL_IMPORT_PATH:
             app = build_model_app(args)

@@ -1,305 +1,23 @@
-"""Configuration models: the `args` of the ingress and model applications, as plain validated data.
+"""The `args` of the ingress and model applications of a Serve config, as plain validated data.
 
-Everything a deployment needs travels in these models, so a config with a typo is
-rejected before any deployment starts (never half an app).
+A model application's args are a `ModelSpec` (deployments.spec) plus defaults merged under it;
+a config with a typo is rejected before any deployment starts (never half an app).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
-import re
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-Backend = Literal["llama_cpp", "vllm"]
+from deployments.spec import DeploymentSettings, ModelSpec
+from deployments.strict import ConfigError, Strict, describe_validation_error
 
-MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
-
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
-
-
-class _Strict(BaseModel):
-    """Base for config sections: unknown keys are typos, not extensions."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class EngineSettings(_Strict):
-    """How the engine loads and runs the model (backend-specific keys are ignored by the other)."""
-
-    n_ctx: int = Field(2048, ge=32, description="Context window of each sequence slot in tokens (llama.cpp).")
-    n_threads: int | None = Field(
-        None, ge=1, description="llama.cpp decode (and prompt) threads of one replica. Always equal to the CPUs Ray "
-        "reserves for the replica (deployment.ray_actor_options.num_cpus): set either, the other follows.",
-    )
-    n_batch: int = Field(512, ge=1, description="Prompt-processing batch size (llama.cpp).")
-    parallel: int = Field(
-        4,
-        ge=1,
-        le=MAX_PARALLEL,
-        description="Sequence slots one llama.cpp replica decodes together (continuous batching); "
-        "the deployment's max_ongoing_requests follows it.",
-    )
-    prefill_chunk: int = Field(
-        64,
-        ge=1,
-        description="Prompt tokens fed per decode step while other sequences stream (chunked prefill): "
-        "bounds how long a new prompt pauses them. With nothing streaming, prompts go n_batch at a time.",
-    )
-    prefix_reuse: bool = Field(
-        False,
-        description="Reuse a free slot's cached KV for a shared prompt prefix; faster for repeated prefixes, "
-        "but outputs then depend slightly on what ran before.",
-    )
-    chat_format: str | None = Field(
-        None, description="llama-cpp-python chat format name (e.g. 'gemma'); overrides the GGUF template."
-    )
-    chat_template: str | None = Field(None, description="Jinja chat template; overrides chat_format and GGUF.")
-    stream_interval_ms: float = Field(
-        100.0, ge=0, description="Tokens produced within this window travel as one stream item (first one at once): "
-        "each item costs Serve a few ms of CPU on its way to the client (proxy, ingress, replica).",
-    )
-    stream_items_per_s: float = Field(
-        40.0, ge=0, description="llama.cpp: under load, the stream items one replica sends per second in all (0: no "
-        "cap). Each stream's interval grows to (active streams / this) so Serve's per-item CPU stays bounded.",
-    )
-    repack: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="llama.cpp: repack weights into the CPU's extra buffer types at load (llama-server's "
-        "--repack / --no-repack). auto = on, except on CPUs with AMX, where llama.cpp's AMX path crashes on the "
-        "first decode (ggml-org/llama.cpp#20824).",
-    )
-    engine_kwargs: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Extra backend parameters (llama.cpp: model or context parameter fields by name).",
-    )
-
-
-class AutoscalingSettings(_Strict):
-    """Ray Serve autoscaling, by the names Serve uses."""
-
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    initial_replicas: int | None = Field(None, ge=0)
-    target_ongoing_requests: float = Field(2.0, gt=0)
-    upscale_delay_s: float = Field(30.0, ge=0)
-    downscale_delay_s: float = Field(600.0, ge=0)
-    metrics_interval_s: float | None = Field(None, gt=0)
-    look_back_period_s: float | None = Field(None, gt=0)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> AutoscalingSettings:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
-        return self
-
-
-class DeploymentSettings(_Strict):
-    """Ray Serve deployment options, passed through to `Deployment.options()`."""
-
-    num_replicas: int | None = Field(None, ge=0)
-    autoscaling_config: AutoscalingSettings | None = None
-    ray_actor_options: dict[str, Any] = Field(default_factory=dict)
-    max_ongoing_requests: int = Field(4, ge=1)
-    max_queued_requests: int = Field(16, ge=-1)
-    health_check_period_s: float | None = Field(None, gt=0)
-    health_check_timeout_s: float | None = Field(None, gt=0)
-    graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
-
-    @model_validator(mode="after")
-    def _one_scaling_mode(self) -> DeploymentSettings:
-        if self.num_replicas is not None and self.autoscaling_config is not None:
-            raise ValueError("set either num_replicas or autoscaling_config, not both")
-        return self
-
-    def serve_options(self) -> dict[str, Any]:
-        """The keyword arguments for `Deployment.options()`."""
-        options = self.model_dump(exclude_none=True)
-        if self.num_replicas is None and self.autoscaling_config is None:
-            options["num_replicas"] = 1
-        return options
-
-
-class StorageSettings(_Strict):
-    """How to reach the S3 API (MinIO) holding `s3://` sources; credentials come from the environment."""
-
-    endpoint_url: str | None = Field(None, description="S3 endpoint; None = AWS_ENDPOINT_URL or AWS default.")
-    region: str | None = Field(None, description="Region; None = AWS_REGION / AWS_DEFAULT_REGION or us-east-1.")
-    addressing_style: Literal["path", "virtual", "auto"] = "path"
-
-
-VLLM_MAX_ONGOING_REQUESTS = 256  # vLLM batches many sequences per step; 4 (the llama.cpp default) would starve it
-_VLLM_OWNED_ARGS = ("model", "served_model_name", "distributed_executor_backend")  # set from name/source by Ray
-
-
-class VllmSettings(_Strict):
-    """vLLM engine arguments checked before deploying; any other vLLM engine argument goes in engine.engine_kwargs.
-
-    A replica gets tensor_parallel_size x pipeline_parallel_size GPUs, all on one node (the weights
-    are cached per node), so these settings also decide which GPU pods can hold it.
-    """
-
-    max_model_len: int | None = Field(None, ge=32, description="Context window in tokens; None = the model's own.")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may take.")
-    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
-    quantization: str | None = Field(
-        None, pattern=r"^[a-z0-9_]+$", description="vLLM quantization method (awq, gptq, fp8, ...); None = as saved."
-    )
-    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs each layer is split across.")
-    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="GPU stages the layers are split into.")
-    accelerator_type: str | None = Field(
-        None, description="Ray accelerator type of the GPUs (L4, A10G, H100, ...); must match the GPU worker group."
-    )
-
-    @field_validator("accelerator_type")
-    @classmethod
-    def _known_gpu(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        from ray.util.accelerators import accelerators  # the table Ray Serve LLM checks against (core Ray)
-
-        known = sorted(
-            name for key, name in vars(accelerators).items()
-            if not key.startswith("_") and isinstance(name, str) and not name.startswith("TPU")
-        )
-        if value not in known:
-            raise ValueError(f"unknown GPU accelerator type {value!r} (Ray knows {', '.join(known)})")
-        return value
-
-    @property
-    def num_gpus(self) -> int:
-        """GPUs one replica takes (one placement-group bundle each)."""
-        return self.tensor_parallel_size * self.pipeline_parallel_size
-
-    def engine_args(self) -> dict[str, Any]:
-        """The vLLM engine arguments among these settings (unset ones are left to vLLM)."""
-        return self.model_dump(exclude={"accelerator_type"}, exclude_none=True)
-
-
-class ModelSpec(_Strict):
-    """One served model: its OpenAI id, engine, weights and Serve deployment."""
-
-    name: str = Field(description="The OpenAI `model` id clients send.")
-    backend: Backend = "llama_cpp"
-    source: str = Field(description="Where the weights are: a path, file://, s3:// or package:// URI.")
-    storage: StorageSettings = Field(default_factory=StorageSettings)
-    engine: EngineSettings = Field(default_factory=EngineSettings)
-    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
-    vllm: VllmSettings | None = Field(None, description="vLLM engine settings (backend vllm only).")
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        if not _MODEL_NAME.match(value):
-            raise ValueError("model name must be 1-128 characters of letters, digits and . _ : / @ -")
-        return value
-
-    @field_validator("source")
-    @classmethod
-    def _valid_source(cls, value: str) -> str:
-        scheme = value.split("://", 1)[0] if "://" in value else "file"
-        if scheme not in {"file", "s3", "package"}:
-            raise ValueError(f"unsupported source scheme {scheme!r} (use a path, file://, s3:// or package://)")
-        if not value.strip():
-            raise ValueError("source must not be empty")
-        return value
-
-    @model_validator(mode="after")
-    def _slots_match_ongoing_requests(self) -> ModelSpec:
-        """A llama.cpp replica serves exactly `parallel` requests at once, so Serve sends it that many.
-
-        Whichever of engine.parallel and deployment.max_ongoing_requests is given sets the other;
-        giving both with different values is an error.
-        """
-        if self.backend != "llama_cpp":
-            return self
-        engine, deployment = self.engine, self.deployment
-        slots_given = "parallel" in engine.model_fields_set
-        ongoing_given = "max_ongoing_requests" in deployment.model_fields_set
-        if slots_given and ongoing_given and engine.parallel != deployment.max_ongoing_requests:
-            raise ValueError(
-                f"engine.parallel ({engine.parallel}) and deployment.max_ongoing_requests "
-                f"({deployment.max_ongoing_requests}) differ: a llama.cpp replica decodes `parallel` requests "
-                "at once, so set one of them (the other follows)"
-            )
-        if ongoing_given:
-            if deployment.max_ongoing_requests > MAX_PARALLEL:
-                raise ValueError(f"a llama.cpp replica decodes at most {MAX_PARALLEL} requests at once; "
-                                 f"max_ongoing_requests is {deployment.max_ongoing_requests}")
-            engine.parallel = deployment.max_ongoing_requests
-        else:
-            deployment.max_ongoing_requests = engine.parallel
-        return self
-
-    @model_validator(mode="after")
-    def _threads_match_cpus(self) -> ModelSpec:
-        """A llama.cpp replica runs exactly as many threads as Ray reserves CPUs for it, never more.
-
-        Otherwise Ray places replicas by a CPU count their threads exceed, and two replicas on one
-        node decode on the same cores (measured: throughput falls to a fifth). Whichever of
-        engine.n_threads and ray_actor_options.num_cpus is given sets the other (Serve's default:
-        1 CPU); giving both with different values is an error.
-        """
-        if self.backend != "llama_cpp":
-            return self
-        actor = self.deployment.ray_actor_options
-        threads, cpus = self.engine.n_threads, actor.get("num_cpus")
-        if cpus is not None:
-            if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus < 1 or cpus != int(cpus):
-                raise ValueError(
-                    f"deployment.ray_actor_options.num_cpus is {cpus!r}: a llama.cpp replica decodes on whole "
-                    "cores, one thread each, so reserve a whole number of CPUs (at least 1)"
-                )
-            if threads is not None and threads != cpus:
-                raise ValueError(
-                    f"engine.n_threads ({threads}) and deployment.ray_actor_options.num_cpus ({cpus:g}) differ: "
-                    "a llama.cpp replica runs one decode thread per CPU Ray reserves for it, so set one of them "
-                    "(the other follows)"
-                )
-        self.engine.n_threads = int(cpus if cpus is not None else threads or 1)
-        self.deployment.ray_actor_options = {**actor, "num_cpus": self.engine.n_threads}
-        return self
-
-    @model_validator(mode="after")
-    def _vllm_entry(self) -> ModelSpec:
-        """vLLM loads a Hugging Face-format directory and gets its GPUs from `vllm`, not from ray_actor_options."""
-        if self.backend != "vllm":
-            if self.vllm is not None:
-                raise ValueError(f"the 'vllm' section is for backend vllm only (this model's backend is {self.backend})")
-            return self
-        self.vllm = self.vllm or VllmSettings()
-        if self.source.startswith("package://"):
-            raise ValueError("backend vllm loads a Hugging Face-format model directory, not a package:// GGUF")
-        if self.source.startswith("s3://") and not self.source.endswith("/"):
-            raise ValueError(f"backend vllm loads a model directory: end the s3:// prefix with '/' (use {self.source}/)")
-        kwargs = set(self.engine.engine_kwargs)
-        if owned := sorted(kwargs.intersection(_VLLM_OWNED_ARGS)):
-            raise ValueError(f"engine.engine_kwargs {owned} are set by modelserve from the model's name and source")
-        if typed := sorted(kwargs.intersection(VllmSettings.model_fields)):
-            raise ValueError(f"engine.engine_kwargs {typed}: set these under 'vllm:' instead, where they are checked")
-        actor = self.deployment.ray_actor_options
-        if actor.get("num_gpus") or actor.get("accelerator_type"):
-            raise ValueError(
-                "backend vllm takes its GPUs from vllm.tensor_parallel_size x vllm.pipeline_parallel_size and "
-                "vllm.accelerator_type: remove deployment.ray_actor_options num_gpus/accelerator_type"
-            )
-        if "max_ongoing_requests" not in self.deployment.model_fields_set:
-            self.deployment.max_ongoing_requests = VLLM_MAX_ONGOING_REQUESTS
-        return self
-
-    @property
-    def deployment_name(self) -> str:
-        return model_deployment_name(self.name)
-
-
-def model_deployment_name(model: str) -> str:
-    """The Serve deployment of a model, inside the application named after the model: stable, derived from the id.
-
-    The ingress finds a model application by this name, so it needs no list of models.
-    """
-    return "model-" + re.sub(r"[^A-Za-z0-9_-]+", "-", model).strip("-")
+INGRESS_IMPORT_PATH = "serve_app.app:build_app"
+MODEL_IMPORT_PATH = "serve_app.app:build_model_app"
+INGRESS_DEPLOYMENT = "ingress"  # the ingress application's deployment: its user_config holds the policy
 
 
 class IngressDeploymentSettings(DeploymentSettings):
@@ -309,7 +27,7 @@ class IngressDeploymentSettings(DeploymentSettings):
     max_queued_requests: int = Field(-1, ge=-1)
 
 
-class IngressSettings(_Strict):
+class IngressSettings(Strict):
     """Serve options of the ingress deployment."""
 
     deployment: IngressDeploymentSettings = Field(default_factory=IngressDeploymentSettings)
@@ -318,7 +36,7 @@ class IngressSettings(_Strict):
     )
 
 
-class IngressArgs(_Strict):
+class IngressArgs(Strict):
     """The `args` of the ingress application (`serve_app.app:build_app`)."""
 
     ingress: IngressSettings = Field(default_factory=IngressSettings)
@@ -330,7 +48,7 @@ class IngressArgs(_Strict):
     )
 
 
-class ModelAppArgs(_Strict):
+class ModelAppArgs(Strict):
     """The `args` of one model's application (`serve_app.app:build_model_app`).
 
     One application per model, because Serve versions every deployment of an application by
@@ -399,33 +117,6 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
         else:
             result[key] = copy.deepcopy(value)
     return result
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be deployed, with a message naming each bad field."""
-
-
-def describe_validation_error(error: ValidationError, data: Any = None) -> str:
-    """One line per problem: dotted field path (model names where known), message and bad value."""
-    lines = []
-    for err in error.errors():
-        parts: list[str] = []
-        node = data
-        for loc in err["loc"]:
-            if isinstance(loc, int):
-                name = node[loc].get("name") if isinstance(node, list) and isinstance(node[loc], dict) else None
-                parts[-1:] = [f"{parts[-1] if parts else ''}[{loc}]" + (f" ({name})" if name else "")]
-            else:
-                parts.append(str(loc))
-            try:
-                node = node[loc]  # type: ignore[index]
-            except (KeyError, IndexError, TypeError):
-                node = None
-        where = ".".join(parts) or "args"
-        whole_entry = isinstance(err["input"], (dict, list))  # a model-level check: the message names the field
-        value = "" if err["type"] == "missing" or whole_entry else f" (got {err['input']!r})"
-        lines.append(f"{where}: {err['msg']}{value}")
-    return "\n".join(lines)
 
 
 def parse_ingress_args(args: dict[str, Any] | None) -> IngressArgs:

@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from s3_server import TEST_CREDENTIALS, MotoS3  # noqa: E402
 from tiny_gguf import write_tiny_llama_gguf  # noqa: E402
 
-from serve_app.cli.serve_file import INGRESS_IMPORT_PATH, MODEL_IMPORT_PATH, use_serve_process_env  # noqa: E402
+from serve_app.cli.serve_file import use_serve_process_env  # noqa: E402
 from serve_app.cli.tokens import mint_token  # noqa: E402
+from serve_app.config import INGRESS_IMPORT_PATH, MODEL_IMPORT_PATH  # noqa: E402
 
 HTTP_PORT = 8000
 DASHBOARD_PORT = 8265

@@ -28,7 +28,7 @@ from engine_streams import Completion, drain, make_request
 from tiny_gguf import write_tiny_llama_gguf
 
 from deployments.api import ContextLengthExceeded, EngineError, GenerationChunk
-from serve_app.config import ModelSpec
+from deployments.spec import ModelSpec
 
 WINDOW = 512  # context tokens of one request, on both backends
 STREAM_INTERVAL_MS = 2.0  # short, so even the tiny models' fast streams come in several coalesced chunks

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from conftest import GEMMA, ROOT, TINY
 
+from deployments.strict import ConfigError
 from serve_app.app import build_app, build_model_app
 from serve_app.cli.serve_file import parse_serve_config
-from serve_app.config import ConfigError
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 

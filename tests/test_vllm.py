@@ -25,8 +25,10 @@ from typing import Any
 import pytest
 import yaml
 
+from deployments.spec import VLLM_MAX_ONGOING_REQUESTS, ModelSpec
+from deployments.strict import ConfigError
 from serve_app.cli.serve_file import application_entries
-from serve_app.config import VLLM_MAX_ONGOING_REQUESTS, ConfigError, ModelAppArgs, ModelSpec, parse_model_args
+from serve_app.config import ModelAppArgs, parse_model_args
 from tests.s3_server import TEST_CREDENTIALS, MotoS3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +159,7 @@ def test_without_gpu_extra_validate_render_and_build_fail_with_one_message(tmp_p
     build = (
         "import json, sys\n"
         "from serve_app.app import build_model_app\n"
-        "from serve_app.config import ConfigError\n"
+        "from deployments.strict import ConfigError\n"
         "llama, vllm = json.loads(sys.argv[1])\n"
         "build_model_app(llama)\n"  # llama.cpp builds without the extra
         "try:\n"

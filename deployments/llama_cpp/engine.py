@@ -17,8 +17,8 @@ from typing import Any
 from deployments.api import Engine, EngineUnavailable, GenerationChunk, GenerationRequest
 from deployments.llama_cpp.model import ChatTemplate, Prompt, RepackChoice, choose_repack, load_model, prepare_prompt
 from deployments.llama_cpp.scheduler import DONE, DecodeLoop, Submission
+from deployments.spec import ModelSpec
 from deployments.weights.cache import WeightCache
-from serve_app.config import ModelSpec
 
 logger = logging.getLogger(__name__)
 

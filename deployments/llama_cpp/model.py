@@ -18,7 +18,7 @@ from llama_cpp import llama_chat_format
 from llama_cpp._internals import LlamaModel
 
 from deployments.api import ContextLengthExceeded, GenerationRequest, InvalidGenerationRequest, SamplingParams
-from serve_app.config import EngineSettings
+from deployments.spec import EngineSettings
 
 _llama_logger = logging.getLogger("llama_cpp")
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level (ggml.h): 3 = warn, 4 = error

@@ -28,7 +28,7 @@ import numpy as np
 from deployments.api import EngineError, EngineUnavailable, GenerationChunk, GenerationRequest
 from deployments.llama_cpp.model import Prompt, TokenPieces, context_params, sampler_chain
 from deployments.llama_cpp.text import StopMatcher, Utf8Stream
-from serve_app.config import EngineSettings
+from deployments.spec import EngineSettings
 
 logger = logging.getLogger(__name__)
 

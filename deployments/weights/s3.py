@@ -17,7 +17,8 @@ import boto3
 import botocore.exceptions as boto_errors
 from botocore.config import Config
 
-from serve_app.config import StorageSettings
+from deployments.spec import StorageSettings
+from deployments.weights.source import SourceError, parse_source
 
 CHUNK_BYTES = 16 * 1024 * 1024
 WORKERS = 8
@@ -44,10 +45,14 @@ class ObjectInfo:
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    """Bucket and key (or prefix) of an `s3://` URI; StoreError for any other source."""
+    try:
+        source = parse_source(uri)
+    except SourceError as exc:
+        raise StoreError(str(exc)) from None
+    if source.scheme != "s3":
         raise StoreError(f"not an s3://bucket/key URI: {uri!r}")
-    return parsed.netloc, parsed.path.lstrip("/")
+    return source.location, source.key
 
 
 def public_endpoint(url: str | None) -> str:

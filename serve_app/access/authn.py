@@ -23,7 +23,9 @@ from typing import Any, Literal
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from deployments.strict import Strict
 
 logger = logging.getLogger("ray.serve.modelserve.auth")
 
@@ -57,10 +59,8 @@ def algorithm_family(algorithm: str) -> KeyFamily | None:
     return prefixes.get(algorithm[:2]) if algorithm in Algorithm.__args__ else None  # type: ignore[attr-defined]
 
 
-class AuthSettings(BaseModel):
+class AuthSettings(Strict):
     """How tokens are checked. Paths and names only: secrets and key material live in env vars and files."""
-
-    model_config = ConfigDict(extra="forbid")
 
     algorithms: list[Algorithm] = Field(default_factory=lambda: ["HS256"], min_length=1)
     issuer: str | None = Field(None, description="Required `iss` claim, if set.")

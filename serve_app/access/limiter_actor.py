@@ -2,7 +2,7 @@
 
 The actor holds the truth: per tenant a requests bucket and a tokens bucket (capacity = the per-minute
 limit, refilled continuously) and the concurrency slots each ingress replica holds. Replicas talk to it in
-`Exchange`s (serve_app/allowance.py): each takes what a request needs plus a small extra to admit the
+`Exchange`s (limiter_client.py): each takes what a request needs plus a small extra to admit the
 next requests locally, or hands spare credit back. An exchange is atomic, and everything a replica admits
 was first taken here, so the sum over replicas never exceeds a limit. A tokens bucket may go into debt
 (real usage above the reservation) that later requests wait out. Slots of a replica that died free

@@ -1,6 +1,6 @@
 """An ingress replica's side of the shared rate limits: admit from borrowed credit, settle, hand back.
 
-A round trip to the limiter actor (serve_app/limits.py) costs about a millisecond, so a replica borrows:
+A round trip to the limiter actor (limiter_actor.py) costs about a millisecond, so a replica borrows:
 when its allowance for a tenant runs short it makes one exchange, taking what the request needs plus a
 small extra (2% of a per-minute limit, an eighth of a concurrency limit: nothing for small limits, which
 therefore stay exact), and admits the following requests locally. Tokens are reserved from an estimate

@@ -24,14 +24,14 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from fastapi import Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from ray.serve.handle import DeploymentResponseGenerator
 
 from deployments.api import GenerationChunk, GenerationRequest
+from deployments.strict import ConfigError, Strict, describe_validation_error
 from serve_app.access.authn import Authenticator, AuthError, AuthSettings, Principal
 from serve_app.access.limiter_actor import Limits, Quota
 from serve_app.access.limiter_client import Admission, LimiterUnavailable, SharedLimiter
-from serve_app.config import ConfigError, describe_validation_error
 from serve_app.ingress.protocol import OpenAIError
 
 logger = logging.getLogger("ray.serve.modelserve.policy")
@@ -41,11 +41,8 @@ CHARS_PER_TOKEN = 4
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
-
-class TenantPolicy(_Strict):
+class TenantPolicy(Strict):
     """What one tenant may use. Limits left unset are unlimited."""
 
     models: list[str] = Field(default_factory=list, description="Glob patterns (case-sensitive) of usable model ids.")
@@ -70,7 +67,7 @@ class TenantPolicy(_Strict):
         return Limits(self.requests_per_minute, self.tokens_per_minute, self.max_concurrent_requests)
 
 
-class ApiKeyEntry(_Strict):
+class ApiKeyEntry(Strict):
     """A static API key for a service account; only its SHA-256 is stored (`modelserve api-key` makes one)."""
 
     name: str = Field(min_length=1)
@@ -86,7 +83,7 @@ class ApiKeyEntry(_Strict):
         return value
 
 
-class PolicyDocument(_Strict):
+class PolicyDocument(Strict):
     """One policy file = the ingress `user_config`: auth settings, tenants, the unknown-tenant default, API keys."""
 
     enabled: bool = Field(True, description="false turns auth, policy and limits off (benchmarks only).")

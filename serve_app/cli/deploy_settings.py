@@ -13,20 +13,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
+from deployments.spec import DeploymentSettings, VllmSettings
+from deployments.strict import ConfigError, Strict, describe_validation_error
 from serve_app.cli.serve_file import parse_serve_config
-from serve_app.config import ConfigError, DeploymentSettings, VllmSettings, describe_validation_error
+from serve_app.config import INGRESS_DEPLOYMENT
 
 GIB = 1024**3
 CPU_GROUP, GPU_GROUP = "cpu-workers", "gpu-workers"
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
-
-class _Strict(BaseModel):
-    """Unknown keys are typos, not extensions."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 def _pinned_image(value: str) -> str:
@@ -53,14 +50,14 @@ class ReplicaDemand:
     custom_resources: dict[str, float] = field(default_factory=dict)
 
 
-class HeadSettings(_Strict):
+class HeadSettings(Strict):
     """The head pod runs GCS, dashboard, Serve controller and autoscaler; no replicas (num-cpus 0)."""
 
     cpu: float = Field(2, gt=0)
     memory_gib: float = Field(4, gt=0)
 
 
-class WorkerGroupSettings(_Strict):
+class WorkerGroupSettings(Strict):
     """One autoscaled group of identical worker pods."""
 
     min_replicas: int = Field(1, ge=0)
@@ -102,7 +99,7 @@ class WorkerGroupSettings(_Strict):
         return None
 
 
-class Toleration(_Strict):
+class Toleration(Strict):
     """A Kubernetes toleration, by its Kubernetes field names."""
 
     key: str | None = None
@@ -139,7 +136,7 @@ class GpuWorkerGroupSettings(WorkerGroupSettings):
         return self.accelerator_type
 
 
-class AutoscalerSettings(_Strict):
+class AutoscalerSettings(Strict):
     """KubeRay in-tree autoscaler sidecar."""
 
     idle_timeout_seconds: int = Field(300, ge=0, description="Idle worker pods are removed after this long.")
@@ -148,7 +145,7 @@ class AutoscalerSettings(_Strict):
     memory_gib: float = Field(0.5, gt=0)
 
 
-class MinioSettings(_Strict):
+class MinioSettings(Strict):
     """In-cluster MinIO holding s3:// model weights; credentials come from the S3 secret."""
 
     enabled: bool = True
@@ -160,14 +157,14 @@ class MinioSettings(_Strict):
     mc_image: PinnedImage = "quay.io/minio/mc:RELEASE.2025-08-13T08-35-41Z"
 
 
-class SecretNames(_Strict):
+class SecretNames(Strict):
     """Kubernetes Secrets the pods read by reference (keys are the env var names)."""
 
     s3: str = Field("modelserve-s3", pattern=_DNS1035.pattern, description="AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY")
     jwt: str = Field("modelserve-jwt", pattern=_DNS1035.pattern, description="MODELSERVE_JWT_SECRET")
 
 
-class DeploySettings(_Strict):
+class DeploySettings(Strict):
     """Everything about the Kubernetes deployment that is not in serve_config.yaml."""
 
     name: str = Field("modelserve", max_length=47, description="RayService name (KubeRay: DNS-1035, <= 47).")
@@ -293,7 +290,7 @@ def plan_placement(serve_config: dict[str, Any], settings: DeploySettings) -> tu
     problems: list[str] = []
     peak_cpus = peak_gpus = 0.0
     apps = parse_serve_config(serve_config, "serve config")
-    plans = [(app, [("ingress", "ingress", args.ingress.deployment, None)]) for app, args in apps.ingress] + [
+    plans = [(app, [(INGRESS_DEPLOYMENT, "ingress", args.ingress.deployment, None)]) for app, args in apps.ingress] + [
         (app, [(m.deployment_name, f"model {m.name} ({m.backend})", m.deployment, m.vllm)]) for app, m in apps.models
     ]
     for application, entries in plans:

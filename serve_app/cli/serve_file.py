@@ -7,6 +7,7 @@ config with a typo or a misnamed application is refused before `serve deploy` st
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,16 @@ from typing import Any
 
 import yaml
 
-from serve_app.config import ConfigError, IngressArgs, ModelSpec, parse_ingress_args, parse_model_args
-
-INGRESS_IMPORT_PATH = "serve_app.app:build_app"
-MODEL_IMPORT_PATH = "serve_app.app:build_model_app"
+from deployments.spec import ModelSpec
+from deployments.strict import ConfigError
+from serve_app.config import (
+    INGRESS_DEPLOYMENT,
+    INGRESS_IMPORT_PATH,
+    MODEL_IMPORT_PATH,
+    IngressArgs,
+    parse_ingress_args,
+    parse_model_args,
+)
 
 # Environment of every Ray process modelserve runs in (`ray start` in `modelserve up`, the KubeRay pods,
 # tests and benches). Ray's defaults suit large nodes; on a small CPU node every Ray process's timers
@@ -90,7 +97,7 @@ def application_entries(
         "name": name, "route_prefix": route_prefix, "import_path": INGRESS_IMPORT_PATH, "args": ingress_args or {}
     }
     if policy is not None:
-        ingress["deployments"] = [{"name": "ingress", "user_config": policy}]
+        ingress["deployments"] = [{"name": INGRESS_DEPLOYMENT, "user_config": policy}]
     return [ingress] + [
         {
             "name": model["name"],
@@ -134,3 +141,13 @@ def _parse(where: str, app: dict[str, Any], parse: Any) -> Any:
         return parse(app.get("args"))
     except ConfigError as exc:
         raise ConfigError(f"{where}: application {app.get('name', '?')!r}: {exc}") from None
+
+
+def validated_config(path: str | Path) -> tuple[dict[str, Any], ServeConfigApps] | None:
+    """The Serve config and its modelserve applications, parsed; None after printing what is wrong (by field)."""
+    try:
+        config = load_serve_config(path)
+        return config, parse_serve_config(config, str(path))
+    except (ConfigError, OSError, yaml.YAMLError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None

@@ -24,14 +24,14 @@ import jwt
 import platformdirs
 import yaml
 
+from deployments.strict import ConfigError
 from serve_app.access.authn import SECRET_ENV, SECRET_FILE_ENV, AuthSettings, api_key_hash
 from serve_app.access.policy import load_policy_file, parse_policy
 from serve_app.cli.serve_file import ingress_applications, load_serve_config
-from serve_app.config import ConfigError
+from serve_app.config import INGRESS_DEPLOYMENT
 
 DEV_SECRET_FILE = "jwt-secret"
 DEFAULT_POLICY = "policies/default.yaml"
-INGRESS_DEPLOYMENT = "ingress"  # the name OpenAIIngress is deployed under (serve_app/ingress.py)
 _TTL = re.compile(r"^(\d+)([smhd]?)$")
 
 

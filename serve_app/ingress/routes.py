@@ -30,9 +30,10 @@ from deployments.api import (
     GenerationRequest,
     SamplingParams,
 )
+from deployments.spec import model_deployment_name
 from serve_app.access.envelope import AccessMiddleware
 from serve_app.access.policy import AccessGate, Caller, MeteredStream, RequestAccount
-from serve_app.config import IngressArgs, model_deployment_name
+from serve_app.config import INGRESS_DEPLOYMENT, IngressArgs
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.protocol import (
     AssistantMessage,
@@ -162,7 +163,7 @@ def usage_of(chunk: GenerationChunk) -> Usage:
     )
 
 
-@serve.deployment(name="ingress")
+@serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress(app)
 class OpenAIIngress:
     """Routes OpenAI requests to per-model deployments by the `model` field."""

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
-from serve_app.config import model_deployment_name
+from deployments.spec import model_deployment_name
+from serve_app.config import INGRESS_DEPLOYMENT
 from serve_app.ingress.crash_watch import CHECK_INTERVAL_S, CrashReport, CrashWatch
 from serve_app.ingress.protocol import ModelStatus
 
@@ -113,7 +114,7 @@ class StatusCache:
                     _name(overview.status), {_name(k): v for k, v in overview.replica_states.items()},
                     overview.message,
                 )
-                if app_name == own_app and name == "ingress":
+                if app_name == own_app and name == INGRESS_DEPLOYMENT:
                     ingress = status
                 elif app_name != own_app and name == model_deployment_name(app_name):
                     models[app_name] = status
