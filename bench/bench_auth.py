@@ -31,7 +31,7 @@ from harness import ROOT, free_port
 from serve_app.cli.serve_file import application_entries, use_serve_process_env
 
 sys.path.insert(0, str(ROOT / "tests"))
-from tiny_gguf import write_tiny_llama_gguf
+from tests.support.tiny_gguf import write_tiny_llama_gguf
 
 MODEL = "tiny"
 TENANTS = {

@@ -29,7 +29,7 @@ from harness import Stream, demo_model, free_port, http_stream, wait_http
 from deployments.spec import model_deployment_name
 from deployments.weights.cache import WeightCache, WeightFetchError
 from serve_app.cli.weights import push_path
-from tests.s3_server import TEST_CREDENTIALS, MotoS3
+from tests.support.s3_server import TEST_CREDENTIALS, MotoS3
 
 MODEL = "gemma"
 SOURCE = "s3://models/gemma.gguf"

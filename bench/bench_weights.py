@@ -30,7 +30,7 @@ from deployments.spec import StorageSettings
 from deployments.weights.cache import WeightCache
 from deployments.weights.s3 import CHUNK_BYTES, WORKERS
 from serve_app.cli.weights import push_path
-from tests.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3
+from tests.support.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3
 
 MB = 1024 * 1024
 

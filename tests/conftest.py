@@ -22,8 +22,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from s3_server import TEST_CREDENTIALS, MotoS3  # noqa: E402
-from tiny_gguf import write_tiny_llama_gguf  # noqa: E402
+from tests.support.s3_server import TEST_CREDENTIALS, MotoS3  # noqa: E402
+from tests.support.tiny_gguf import write_tiny_llama_gguf  # noqa: E402
 
 from serve_app.cli.serve_file import use_serve_process_env  # noqa: E402
 from serve_app.cli.tokens import mint_token  # noqa: E402

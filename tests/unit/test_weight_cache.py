@@ -18,7 +18,7 @@ from deployments.spec import StorageSettings
 from deployments.weights.cache import WeightCache, WeightFetchError
 from deployments.weights.retry import RetryPolicy
 from serve_app.cli import weights as cli_weights
-from tests.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3, free_port, subprocess_env
+from tests.support.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3, free_port, subprocess_env
 
 MB = 1024 * 1024
 FETCH_IN_CHILD = """

@@ -15,7 +15,7 @@ from typing import Any
 import jwt
 import pytest
 import yaml
-from auth_helpers import SECRET_1, SECRET_2, b64url, claims, forged, write_keys
+from tests.support.auth_helpers import SECRET_1, SECRET_2, b64url, claims, forged, write_keys
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from deployments.strict import ConfigError
@@ -201,7 +201,7 @@ def test_policy_errors_name_each_bad_field() -> None:
 
 
 def test_shipped_policies_validate_and_default_denies_unknown_tenants() -> None:
-    root = Path(__file__).resolve().parent.parent / "policies"
+    root = Path(__file__).resolve().parents[2] / "policies"
     default = parse_policy(yaml.safe_load((root / "default.yaml").read_text()))
     assert default.tenant("dev").allows("anything") and default.tenant("dev").requests_per_minute
     assert not default.tenant("stranger").allows("anything")
@@ -266,7 +266,7 @@ def test_minted_tokens_verify_and_expire(keys: dict[str, Any]) -> None:
 
 def unsynced_copy(tmp_path: Path) -> Path:
     """The committed serve_config.yaml without its synced ingress user_config (the block up to the blank line)."""
-    text = (Path(__file__).resolve().parent.parent / "serve_config.yaml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "serve_config.yaml").read_text()
     config = tmp_path / "serve_config.yaml"
     start = text.index("    deployments:\n")
     config.write_text(text[:start] + text[text.index("\n\n", start) + 1 :])
@@ -274,12 +274,12 @@ def unsynced_copy(tmp_path: Path) -> Path:
 
 
 def test_committed_serve_config_carries_the_default_policy() -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     assert sync_policy(root / "serve_config.yaml", root / "policies" / "default.yaml", None, check=True) == []
 
 
 def test_policy_sync_inlines_the_file_keeps_comments_and_checks(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     config = unsynced_copy(tmp_path)
     unsynced = config.read_text()
     before = yaml.safe_load(unsynced)
@@ -341,7 +341,7 @@ def test_cli_mints_tokens_and_api_keys_the_ingress_accepts(
 
 
 def test_cli_policy_sync_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     config = unsynced_copy(tmp_path)
     policy = str(root / "policies" / "default.yaml")
     check = cli("policy", "sync", "--config", str(config), "--policy", policy, "--check")

@@ -243,6 +243,6 @@ class FaultProxy:
 def subprocess_env(endpoint_url: str, **extra: str) -> dict[str, str]:
     """Environment for a child process talking to the test S3 server."""
     env = {**os.environ, **TEST_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint_url, **extra}
-    repo_root = str(Path(__file__).resolve().parents[1])
+    repo_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH", "")]))
     return env

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from tests import test_vllm
-from tests.s3_server import MotoS3, free_port
-from tests.test_vllm import vllm_model
+from tests.unit import test_vllm
+from tests.support.s3_server import MotoS3, free_port
+from tests.unit.test_vllm import vllm_model
 
 # The gpu extra, S3 and Ray fixtures of tests/test_vllm.py, shared by name.
 gpu_extra, moto, ray_with_gpu, tiny_hf_source = (
@@ -127,7 +127,7 @@ def test_vllm_model_failing_to_start_leaves_llama_cpp_serving(
     import httpx
     import openai
     from ray import serve
-    from tiny_gguf import write_tiny_llama_gguf
+    from tests.support.tiny_gguf import write_tiny_llama_gguf
 
     from deployments.weights.cache import WeightCache
     from serve_app.app import run_targets

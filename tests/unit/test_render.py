@@ -29,10 +29,10 @@ from serve_app.cli import render as cli_render
 from serve_app.cli.deploy_settings import GIB, DeploySettings, load_deploy_settings
 from serve_app.cli.serve_file import SERVE_PROCESS_ENV, application_entries, parse_serve_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "kuberay"
 SERVE_CONFIG = ROOT / "serve_config.yaml"
-CRD_SCHEMA = Path(__file__).parent / "schemas" / "rayservice-v1.openapi.json"
+CRD_SCHEMA = ROOT / "tests" / "schemas" / "rayservice-v1.openapi.json"
 K8S_VERSION = kubernetes_validate.latest_version()
 SECRET_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MODELSERVE_JWT_SECRET"}
 needs_real_config = pytest.mark.skipif(not SERVE_CONFIG.exists(), reason="serve_config.yaml not written yet")

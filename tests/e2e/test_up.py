@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "gemma-3-270m"
 _FOREIGN = ("RAY_", "MODELSERVE_", "AWS_", "XDG_")
 

@@ -16,9 +16,9 @@ import httpx
 import jwt
 import openai
 import pytest
-from access_cluster import ALLOWED, API_KEY, APP, AUDIENCE, HELD, HIDDEN, ISSUER, LONG, Cluster, e2e_policy, token
-from auth_helpers import SECRET_1, SECRET_2, claims, forged, write_keys
-from tiny_gguf import write_tiny_llama_gguf
+from tests.support.access_cluster import ALLOWED, API_KEY, APP, AUDIENCE, HELD, HIDDEN, ISSUER, LONG, Cluster, e2e_policy, token
+from tests.support.auth_helpers import SECRET_1, SECRET_2, claims, forged, write_keys
+from tests.support.tiny_gguf import write_tiny_llama_gguf
 
 
 @pytest.fixture(scope="module")

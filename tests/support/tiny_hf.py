@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiny_gguf import TINY_CHAT_TEMPLATE
+from tests.support.tiny_gguf import TINY_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 _CORPUS = (

@@ -23,7 +23,7 @@ import httpx
 import jwt
 import openai
 import yaml
-from auth_helpers import SECRET_1, claims
+from tests.support.auth_helpers import SECRET_1, claims
 
 from serve_app.access.authn import api_key_hash
 from serve_app.cli.serve_file import application_entries, use_serve_process_env

@@ -29,9 +29,9 @@ from deployments.spec import VLLM_MAX_ONGOING_REQUESTS, ModelSpec
 from deployments.strict import ConfigError
 from serve_app.cli.serve_file import application_entries
 from serve_app.config import ModelAppArgs, parse_model_args
-from tests.s3_server import TEST_CREDENTIALS, MotoS3
+from tests.support.s3_server import TEST_CREDENTIALS, MotoS3
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 EXTRA_MESSAGE = "uses backend vllm, which needs the gpu extra: pip install 'modelserve[gpu]'"
 # A Hugging Face-format config.json of a tiny llama: enough for vLLM to reach engine start, no weights.

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_streams import Completion, drain, make_request
+from tests.support.engine_streams import Completion, drain, make_request
 from llama_cpp import Llama
-from tiny_gguf import write_tiny_llama_gguf
+from tests.support.tiny_gguf import write_tiny_llama_gguf
 
 from deployments.api import ContextLengthExceeded
 from deployments.llama_cpp.engine import BatchedLlamaEngine

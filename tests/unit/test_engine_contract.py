@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from engine_streams import Completion, drain, make_request
-from tiny_gguf import write_tiny_llama_gguf
+from tests.support.engine_streams import Completion, drain, make_request
+from tests.support.tiny_gguf import write_tiny_llama_gguf
 
 from deployments.api import ContextLengthExceeded, EngineError, GenerationChunk
 from deployments.spec import ModelSpec
@@ -86,7 +86,7 @@ def require_vllm_and_gpu() -> None:
 
 async def start_vllm(directory: Path, cleanup: ExitStack) -> tuple[Any, Callable[[str], int]]:
     import ray
-    from tiny_hf import write_tiny_hf_llama
+    from tests.support.tiny_hf import write_tiny_hf_llama
     from transformers import AutoTokenizer
 
     from deployments.vllm.server import VllmModelServer, make_llm_config
