@@ -26,11 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import ROOT, free_port
+from harness import free_port
 
 from serve_app.cli.serve_file import application_entries, use_serve_process_env
-
-sys.path.insert(0, str(ROOT / "tests"))
 from tests.support.tiny_gguf import write_tiny_llama_gguf
 
 MODEL = "tiny"

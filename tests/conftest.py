@@ -1,16 +1,15 @@
 """Session fixtures: one real local Ray (with its dashboard) running the real app, deployed by `serve deploy`.
 
 The app is deployed from a test copy of serve_config.yaml: the demo Gemma model plus a
-tiny random-weight GGUF, with fractional CPUs so everything fits on 2 cores.
+tiny random-weight GGUF, with fractional CPUs so everything fits on 2 cores. Fixtures start
+nothing until a test asks: the unit tests (tests/unit) never start Ray. This conftest sees
+every test, so it also orders them (`machine_ray` first).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,42 +18,31 @@ import httpx
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tests.support.s3_server import TEST_CREDENTIALS, MotoS3  # noqa: E402
-from tests.support.tiny_gguf import write_tiny_llama_gguf  # noqa: E402
-
-from serve_app.cli.serve_file import use_serve_process_env  # noqa: E402
-from serve_app.cli.tokens import mint_token  # noqa: E402
-from serve_app.config import INGRESS_IMPORT_PATH, MODEL_IMPORT_PATH  # noqa: E402
-
-HTTP_PORT = 8000
-DASHBOARD_PORT = 8265
-BASE_URL = f"http://127.0.0.1:{HTTP_PORT}"
-APP_NAME = "modelserve"
-GEMMA = "gemma-3-270m"
-TINY = "tiny-llama"
-TINY_S3 = "tiny-llama-s3"
-TINY_S3_SOURCE = "s3://models/tiny/tiny.gguf"
-TINY_ZERO = "tiny-llama-autoscaled"  # starts at zero replicas, scales 0..2 with short delays
-METRICS_PORT = 8089
+from serve_app.cli.serve_file import use_serve_process_env
+from serve_app.cli.tokens import mint_token
+from serve_app.config import INGRESS_IMPORT_PATH
+from tests.support.cluster import (
+    APP_NAME,
+    BASE_URL,
+    DASHBOARD_PORT,
+    GEMMA,
+    HTTP_PORT,
+    METRICS_PORT,
+    ROOT,
+    TINY,
+    TINY_ZERO,
+    model_app,
+    serve_cli,
+    wait_for_apps,
+)
+from tests.support.tiny_gguf import write_tiny_llama_gguf
+from tests.support.vllm import gpu_extra, moto, ray_with_gpu, tiny_hf_source  # noqa: F401 - the vLLM tests' fixtures
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that start and stop the machine's own Ray (`modelserve up`/`down`, which runs `ray stop`) go first,
     before the session's Ray exists: `ray stop` ends every Ray process on the machine."""
     items.sort(key=lambda item: item.get_closest_marker("machine_ray") is None)
-
-
-def model_app(name: str, source: str, defaults: dict[str, Any], **entry: Any) -> dict[str, Any]:
-    """A model application as serve_config.yaml writes one: named after the model, no HTTP route."""
-    return {
-        "name": name,
-        "route_prefix": None,
-        "import_path": MODEL_IMPORT_PATH,
-        "args": {"model_defaults": defaults, "model": {"name": name, "source": source, **entry}},
-    }
 
 
 def make_test_config(tiny_path: Path) -> dict[str, Any]:
@@ -82,35 +70,10 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
         ingress,
         gemma,
         model_app(TINY, str(tiny_path), defaults, engine=tiny_engine, deployment=tiny_deployment),
-        model_app(TINY_S3, TINY_S3_SOURCE, defaults, engine=tiny_engine, deployment=tiny_deployment),
         model_app(TINY_ZERO, str(tiny_path), defaults, engine={"n_ctx": 512, "n_threads": 1},
                   deployment=zero_deployment),
     ]
     return config
-
-
-def serve_cli(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the `serve` CLI against the test cluster's dashboard."""
-    cmd = ["serve", *argv, "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"]
-    result = subprocess.run(cmd, text=True, capture_output=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def wait_for_apps(timeout_s: float = 300) -> dict[str, Any]:
-    """Wait until `serve status` reports every application RUNNING; fail with the status on DEPLOY_FAILED."""
-    deadline = time.monotonic() + timeout_s
-    status: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        status = yaml.safe_load(serve_cli("status").stdout) or {}
-        apps = status.get("applications") or {}
-        if failed := {name: app for name, app in apps.items() if app.get("status") == "DEPLOY_FAILED"}:
-            raise AssertionError(f"deploy failed: {failed}")
-        if apps and all(app.get("status") == "RUNNING" for app in apps.values()):
-            return apps
-        time.sleep(1)
-    raise AssertionError(f"applications not running after {timeout_s}s: {status}")
 
 
 @pytest.fixture(scope="session")
@@ -119,49 +82,40 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def s3_store(tiny_path: Path) -> Iterator[MotoS3]:
-    """A real S3 HTTP server on 127.0.0.1 (moto) holding the tiny model, pushed with `modelserve push`.
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A real local Ray with the dashboard (needed by `serve deploy`), owned by this test session.
 
-    Its endpoint and credentials go into this process's environment before Ray starts, so
-    replicas reach it the way they reach MinIO in production: AWS_* variables.
+    Its processes inherit the weight cache, the JWT secret and the Ray settings modelserve ships
+    with from this process's environment, which is restored when the session ends.
     """
-    with MotoS3() as store:
-        os.environ.update(TEST_CREDENTIALS, AWS_ENDPOINT_URL=store.endpoint_url)
-        store.client().create_bucket(Bucket="models")
-        pushed = subprocess.run(
-            [sys.executable, "-m", "serve_app.cli", "push", str(tiny_path), TINY_S3_SOURCE],
-            capture_output=True, text=True, timeout=120,
-        )
-        assert pushed.returncode == 0, pushed.stderr
-        yield store
-
-
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_store: MotoS3) -> Iterator[None]:
-    """A real local Ray with the dashboard (needed by `serve deploy`), owned by this test session."""
     import ray
+    from ray import serve
 
-    os.environ.setdefault("MODELSERVE_CACHE_DIR", str(tmp_path_factory.mktemp("weight-cache")))
-    os.environ.setdefault("MODELSERVE_JWT_SECRET", secrets.token_urlsafe(48))  # replicas inherit it
-    use_serve_process_env()  # the Ray settings modelserve ships with
-    ray.init(
-        address="local",  # always a fresh cluster of our own, even if `ray start` runs here
-        num_cpus=12,  # CPU slots, not cores: the functional tests run 5+ small replicas on 2 cores
-        _node_ip_address="127.0.0.1",
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=DASHBOARD_PORT,
-        _metrics_export_port=METRICS_PORT,
-        _system_config={"metrics_report_interval_ms": 1000},
-        logging_level="warning",
-    )
-    try:
-        yield
-    finally:
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
+    process_env = {
+        "MODELSERVE_CACHE_DIR": str(tmp_path_factory.mktemp("weight-cache")),
+        "MODELSERVE_JWT_SECRET": secrets.token_urlsafe(48),  # replicas inherit it
+    }
+    use_serve_process_env(process_env)
+    with pytest.MonkeyPatch.context() as environment:
+        for key, value in process_env.items():
+            if key not in os.environ:  # what the caller exports wins
+                environment.setenv(key, value)
+        ray.init(
+            address="local",  # always a fresh cluster of our own, even if `ray start` runs here
+            num_cpus=12,  # CPU slots, not cores: the functional tests run 5+ small replicas on 2 cores
+            _node_ip_address="127.0.0.1",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=DASHBOARD_PORT,
+            _metrics_export_port=METRICS_PORT,
+            _system_config={"metrics_report_interval_ms": 1000},
+            logging_level="warning",
+        )
+        try:
+            yield
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.access.policy import AccessGate, RequestAccount
+from serve_app.access.gate import AccessGate, RequestAccount
 from serve_app.ingress.protocol import OpenAIError
 
 logger = logging.getLogger("ray.serve.modelserve.audit")  # under Serve's logger: lands in the replica log

@@ -1,45 +1,28 @@
-"""Access policy: who may use which models and how much, and the checks the ingress runs per request.
+"""The access policy document: who may use which models and how much.
 
 A policy document (a YAML file in policies/, delivered to the ingress as its Serve `user_config`) holds
 the auth settings, one `TenantPolicy` per tenant, the policy for unknown tenants (deny by default) and
-hashed static API keys. `AccessGate` holds the checks, in request order: `authenticate` (401, run by
-AccessMiddleware before routing), then from the ingress handlers `allows` (404, the same answer as for a
-model that does not exist), `max_tokens` (clamp or 400) and `admit` (429). The request's `RequestAccount`
-collects usage until the response ends and AccessMiddleware settles it.
+hashed static API keys. Plain validated data: the checks that apply it per request live in gate.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
-import math
 import re
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from fastapi import Depends, Request
 from pydantic import Field, ValidationError, field_validator, model_validator
-from ray.serve.handle import DeploymentResponseGenerator
 
-from deployments.api import GenerationChunk, GenerationRequest
 from deployments.strict import ConfigError, Strict, describe_validation_error
-from serve_app.access.authn import Authenticator, AuthError, AuthSettings, Principal
-from serve_app.access.limiter_actor import Limits, Quota
-from serve_app.access.limiter_client import Admission, LimiterUnavailable, SharedLimiter
-from serve_app.ingress.protocol import OpenAIError
+from serve_app.access.authn import AuthSettings, Principal
+from serve_app.access.limiter_actor import Limits
 
-logger = logging.getLogger("ray.serve.modelserve.policy")
-
-ANONYMOUS = Principal(tenant="anonymous", roles=frozenset({"admin"}), subject="anonymous")
-CHARS_PER_TOKEN = 4
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-
 
 
 class TenantPolicy(Strict):
@@ -131,199 +114,3 @@ def load_policy_file(path: str | Path) -> dict[str, Any]:
 def policy_revision(data: Mapping[str, Any] | None) -> str:
     """A short content hash, logged with every audit line so operators see which policy answered."""
     return hashlib.sha256(json.dumps(data or {}, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def reset_duration(seconds: float) -> str:
-    """OpenAI's reset format: '20ms', '1.5s', '6m0s'."""
-    if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms"
-    minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.3g}s"
-
-
-def rate_limit_headers(requests: Quota | None, tokens: Quota | None) -> dict[str, str]:
-    headers = {}
-    for kind, quota in (("requests", requests), ("tokens", tokens)):
-        if quota is not None:
-            headers[f"x-ratelimit-limit-{kind}"] = str(quota.limit)
-            headers[f"x-ratelimit-remaining-{kind}"] = str(quota.remaining)
-            headers[f"x-ratelimit-reset-{kind}"] = reset_duration(quota.reset_s)
-    return headers
-
-
-def estimated_tokens(request: GenerationRequest) -> int:
-    """What a request may cost before it runs: prompt characters / 4 plus its completion budget."""
-    chars = len(request.prompt or "") + sum(len(m.get("content", "")) for m in request.messages or ())
-    return math.ceil(chars / CHARS_PER_TOKEN) + (request.sampling.max_tokens or 0)
-
-
-class RequestAccount:
-    """One authenticated request: who, which model, its rate-limit lease and the usage seen so far."""
-
-    def __init__(self, principal: Principal, policy: TenantPolicy, revision: str) -> None:
-        self.principal = principal
-        self.policy = policy
-        self.revision = revision
-        self.model: str | None = None
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.admission: Admission | None = None
-        self._limiter: SharedLimiter | None = None
-
-    def hold(self, admission: Admission, limiter: SharedLimiter) -> None:
-        """Keep the limiter's answer (for the rate-limit headers) and, if admitted, the lease to settle."""
-        self.admission = admission
-        self._limiter = limiter if admission.admitted else None
-
-    def record(self, chunk: GenerationChunk) -> None:
-        self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-
-    def rate_headers(self) -> dict[str, str]:
-        """The x-ratelimit-* headers of an admitted request (a refusal carries its own on the 429)."""
-        if self.admission is None or not self.admission.admitted:
-            return {}
-        return rate_limit_headers(self.admission.requests, self.admission.tokens)
-
-    def settle(self) -> None:
-        """Close the lease with the real usage; called once the response has ended, however it ended."""
-        if self._limiter is not None and self.admission is not None and self.admission.lease is not None:
-            self._limiter.release(self.admission.lease, self.prompt_tokens + self.completion_tokens)
-        self._limiter = None
-
-
-class MeteredStream:
-    """A model's chunk stream that keeps the running usage on the request's account as chunks pass."""
-
-    def __init__(self, stream: DeploymentResponseGenerator, account: RequestAccount) -> None:
-        self._stream = stream
-        self._account = account
-
-    def __aiter__(self) -> AsyncIterator[GenerationChunk]:
-        return self
-
-    async def __anext__(self) -> GenerationChunk:
-        chunk = await self._stream.__anext__()
-        self._account.record(chunk)
-        return chunk
-
-    def cancel(self) -> None:
-        """Best effort: Serve's cancel() re-raises the call's own failure (e.g. back-pressure), already handled."""
-        with contextlib.suppress(Exception):
-            self._stream.cancel()
-
-
-async def authenticated(request: Request) -> RequestAccount:
-    """FastAPI dependency: the caller's account, which AccessMiddleware authenticated before routing.
-
-    Async so FastAPI calls it on the event loop: a plain `def` dependency costs a worker-thread hop.
-    """
-    return request.state.account
-
-
-Caller = Annotated[RequestAccount, Depends(authenticated)]
-
-
-@dataclass(frozen=True)
-class ActivePolicy:
-    document: PolicyDocument
-    authenticator: Authenticator | None
-    revision: str
-
-
-def unauthorized(message: str) -> OpenAIError:
-    return OpenAIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-
-class AccessGate:
-    """The ingress's access checks, against the policy of the latest `configure` (swapped atomically)."""
-
-    def __init__(self, limiter_name: str) -> None:
-        self._limiter = SharedLimiter(limiter_name)
-        self._active: ActivePolicy | None = None
-
-    def configure(self, user_config: Mapping[str, Any] | None) -> None:
-        """Apply a policy document (the ingress user_config), swapping it in atomically.
-
-        At replica start a bad document raises (no replica serves without a policy). On a live reload it
-        is logged and the previous policy stays in force: a typo must not take the running ingress down.
-        """
-        revision = policy_revision(user_config)
-        try:
-            document = parse_policy(user_config, f"policy {revision} (ingress user_config)")
-            authenticator = Authenticator(document.auth, document.api_key_principals()) if document.enabled else None
-        except (ConfigError, ValueError, OSError) as exc:
-            if self._active is None:
-                raise
-            logger.error(
-                "policy %s REJECTED, still enforcing %s (a replica starting now would fail): %s",
-                revision,
-                self._active.revision,
-                str(exc).replace("\n", "; "),
-            )
-            return
-        self._active = ActivePolicy(document, authenticator, revision)
-        if document.enabled and any(not t.limits().unlimited for t in [document.default, *document.tenants.values()]):
-            self._limiter.connect()
-        if not document.enabled:
-            logger.warning("access control is DISABLED: every caller is an anonymous admin")
-        logger.info("access policy %s applied: tenants %s", revision, sorted(document.tenants))
-
-    async def authenticate(self, authorization: str | None) -> RequestAccount:
-        """Who is calling, from the Authorization header (401 otherwise), with their tenant's policy."""
-        active = self._active
-        if active is None:
-            raise OpenAIError(503, "Access policy not loaded yet.", type="server_error", code="not_ready")
-        if active.authenticator is None:
-            principal = ANONYMOUS
-        else:
-            try:
-                principal = await active.authenticator.authenticate(authorization)
-            except AuthError as exc:
-                raise unauthorized(str(exc)) from None
-        return RequestAccount(principal, active.document.tenant(principal.tenant), active.revision)
-
-    @staticmethod
-    def allows(account: RequestAccount, model: str) -> bool:
-        return account.principal.is_admin or account.policy.allows(model)
-
-    @staticmethod
-    def max_tokens(account: RequestAccount, requested: int | None) -> int | None:
-        """The completion budget to run with: the request's, or the tenant cap (clamped or refused above it)."""
-        cap = account.policy.max_tokens
-        if cap is None or (requested is not None and requested <= cap):
-            return requested if requested is not None else cap
-        if requested is not None and account.policy.over_max_tokens == "reject":
-            raise OpenAIError(
-                400,
-                f"max_tokens is {requested}, above this tenant's limit of {cap}.",
-                param="max_tokens",
-                code="max_tokens_exceeded",
-            )
-        return cap
-
-    async def admit(self, account: RequestAccount, request: GenerationRequest) -> None:
-        """Take the tenant's request/token/concurrency allowance in the shared limiter, or answer 429."""
-        limits = account.policy.limits()
-        if limits.unlimited or self._active is None or not self._active.document.enabled:
-            return
-        try:
-            admission = await self._limiter.acquire(account.principal.tenant, limits, estimated_tokens(request))
-        except LimiterUnavailable as exc:
-            logger.error("rate limiter %s unavailable: %s", self._limiter.name, exc)
-            raise OpenAIError(
-                503,
-                "Rate limiting is temporarily unavailable. Retry shortly.",
-                type="server_error",
-                code="rate_limiter_unavailable",
-                headers={"Retry-After": "1"},
-            ) from None
-        account.hold(admission, self._limiter)
-        if not admission.admitted:
-            what = {"requests": "requests per minute", "tokens": "tokens per minute"}.get(
-                admission.exceeded or "", "concurrent requests"
-            )
-            retry_after = str(max(1, math.ceil(admission.retry_after_s)))
-            headers = {"Retry-After": retry_after, **rate_limit_headers(admission.requests, admission.tokens)}
-            message = f"Rate limit reached for tenant '{account.principal.tenant}' on {what}. Retry later."
-            kind = "tokens" if admission.exceeded == "tokens" else "requests"
-            raise OpenAIError(429, message, type=kind, code="rate_limit_exceeded", headers=headers)

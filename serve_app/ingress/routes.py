@@ -32,7 +32,7 @@ from deployments.api import (
 )
 from deployments.spec import model_deployment_name
 from serve_app.access.envelope import AccessMiddleware
-from serve_app.access.policy import AccessGate, Caller, MeteredStream, RequestAccount
+from serve_app.access.gate import AccessGate, Caller, MeteredStream, RequestAccount
 from serve_app.config import INGRESS_DEPLOYMENT, IngressArgs
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.protocol import (

@@ -16,11 +16,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import yaml
-from conftest import GEMMA, METRICS_PORT, model_app
-from test_lifecycle import admin, deploy_with, model_states, wait_until  # noqa: F401 - admin is a fixture
 
 from serve_app.ingress.crash_watch import CRASH_THRESHOLD, replica_class_name
+from tests.support.cluster import GEMMA, METRICS_PORT, deploy_with, model_app, model_defaults, model_states, wait_until
 
 CRASHY = "tiny-crashy"
 
@@ -42,15 +40,11 @@ def metric(name: str, model: str) -> float | None:
 
 @pytest.fixture
 def crashy(config_path: Path, tiny_path: Path, tmp_path: Path) -> Any:
-    defaults = yaml_defaults(config_path)
+    defaults = model_defaults(config_path)
     deploy_with(config_path, tmp_path, model_app(CRASHY, str(tiny_path), defaults, engine={"n_ctx": 256},
                                                  deployment={"num_replicas": 1}))
     yield
     deploy_with(config_path, tmp_path, None)
-
-
-def yaml_defaults(config_path: Path) -> dict[str, Any]:
-    return yaml.safe_load(config_path.read_text())["applications"][1]["args"]["model_defaults"]
 
 
 def test_admin_status_shows_each_models_placement(admin: httpx.Client) -> None:

@@ -10,11 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import GEMMA, ROOT, TINY
 
 from deployments.strict import ConfigError
 from serve_app.app import build_app, build_model_app
 from serve_app.cli.serve_file import parse_serve_config
+from tests.support.cluster import GEMMA, ROOT, TINY
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 

@@ -1,4 +1,4 @@
-"""vLLM models serving through the ingress path, with the gpu extra (see tests/test_vllm.py for how to run).
+"""vLLM models serving through the ingress path, with the gpu extra (see tests/unit/test_vllm.py for how to run).
 
 The items Ray's LLMServer streams, built with vLLM's own protocol models, through our translation
 into engine chunks and errors; and a vllm model that cannot start (no GPU here) beside a llama.cpp
@@ -15,17 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.unit import test_vllm
 from tests.support.s3_server import MotoS3, free_port
-from tests.unit.test_vllm import vllm_model
-
-# The gpu extra, S3 and Ray fixtures of tests/test_vllm.py, shared by name.
-gpu_extra, moto, ray_with_gpu, tiny_hf_source = (
-    test_vllm.gpu_extra,
-    test_vllm.moto,
-    test_vllm.ray_with_gpu,
-    test_vllm.tiny_hf_source,
-)
+from tests.support.vllm import vllm_model
 
 
 def _sse(model: Any) -> str:
@@ -127,11 +118,11 @@ def test_vllm_model_failing_to_start_leaves_llama_cpp_serving(
     import httpx
     import openai
     from ray import serve
-    from tests.support.tiny_gguf import write_tiny_llama_gguf
 
     from deployments.weights.cache import WeightCache
     from serve_app.app import run_targets
     from serve_app.cli.serve_file import application_entries
+    from tests.support.tiny_gguf import write_tiny_llama_gguf
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -23,10 +23,10 @@ import httpx
 import jwt
 import openai
 import yaml
-from tests.support.auth_helpers import SECRET_1, claims
 
 from serve_app.access.authn import api_key_hash
 from serve_app.cli.serve_file import application_entries, use_serve_process_env
+from tests.support.auth_helpers import SECRET_1, claims
 
 ISSUER, AUDIENCE = "https://idp.test/", "modelserve-test"
 API_KEY = "msk-test-service-account-key"

@@ -2,7 +2,7 @@
 
 The directory holds what vLLM loads: config.json, safetensors weights and a fast tokenizer
 (byte-level BPE trained here on a few sentences, so it encodes any text) with the chat template
-of tests/tiny_gguf.py. Needs torch, transformers and tokenizers (the gpu extra).
+of tests/support/tiny_gguf.py. Needs torch, transformers and tokenizers (the gpu extra).
 """
 
 from __future__ import annotations

@@ -15,14 +15,15 @@ from typing import Any
 import jwt
 import pytest
 import yaml
-from tests.support.auth_helpers import SECRET_1, SECRET_2, b64url, claims, forged, write_keys
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from deployments.strict import ConfigError
 from serve_app.access.authn import Authenticator, AuthError, AuthSettings, Principal, api_key_hash
-from serve_app.access.policy import AccessGate, RequestAccount, TenantPolicy, parse_policy, reset_duration
+from serve_app.access.gate import AccessGate, RequestAccount, reset_duration
+from serve_app.access.policy import TenantPolicy, parse_policy
 from serve_app.cli.tokens import dev_secret, mint_token, parse_ttl, register, sync_policy
 from serve_app.ingress.protocol import OpenAIError
+from tests.support.auth_helpers import SECRET_1, SECRET_2, b64url, claims, forged, write_keys
 
 
 @pytest.fixture(scope="module")

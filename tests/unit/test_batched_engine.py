@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.engine_streams import Completion, drain, make_request
 from llama_cpp import Llama
-from tests.support.tiny_gguf import write_tiny_llama_gguf
 
 from deployments.api import ContextLengthExceeded
 from deployments.llama_cpp.engine import BatchedLlamaEngine
@@ -30,6 +28,8 @@ from deployments.spec import ModelSpec
 from deployments.strict import ConfigError
 from deployments.weights.cache import WeightCache
 from serve_app.config import parse_model_args
+from tests.support.engine_streams import Completion, drain, make_request
+from tests.support.tiny_gguf import write_tiny_llama_gguf
 
 TINY_PROMPTS = ["Hello the quick brown fox", "Once upon a time there was a dog", "The house near the big port"]
 COUNTING = "Count from 1 to 1000, separated by commas: 1, 2, 3,"  # Gemma keeps counting well past 300 tokens

@@ -4,8 +4,8 @@ The ingress routes a request to a model deployment and streams `GenerationChunk`
 `generate(GenerationRequest)`; usage accounting, tenant token caps (max_tokens), OpenAI finish
 reasons and error statuses are all built on what these tests check, so they must hold the same
 for every backend. Each backend runs in this process as its Serve replica class: llama_cpp is
-`ModelServer` (stream coalescing included) on the tiny random GGUF of tests/tiny_gguf.py; vllm is
-`VllmModelServer` on the tiny random Hugging Face llama of tests/tiny_hf.py, where vLLM imports
+`ModelServer` (stream coalescing included) on the tiny random GGUF of tests/support/tiny_gguf.py; vllm is
+`VllmModelServer` on the tiny random Hugging Face llama of tests/support/tiny_hf.py, where vLLM imports
 and a CUDA GPU is present. Sampling is greedy wherever outputs are compared.
 """
 
@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from tests.support.engine_streams import Completion, drain, make_request
-from tests.support.tiny_gguf import write_tiny_llama_gguf
 
 from deployments.api import ContextLengthExceeded, EngineError, GenerationChunk
 from deployments.spec import ModelSpec
+from tests.support.engine_streams import Completion, drain, make_request
+from tests.support.tiny_gguf import write_tiny_llama_gguf
 
 WINDOW = 512  # context tokens of one request, on both backends
 STREAM_INTERVAL_MS = 2.0  # short, so even the tiny models' fast streams come in several coalesced chunks
@@ -77,7 +77,7 @@ async def start_llama_cpp(directory: Path, cleanup: ExitStack) -> tuple[Any, Cal
 
 def require_vllm_and_gpu() -> None:
     if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed here (the gpu extra: see tests/test_vllm.py)")
+        pytest.skip("vLLM is not installed here (the gpu extra: see tests/unit/test_vllm.py)")
     import torch
 
     if not torch.cuda.is_available():
@@ -86,10 +86,10 @@ def require_vllm_and_gpu() -> None:
 
 async def start_vllm(directory: Path, cleanup: ExitStack) -> tuple[Any, Callable[[str], int]]:
     import ray
-    from tests.support.tiny_hf import write_tiny_hf_llama
     from transformers import AutoTokenizer
 
     from deployments.vllm.server import VllmModelServer, make_llm_config
+    from tests.support.tiny_hf import write_tiny_hf_llama
 
     path = write_tiny_hf_llama(directory / "tiny-hf", max_positions=WINDOW)
     spec = ModelSpec.model_validate({

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.engine_streams import Completion, drain, make_request
 
 from deployments.llama_cpp.engine import BatchedLlamaEngine
 from deployments.llama_cpp.model import choose_repack, cpu_has_amx
@@ -16,6 +15,7 @@ from deployments.strict import ConfigError
 from deployments.weights.cache import WeightCache
 from serve_app.cli.serve_file import load_serve_config, parse_serve_config
 from serve_app.config import parse_model_args
+from tests.support.engine_streams import Completion, drain, make_request
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n"

@@ -9,6 +9,7 @@ from pathlib import Path
 import llama_cpp
 import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
 from tests.support.tiny_gguf import TINY_CHAT_TEMPLATE, write_tiny_llama_gguf
 
 N_CTX = 256

@@ -4,9 +4,9 @@ Without the gpu extra (the normal suite): vllm model entries are validated field
 `modelserve validate`, `render --dry-run` and build_app fail with one clear message.
 
 With the gpu extra (`@pytest.mark.gpu`; skipped where vLLM does not import), in its own virtualenv:
-    /opt/modelserve-gpu/bin/python -m pytest -m gpu tests/test_vllm.py tests/test_vllm_serving.py
+    /opt/modelserve-gpu/bin/python -m pytest -m gpu tests/unit/test_vllm.py tests/e2e/test_vllm_serving.py
 they check the LLMConfig and Serve deployment our config produces, the weights coming from the
-cache and the dry-run placement on GPU pods (tests/test_vllm_serving.py: vLLM's stream and error
+cache and the dry-run placement on GPU pods (tests/e2e/test_vllm_serving.py: vLLM's stream and error
 formats, and a vllm model that cannot start next to a llama.cpp model that keeps serving). No GPU
 is available to this project: the vLLM path is exercised up to engine start.
 """
@@ -18,7 +18,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +29,11 @@ from deployments.strict import ConfigError
 from serve_app.cli.serve_file import application_entries
 from serve_app.config import ModelAppArgs, parse_model_args
 from tests.support.s3_server import TEST_CREDENTIALS, MotoS3
+from tests.support.vllm import TINY_HF_CONFIG, vllm_model
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 EXTRA_MESSAGE = "uses backend vllm, which needs the gpu extra: pip install 'modelserve[gpu]'"
-# A Hugging Face-format config.json of a tiny llama: enough for vLLM to reach engine start, no weights.
-TINY_HF_CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
-    "num_key_value_heads": 4,
-    "vocab_size": 256,
-    "max_position_embeddings": 256,
-    "torch_dtype": "float32",
-}
-
-
-def vllm_model(name: str = "qwen-7b", **overrides: Any) -> dict[str, Any]:
-    return {"name": name, "backend": "vllm", "source": "s3://models/qwen-7b/", **overrides}
 
 
 def serve_config(*models: dict[str, Any]) -> dict[str, Any]:
@@ -199,64 +182,6 @@ def test_gpu_group_offers_its_accelerator_type_to_the_autoscaler() -> None:
 
 
 # ---- with the gpu extra --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def gpu_extra() -> None:
-    pytest.importorskip("vllm", reason="needs the gpu extra (vLLM)")
-    pytest.importorskip("ray.serve.llm", reason="needs the gpu extra (ray[llm])")
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoS3]:
-    with MotoS3() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def tiny_hf_source(moto: MotoS3, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A Hugging Face-format model directory pushed to S3 the way operators do (`modelserve push`)."""
-    from serve_app.cli import weights as cli_weights
-
-    directory = tmp_path_factory.mktemp("hf") / "tiny-hf"
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(TINY_HF_CONFIG))
-    (directory / "generation_config.json").write_text(json.dumps({"max_new_tokens": 16}))
-    client = moto.client()
-    client.create_bucket(Bucket="models")
-    client.create_bucket(Bucket="broken")
-    client.put_object(Bucket="broken", Key="gguf-only/model.gguf", Body=b"GGUF")
-    cli_weights.push_path(client, directory, "s3://models/tiny-hf/")
-    return "s3://models/tiny-hf/"
-
-
-@pytest.fixture(scope="module")
-def ray_with_gpu(gpu_extra: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private local Ray advertising one logical GPU; replicas inherit the cache dir and S3 credentials."""
-    import ray
-
-    if ray.is_initialized():
-        pytest.skip("needs its own local Ray with a logical GPU: run `-m gpu tests/test_vllm.py` on its own")
-    cache_dir = tmp_path_factory.mktemp("weight-cache")
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in TEST_CREDENTIALS.items():
-            env.setenv(name, value)
-        env.setenv("MODELSERVE_CACHE_DIR", str(cache_dir))
-        ray.init(
-            address="local",
-            num_gpus=1,
-            num_cpus=4,
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            logging_level="warning",
-        )
-        try:
-            yield cache_dir
-        finally:
-            from ray import serve
-
-            serve.shutdown()
-            ray.shutdown()
 
 
 def _deployment_of(spec: ModelSpec) -> Any:
