@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -147,8 +148,9 @@ def sampling_params(body: SamplingFields, max_tokens: int | None) -> SamplingPar
     )
 
 
-def sse(payload: Any) -> str:
-    return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+def sse(payload: BaseModel) -> str:
+    """One server-sent event; the protocol models decide which empty fields the schema wants omitted."""
+    return f"data: {payload.model_dump_json()}\n\n"
 
 
 def usage_of(chunk: GenerationChunk) -> Usage:

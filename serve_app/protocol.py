@@ -90,6 +90,10 @@ class CompletionRequest(SamplingFields):
         return self.max_tokens
 
 
+def _omitted(value: Any) -> bool:
+    return value is None
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -99,6 +103,7 @@ class Usage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None  # required (nullable) by the schema; this server never refuses in-band
 
 
 class ChatCompletionChoice(BaseModel):
@@ -109,24 +114,27 @@ class ChatCompletionChoice(BaseModel):
 
 
 class ChatCompletionResponse(BaseModel):
+    """`system_fingerprint` is left out: the schema types it as a string, and there is none to give."""
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
     choices: list[ChatCompletionChoice]
     usage: Usage
-    system_fingerprint: str | None = None
 
 
 class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
+    """The schema allows no null `role`: it is sent on the first chunk only."""
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=_omitted)
     content: str | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # required (nullable): null until the last chunk
     logprobs: None = None
 
 
@@ -136,14 +144,13 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
+    usage: Usage | None = Field(None, exclude_if=_omitted)
 
 
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # null until the last stream chunk, as OpenAI sends it
     logprobs: None = None
 
 
@@ -155,8 +162,7 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
+    usage: Usage | None = Field(None, exclude_if=_omitted)
 
 
 class ModelStatus(BaseModel):

@@ -1,7 +1,9 @@
 """Session fixtures: one real local Ray (with its dashboard) running the real app, deployed by `serve deploy`.
 
 The app is deployed from a test copy of serve_config.yaml: the demo Gemma model plus a
-tiny random-weight GGUF, with fractional CPUs so everything fits on 2 cores.
+tiny random-weight GGUF, with fractional CPUs so everything fits on 2 cores. Every response of
+the app that a test receives through httpx or the openai SDK is validated against OpenAI's
+OpenAPI schema (tests/openai_schema.py); a violation fails the test.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import openai_schema  # noqa: E402
 from s3_server import TEST_CREDENTIALS, MotoS3  # noqa: E402
 from tiny_gguf import write_tiny_llama_gguf  # noqa: E402
 
@@ -38,6 +41,18 @@ TINY_S3 = "tiny-llama-s3"
 TINY_S3_SOURCE = "s3://models/tiny/tiny.gguf"
 TINY_ZERO = "tiny-llama-autoscaled"  # starts at zero replicas, scales 0..2 with short delays
 METRICS_PORT = 8089
+
+
+openai_schema.install()
+
+
+@pytest.fixture(autouse=True)
+def responses_match_openai_schema() -> Iterator[None]:
+    """Fail a test that received any response breaking OpenAI's schema, even one a client swallowed."""
+    openai_schema.take_violations()
+    yield
+    violations = openai_schema.take_violations()
+    assert not violations, "\n".join(violations)
 
 
 def model_app(name: str, source: str, defaults: dict[str, Any], **entry: Any) -> dict[str, Any]:
