@@ -73,6 +73,12 @@ class InvalidGenerationRequest(EngineError):
     code = "invalid_request"
 
 
+class UnsupportedGenerationRequest(EngineError):
+    """Valid, but asks for something this engine cannot do (a role its chat format cannot carry)."""
+
+    code = "unsupported_parameter"
+
+
 class ContextLengthExceeded(EngineError):
     code = "context_length_exceeded"
 

@@ -18,6 +18,7 @@ import llama_cpp
 from llama_cpp import llama_chat_format
 from llama_cpp._internals import LlamaModel
 
+from deployments.chat_prompt import render_all
 from deployments.engine import ContextLengthExceeded, GenerationRequest, InvalidGenerationRequest, SamplingParams
 from serve_app.config import EngineSettings
 
@@ -117,7 +118,7 @@ class ChatTemplate:
                 "this model has no chat template; use /v1/completions or configure engine.chat_format",
                 param="messages",
             )
-        result = self._format(messages=[dict(m) for m in messages])
+        result = render_all(self._format, messages)
         stops = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
         return result.prompt, result.added_special, stops
 

@@ -55,6 +55,7 @@ from serve_app.protocol import (
     new_id,
     now,
 )
+from serve_app.request_fields import audit_identifiers, check_fields
 from serve_app.status import StatusCache
 
 logger = logging.getLogger("modelserve.ingress")
@@ -75,7 +76,7 @@ async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI answers 422; OpenAI clients expect 400 invalid_request_error naming the field."""
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [part for part in first.get("loc", ()) if part != "body"]
+    loc = [part for part in first.get("loc", ()) if part != "body" and not _union_member(part)]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
     if first.get("type") == "json_invalid":
         message, param = "We could not parse the JSON body of your request: " + first.get("msg", ""), None
@@ -98,6 +99,11 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error in ingress")
     error = OpenAIError(500, "The server had an error while processing your request.", type="server_error")
     return _openai_error_response(error)
+
+
+def _union_member(part: str | int) -> bool:
+    """Pydantic names the union member it tried in an error's location (`str`, `list[ContentPart]`): not a field."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "list", "dict"} or not part.isidentifier())
 
 
 def _openai_error_response(exc: OpenAIError) -> JSONResponse:
@@ -128,15 +134,7 @@ def model_error(exc: BaseException, model: str) -> OpenAIError:
     return OpenAIError(500, "The server had an error while processing your request.", type="server_error")
 
 
-def unsupported(param: str, message: str) -> OpenAIError:
-    return OpenAIError(400, message, param=param, code="unsupported_parameter")
-
-
 def sampling_params(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
-    if body.n not in (None, 1):
-        raise unsupported("n", "Only n=1 is supported: request several completions separately.")
-    if body.logprobs:
-        raise unsupported("logprobs", "logprobs are not supported by this server.")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -211,11 +209,15 @@ class OpenAIIngress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, account: Caller) -> Any:
+        check_fields(body)
+        account.client_ids = audit_identifiers(body)
         model, status = await self._model(body.model, account)
         request = GenerationRequest(
             request_id=new_id("chatcmpl"),
             sampling=sampling_params(body, self._access.max_tokens(account, body.token_limit())),
-            messages=tuple({"role": m.role, "content": m.text()} for m in body.messages),
+            # OpenAI: developer messages are what system messages were, for models without a role of their own
+            messages=tuple({"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                           for m in body.messages),
         )
         await self._access.admit(account, request)
         first, stream = await self._open(model, status, request, account)
@@ -233,20 +235,18 @@ class OpenAIIngress:
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, account: Caller) -> Any:
+        check_fields(body)
+        account.client_ids = audit_identifiers(body)
         model, status = await self._model(body.model, account)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise unsupported("prompt", "Send one prompt per request (batched prompts are not supported).")
-        if body.suffix:
-            raise unsupported("suffix", "suffix (fill-in-the-middle) is not supported.")
+        prompt = body.prompt if isinstance(body.prompt, str) else str(body.prompt[0])  # one string: checked
         request = GenerationRequest(
             request_id=new_id("cmpl"),
             sampling=sampling_params(body, self._access.max_tokens(account, body.token_limit())),
-            prompt=prompts[0],
+            prompt=prompt,
         )
         await self._access.admit(account, request)
         first, stream = await self._open(model, status, request, account)
-        prefix = prompts[0] if body.echo else ""
+        prefix = prompt if body.echo else ""
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = self._completion_events(request.request_id, model, prefix, first, stream, include_usage)

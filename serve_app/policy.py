@@ -168,6 +168,7 @@ class RequestAccount:
         self.policy = policy
         self.revision = revision
         self.model: str | None = None
+        self.client_ids: dict[str, str] = {}  # the request's `user` / `safety_identifier`, for the audit line
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.admission: Admission | None = None
