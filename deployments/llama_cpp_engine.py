@@ -19,7 +19,13 @@ from llama_cpp import llama_chat_format
 from llama_cpp._internals import LlamaModel
 
 from deployments.chat_prompt import render_all
-from deployments.engine import ContextLengthExceeded, GenerationRequest, InvalidGenerationRequest, SamplingParams
+from deployments.engine import (
+    ContextLengthExceeded,
+    GenerationRequest,
+    InvalidGenerationRequest,
+    SamplingParams,
+    default_max_tokens,
+)
 from serve_app.config import EngineSettings
 
 _llama_logger = logging.getLogger("llama_cpp")
@@ -132,8 +138,14 @@ class Prompt:
     max_new_tokens: int
 
 
-def prepare_prompt(request: GenerationRequest, model: LlamaModel, template: ChatTemplate, window: int) -> Prompt:
-    """Tokenize the request and check it against the `window` tokens a sequence may hold."""
+def prepare_prompt(
+    request: GenerationRequest, model: LlamaModel, template: ChatTemplate, window: int, default_budget: int | None
+) -> Prompt:
+    """Tokenize the request and check it against the `window` tokens a sequence may hold.
+
+    A request without max_tokens gets `default_budget` (engine.default_max_tokens) within its tenant's cap,
+    cut to what the window leaves.
+    """
     sampling = request.sampling
     if request.messages is not None:
         text, has_bos, template_stops = template.render(request.messages)
@@ -159,6 +171,8 @@ def prepare_prompt(request: GenerationRequest, model: LlamaModel, template: Chat
                 param="max_tokens",
             )
         budget = sampling.max_tokens
+    elif (default := default_max_tokens(sampling, default_budget)) is not None:
+        budget = min(budget, default)
     return Prompt(tokens, (*sampling.stop, *template_stops), budget)
 
 

@@ -134,9 +134,10 @@ def model_error(exc: BaseException, model: str) -> OpenAIError:
     return OpenAIError(500, "The server had an error while processing your request.", type="server_error")
 
 
-def sampling_params(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
+def sampling_params(body: SamplingFields, max_tokens: int | None, cap: int | None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
+        max_tokens_cap=cap,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=tuple(body.stop_list()),
@@ -214,7 +215,9 @@ class OpenAIIngress:
         model, status = await self._model(body.model, account)
         request = GenerationRequest(
             request_id=new_id("chatcmpl"),
-            sampling=sampling_params(body, self._access.max_tokens(account, body.token_limit())),
+            sampling=sampling_params(
+                body, self._access.max_tokens(account, body.token_limit()), account.policy.max_tokens
+            ),
             # OpenAI: developer messages are what system messages were, for models without a role of their own
             messages=tuple({"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                            for m in body.messages),
@@ -241,7 +244,9 @@ class OpenAIIngress:
         prompt = body.prompt if isinstance(body.prompt, str) else str(body.prompt[0])  # one string: checked
         request = GenerationRequest(
             request_id=new_id("cmpl"),
-            sampling=sampling_params(body, self._access.max_tokens(account, body.token_limit())),
+            sampling=sampling_params(
+                body, self._access.max_tokens(account, body.token_limit()), account.policy.max_tokens
+            ),
             prompt=prompt,
         )
         await self._access.admit(account, request)

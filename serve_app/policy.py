@@ -49,7 +49,9 @@ class TenantPolicy(_Strict):
     """What one tenant may use. Limits left unset are unlimited."""
 
     models: list[str] = Field(default_factory=list, description="Glob patterns (case-sensitive) of usable model ids.")
-    max_tokens: int | None = Field(None, ge=1, description="Cap on max_tokens; also used when a request sets none.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Cap on max_tokens; also bounds the model's default_max_tokens when a request sets none."
+    )
     over_max_tokens: Literal["clamp", "reject"] = Field("clamp", description="Above the cap: lower it, or answer 400.")
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1, description="Prompt + completion tokens.")
@@ -157,7 +159,8 @@ def rate_limit_headers(requests: Quota | None, tokens: Quota | None) -> dict[str
 def estimated_tokens(request: GenerationRequest) -> int:
     """What a request may cost before it runs: prompt characters / 4 plus its completion budget."""
     chars = len(request.prompt or "") + sum(len(m.get("content", "")) for m in request.messages or ())
-    return math.ceil(chars / CHARS_PER_TOKEN) + (request.sampling.max_tokens or 0)
+    sampling = request.sampling
+    return math.ceil(chars / CHARS_PER_TOKEN) + (sampling.max_tokens or sampling.max_tokens_cap or 0)
 
 
 class RequestAccount:
@@ -292,11 +295,14 @@ class AccessGate:
 
     @staticmethod
     def max_tokens(account: RequestAccount, requested: int | None) -> int | None:
-        """The completion budget to run with: the request's, or the tenant cap (clamped or refused above it)."""
+        """The request's max_tokens within the tenant cap (clamped or refused above it); None if it set none.
+
+        An unset max_tokens stays unset: the model's default_max_tokens applies, bounded by the cap.
+        """
         cap = account.policy.max_tokens
-        if cap is None or (requested is not None and requested <= cap):
-            return requested if requested is not None else cap
-        if requested is not None and account.policy.over_max_tokens == "reject":
+        if cap is None or requested is None or requested <= cap:
+            return requested
+        if account.policy.over_max_tokens == "reject":
             raise OpenAIError(
                 400,
                 f"max_tokens is {requested}, above this tenant's limit of {cap}.",

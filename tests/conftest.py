@@ -39,6 +39,7 @@ GEMMA = "gemma-3-270m"
 TINY = "tiny-llama"
 TINY_S3 = "tiny-llama-s3"
 TINY_S3_SOURCE = "s3://models/tiny/tiny.gguf"
+TINY_DEFAULT_MAX_TOKENS = 12  # the tiny models' engine.default_max_tokens: what a request without max_tokens gets
 TINY_ZERO = "tiny-llama-autoscaled"  # starts at zero replicas, scales 0..2 with short delays
 METRICS_PORT = 8089
 
@@ -75,7 +76,7 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
     gemma = next(a for a in config["applications"] if a["name"] == GEMMA)
     defaults = gemma["args"]["model_defaults"]
     defaults["deployment"] = {"num_replicas": 1, "max_queued_requests": 8, "ray_actor_options": {"num_cpus": 0.5}}
-    tiny_engine = {"n_ctx": 256, "n_threads": 1}
+    tiny_engine = {"n_ctx": 256, "n_threads": 1, "default_max_tokens": TINY_DEFAULT_MAX_TOKENS}
     tiny_deployment = {"max_ongoing_requests": 2, "max_queued_requests": 4, "ray_actor_options": {"num_cpus": 0.25}}
     zero_deployment = {
         "max_ongoing_requests": 1,

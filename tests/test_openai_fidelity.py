@@ -9,7 +9,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import GEMMA, TINY
+from conftest import GEMMA, TINY, TINY_DEFAULT_MAX_TOKENS
 
 SYSTEM = "You are a pirate. Answer every question in pirate speak."
 USER = "Name a colour."
@@ -112,7 +112,7 @@ def test_messages_the_server_cannot_render_are_refused_by_name(
 
 
 def test_fields_that_change_no_output_are_accepted(client: openai.OpenAI) -> None:
-    params = dict(model=TINY, messages=CHAT, max_tokens=6, temperature=0)
+    params: dict[str, Any] = {"model": TINY, "messages": CHAT, "max_tokens": 6, "temperature": 0}
     plain = client.chat.completions.create(**params)
     accepted = client.chat.completions.create(
         **params, store=False, metadata={"job": "nightly"}, user="alice@example.com", service_tier="auto",
@@ -120,3 +120,14 @@ def test_fields_that_change_no_output_are_accepted(client: openai.OpenAI) -> Non
         modalities=["text"], extra_body={"tools": [], "tool_choice": "none", "logit_bias": {}},
     )
     assert accepted.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_a_request_without_max_tokens_gets_the_models_default(client: openai.OpenAI) -> None:
+    """engine.default_max_tokens, not the whole context window; an explicit max_tokens still wins."""
+    unset = client.chat.completions.create(model=TINY, messages=CHAT, temperature=0)
+    assert (unset.usage.completion_tokens, unset.choices[0].finish_reason) == (TINY_DEFAULT_MAX_TOKENS, "length")
+    explicit = client.chat.completions.create(model=TINY, messages=CHAT, temperature=0, max_tokens=20)
+    assert explicit.usage.completion_tokens == 20
+    completion = client.completions.create(model=TINY, prompt="hello", temperature=0, extra_body={"max_tokens": None})
+    assert completion.usage.completion_tokens == TINY_DEFAULT_MAX_TOKENS  # null as well; unset is OpenAI's 16
+    assert client.completions.create(model=TINY, prompt="hello", temperature=0).usage.completion_tokens == 16
