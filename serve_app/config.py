@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serve_app.cors import CorsSettings
+
 Backend = Literal["llama_cpp", "vllm"]
 
 MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
@@ -284,6 +286,7 @@ class IngressSettings(_Strict):
     first_token_timeout_s: float = Field(
         120.0, gt=0, description="How long a request may wait for a model to produce anything before 503."
     )
+    cors: CorsSettings = Field(default_factory=CorsSettings, description="Web origins allowed to call the API.")
 
 
 class IngressArgs(_Strict):

@@ -32,6 +32,7 @@ from deployments.engine import (
     SamplingParams,
 )
 from serve_app.config import IngressArgs, model_deployment_name
+from serve_app.cors import CorsGate
 from serve_app.metrics import IngressMetrics
 from serve_app.middleware import AccessMiddleware
 from serve_app.policy import AccessGate, Caller, MeteredStream, RequestAccount
@@ -65,6 +66,7 @@ MISSING_MODEL_RECHECK_S = 0.5
 
 app = FastAPI(title="modelserve", description="OpenAI-compatible LLM serving on Ray Serve.")
 app.add_middleware(AccessMiddleware)  # authenticates every route but /health, settles limits, audits
+app.add_middleware(CorsGate)  # outside it: browsers' preflights carry no credentials
 
 
 @app.exception_handler(OpenAIError)
@@ -173,6 +175,7 @@ class OpenAIIngress:
         self._status = StatusCache()
         self._metrics = IngressMetrics()
         app.state.access_gate = self._access
+        app.state.cors = self._args.ingress.cors
         app.state.metrics = self._metrics
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ TINY_S3_SOURCE = "s3://models/tiny/tiny.gguf"
 TINY_DEFAULT_MAX_TOKENS = 12  # the tiny models' engine.default_max_tokens: what a request without max_tokens gets
 TINY_ZERO = "tiny-llama-autoscaled"  # starts at zero replicas, scales 0..2 with short delays
 METRICS_PORT = 8089
+WEB_ORIGIN = "https://chat.example.com"  # the one web origin the test deployment allows (ingress.cors)
 
 
 openai_schema.install()
@@ -72,7 +73,10 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
     config["http_options"] = {"host": "127.0.0.1", "port": HTTP_PORT}
     ingress = next(a for a in config["applications"] if a["import_path"] == INGRESS_IMPORT_PATH)
     ingress["name"] = APP_NAME
-    ingress["args"]["ingress"] = {"deployment": {"ray_actor_options": {"num_cpus": 0.25}}}
+    ingress["args"]["ingress"] = {
+        "deployment": {"ray_actor_options": {"num_cpus": 0.25}},
+        "cors": {"allow_origins": [WEB_ORIGIN]},
+    }
     gemma = next(a for a in config["applications"] if a["name"] == GEMMA)
     defaults = gemma["args"]["model_defaults"]
     defaults["deployment"] = {"num_replicas": 1, "max_queued_requests": 8, "ray_actor_options": {"num_cpus": 0.5}}

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import openai
 import pytest
-from conftest import GEMMA, TINY, TINY_DEFAULT_MAX_TOKENS
+from conftest import GEMMA, TINY, TINY_DEFAULT_MAX_TOKENS, WEB_ORIGIN
 
 SYSTEM = "You are a pirate. Answer every question in pirate speak."
 USER = "Name a colour."
@@ -131,3 +132,25 @@ def test_a_request_without_max_tokens_gets_the_models_default(client: openai.Ope
     completion = client.completions.create(model=TINY, prompt="hello", temperature=0, extra_body={"max_tokens": None})
     assert completion.usage.completion_tokens == TINY_DEFAULT_MAX_TOKENS  # null as well; unset is OpenAI's 16
     assert client.completions.create(model=TINY, prompt="hello", temperature=0).usage.completion_tokens == 16
+
+
+def test_a_browser_on_an_allowed_origin_gets_preflights_answered_and_responses_readable(
+    app_url: str, auth: dict[str, str]
+) -> None:
+    """The test deployment allows WEB_ORIGIN (ingress.cors.allow_origins): a real preflight, without a token."""
+    url = f"{app_url}/v1/chat/completions"
+    preflight = {"Origin": WEB_ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+    allowed = httpx.options(url, headers=preflight, timeout=30)
+    assert allowed.status_code == 200, allowed.text
+    assert allowed.headers["access-control-allow-origin"] == WEB_ORIGIN
+    assert "POST" in allowed.headers["access-control-allow-methods"]
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    stranger = httpx.options(url, headers={**preflight, "Origin": "https://evil.example.net"}, timeout=30)
+    assert "access-control-allow-origin" not in stranger.headers
+    body = {"model": TINY, "messages": CHAT, "max_tokens": 2}
+    answered = httpx.post(url, json=body, headers={**auth, "Origin": WEB_ORIGIN}, timeout=60)
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == WEB_ORIGIN
+    assert "x-ratelimit-remaining-requests" in answered.headers["access-control-expose-headers"]
+    refused = httpx.post(url, json=body, headers={"Origin": WEB_ORIGIN}, timeout=60)
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == WEB_ORIGIN
