@@ -13,26 +13,16 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.engine import (
-    ContextLengthExceeded,
-    EngineError,
-    EngineUnavailable,
-    GenerationChunk,
-    GenerationRequest,
-    SamplingParams,
-)
+from deployments.engine import GenerationChunk, GenerationRequest, SamplingParams
 from serve_app.config import IngressArgs, model_deployment_name
 from serve_app.cors import CorsGate
+from serve_app.errors import install_error_handlers, model_error
 from serve_app.metrics import IngressMetrics
 from serve_app.middleware import AccessMiddleware
 from serve_app.policy import AccessGate, Caller, MeteredStream, RequestAccount
@@ -61,79 +51,12 @@ from serve_app.status import StatusCache
 
 logger = logging.getLogger("modelserve.ingress")
 
-RETRY_AFTER_S = "1"
 MISSING_MODEL_RECHECK_S = 0.5
 
 app = FastAPI(title="modelserve", description="OpenAI-compatible LLM serving on Ray Serve.")
 app.add_middleware(AccessMiddleware)  # authenticates every route but /health, settles limits, audits
 app.add_middleware(CorsGate)  # outside it: browsers' preflights carry no credentials
-
-
-@app.exception_handler(OpenAIError)
-async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body.model_dump(), status_code=exc.status, headers=exc.headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI answers 422; OpenAI clients expect 400 invalid_request_error naming the field."""
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [part for part in first.get("loc", ()) if part != "body" and not _union_member(part)]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-    if first.get("type") == "json_invalid":
-        message, param = "We could not parse the JSON body of your request: " + first.get("msg", ""), None
-    elif first.get("type") == "missing":
-        message = f"Missing required parameter: '{param}'." if param else "Missing request body."
-    else:
-        message = f"Invalid value for '{param}': {first.get('msg')}." if param else str(first.get("msg"))
-    return _openai_error_response(OpenAIError(400, message, param=param, code="invalid_request"))
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kinds = {404: "not_found", 405: "method_not_allowed"}
-    error = OpenAIError(exc.status_code, str(exc.detail), code=kinds.get(exc.status_code), headers=exc.headers)
-    return _openai_error_response(error)
-
-
-@app.exception_handler(Exception)
-async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error in ingress")
-    error = OpenAIError(500, "The server had an error while processing your request.", type="server_error")
-    return _openai_error_response(error)
-
-
-def _union_member(part: str | int) -> bool:
-    """Pydantic names the union member it tried in an error's location (`str`, `list[ContentPart]`): not a field."""
-    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "list", "dict"} or not part.isidentifier())
-
-
-def _openai_error_response(exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body.model_dump(), status_code=exc.status, headers=exc.headers)
-
-
-def model_error(exc: BaseException, model: str) -> OpenAIError:
-    """Map a failure from a model deployment (possibly wrapped by Ray) to an OpenAI error."""
-    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-    retry = {"Retry-After": RETRY_AFTER_S}
-    if isinstance(cause, ContextLengthExceeded):
-        return OpenAIError(400, cause.message, param=cause.param, code=cause.code)
-    if isinstance(cause, EngineUnavailable):
-        return OpenAIError(503, cause.message, type="server_error", code=cause.code, headers=retry)
-    if isinstance(cause, EngineError):
-        return OpenAIError(400, cause.message, param=cause.param, code=cause.code)
-    if isinstance(cause, BackPressureError):
-        message = f"Model '{model}' is overloaded: too many requests are queued. Retry shortly."
-        return OpenAIError(503, message, type="server_error", code="model_overloaded", headers=retry)
-    if isinstance(cause, TimeoutError):
-        message = f"Model '{model}' is not ready (no replica answered in time). Retry shortly."
-        return OpenAIError(503, message, type="server_error", code="model_not_ready", headers=retry)
-    if isinstance(cause, (RayActorError, DeploymentUnavailableError, RayTaskError)):
-        logger.warning("model %s replica failure: %s", model, cause)
-        message = f"Model '{model}' is unavailable (replica failure). Retry shortly."
-        return OpenAIError(503, message, type="server_error", code="model_unavailable", headers=retry)
-    logger.error("unexpected error from model %s: %r", model, cause)
-    return OpenAIError(500, "The server had an error while processing your request.", type="server_error")
+install_error_handlers(app)
 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None, cap: int | None) -> SamplingParams:
