@@ -51,7 +51,7 @@ def applications(model_path: Path) -> list[dict[str, Any]]:
         "name": MODEL,
         "source": str(model_path),
         "engine": {"n_ctx": 256, "n_threads": 1},
-        "deployment": {"num_replicas": 1, "max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.5}},
+        "deployment": {"num_replicas": 1, "max_ongoing_requests": 8},
     }
     ingress = {
         "ingress": {

@@ -112,7 +112,6 @@ def measure(rounds: int, cache: WeightCache) -> list[tuple[float, float, float]]
             "name": MODEL, "source": SOURCE,
             "engine": {"n_ctx": 1024, "n_threads": 2, "chat_format": "gemma"},
             "deployment": {
-                "ray_actor_options": {"num_cpus": 1},
                 "autoscaling_config": {
                     "min_replicas": 0, "initial_replicas": 0, "max_replicas": 1, "target_ongoing_requests": 1,
                     "upscale_delay_s": 0, "downscale_delay_s": 2, "metrics_interval_s": 0.5,

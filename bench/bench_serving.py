@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from harness import (
     ROOT,
@@ -52,19 +53,32 @@ from harness import (
 SETTLE_S = 10.0
 
 
-def raw_backend(model: str, n_ctx: int, threads: int) -> Backend:
+def raw_backend(model: str, n_ctx: int, threads: int, repack: bool = True) -> Backend:
     """llama_cpp.Llama in this process, owned by one thread that serves requests in turn.
 
     It is not thread-safe, and calling it from several threads (even one at a time) would make
     each caller an OpenMP master with its own spinning worker team, slowing every backend after it.
+    `repack=False` loads it as llama-server's --no-repack does (Llama has no argument for it).
     """
+    import llama_cpp.llama_cpp as llama_cpp_lib
     from llama_cpp import Llama
+
+    defaults = llama_cpp_lib.llama_model_default_params
+
+    def model_params() -> Any:
+        params = defaults()
+        params.use_extra_bufts = repack
+        return params
 
     jobs: queue.Queue[tuple[str, int, queue.Queue[str | None]] | None] = queue.Queue()
     ready = threading.Event()
 
     def owner() -> None:
-        llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        llama_cpp_lib.llama_model_default_params = model_params
+        try:
+            llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        finally:
+            llama_cpp_lib.llama_model_default_params = defaults
         ready.set()
         while (job := jobs.get()) is not None:
             prompt, max_tokens, out = job
@@ -111,7 +125,7 @@ def modelserve_backend(model: str, n_ctx: int, threads: int, slots: int, engine:
     gemma = {
         "name": "gemma", "source": model,
         "engine": {"n_ctx": n_ctx, "n_threads": threads, "parallel": slots, "chat_format": "gemma", **engine},
-        "deployment": {"max_queued_requests": 64, "ray_actor_options": {"num_cpus": 1}},
+        "deployment": {"max_queued_requests": 64},  # Ray CPUs = threads
     }
     ingress = {"ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.5}}}}
     policy = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())

@@ -171,9 +171,11 @@ def llama_cpp_server(model: str, n_ctx: int, threads: int) -> Backend:
     return server_backend(cmd, port)
 
 
-def llama_server(binary: str, model: str, n_ctx: int, slots: int, threads: int) -> Backend:
+def llama_server(binary: str, model: str, n_ctx: int, slots: int, threads: int, extra_args: list[str] | None = None
+                 ) -> Backend:
     """llama.cpp's native server with `slots` parallel sequences and continuous batching, no prompt cache."""
     port = free_port()
     cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx * slots),
-           "-np", str(slots), "--cont-batching", "-t", str(threads), "-tb", str(threads), "--no-webui"]
+           "-np", str(slots), "--cont-batching", "-t", str(threads), "-tb", str(threads), "--no-webui",
+           *(extra_args or [])]
     return server_backend(cmd, port, {"cache_prompt": False})

@@ -109,5 +109,9 @@ class Engine(abc.ABC):
     async def check_health(self) -> None:
         """Raise if the engine can no longer serve."""
 
+    def placement(self) -> dict[str, Any]:
+        """How the loaded engine uses its replica's hardware (slots, threads, buffer choices), for operators."""
+        return {}
+
     async def stop(self) -> None:
         """Release resources (called on replica shutdown)."""

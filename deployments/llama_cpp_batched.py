@@ -16,7 +16,7 @@ from typing import Any
 
 from deployments.engine import Engine, EngineUnavailable, GenerationChunk, GenerationRequest
 from deployments.llama_cpp_decode import DONE, DecodeLoop, Submission
-from deployments.llama_cpp_engine import ChatTemplate, Prompt, load_model, prepare_prompt
+from deployments.llama_cpp_engine import ChatTemplate, Prompt, RepackChoice, choose_repack, load_model, prepare_prompt
 from deployments.weight_cache import WeightCache
 from serve_app.config import ModelSpec
 
@@ -31,6 +31,7 @@ class BatchedLlamaEngine(Engine):
         self._cache = cache or WeightCache()
         self._resources = ExitStack()
         self._decode_loop: DecodeLoop | None = None
+        self._repack: RepackChoice | None = None
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
@@ -40,8 +41,9 @@ class BatchedLlamaEngine(Engine):
         path = self._cache.fetch(self._spec.source, self._spec.storage, label=self._spec.name)
         try:
             self._resources.enter_context(self._cache.lease(path))
+            self._repack = choose_repack(settings.repack)
             try:
-                model = load_model(path, settings)
+                model = load_model(path, settings, self._repack)
             except (ValueError, RuntimeError) as exc:
                 raise EngineUnavailable(f"model {self._spec.name!r}: llama.cpp could not load {path.name}: {exc}") from exc
             self._resources.callback(model.close)
@@ -57,8 +59,19 @@ class BatchedLlamaEngine(Engine):
             raise
         self._decode_loop = decode_loop
         logger.info(
-            "model %s loaded from %s (%d slots x %d tokens)", self._spec.name, path, settings.parallel, settings.n_ctx
+            "model %s loaded from %s (%d slots x %d tokens, %d threads, weight repacking %s)",
+            self._spec.name, path, settings.parallel, settings.n_ctx, settings.n_threads, self._repack.describe(),
         )
+
+    def placement(self) -> dict[str, Any]:
+        settings = self._spec.engine
+        return {
+            "backend": "llama_cpp",
+            "slots": settings.parallel,
+            "threads": settings.n_threads,
+            "ray_cpus_per_replica": self._spec.deployment.ray_actor_options.get("num_cpus"),
+            "weight_repack": self._repack.describe() if self._repack else None,
+        }
 
     async def check_health(self) -> None:
         if self._decode_loop is None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +64,45 @@ def split_engine_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[st
     )
 
 
-def load_model(path: Path, settings: EngineSettings) -> LlamaModel:
+def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU reports AMX (Intel Sapphire Rapids and later), from the kernel's CPU flags."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "amx_int8" in line.split() for line in text.splitlines())
+
+
+@dataclass(frozen=True)
+class RepackChoice:
+    """Whether llama.cpp repacks weights into the CPU's extra buffer types, and why."""
+
+    enabled: bool
+    reason: str
+
+    def describe(self) -> str:
+        return f"{'on' if self.enabled else 'off'} ({self.reason})"
+
+
+def choose_repack(setting: str, has_amx: bool | None = None) -> RepackChoice:
+    """The weight repacking that is safe here: off on AMX CPUs unless the config says otherwise.
+
+    llama.cpp's AMX buffer type crashes in ggml_backend_amx_mul_mat on the first decode
+    (ggml-org/llama.cpp#20824), and repacking is all-or-nothing (`use_extra_bufts`).
+    """
+    if setting != "auto":
+        return RepackChoice(setting == "on", f"engine.repack: {setting}")
+    if cpu_has_amx() if has_amx is None else has_amx:
+        return RepackChoice(False, "auto: this CPU has AMX, whose repacked path crashes (llama.cpp#20824)")
+    return RepackChoice(True, "auto: no AMX on this CPU")
+
+
+def load_model(path: Path, settings: EngineSettings, repack: RepackChoice) -> LlamaModel:
     """Load GGUF weights (raises ValueError if llama.cpp cannot)."""
     llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = repack.enabled
     for name, value in split_engine_kwargs(settings.engine_kwargs)[0].items():
         setattr(params, name, value)
     # verbose=True only stops llama-cpp-python from swapping the process's stdout/stderr during the load.
@@ -79,10 +112,9 @@ def load_model(path: Path, settings: EngineSettings) -> LlamaModel:
 def context_params(settings: EngineSettings, *, n_seq: int, n_batch: int) -> llama_cpp.llama_context_params:
     """Context parameters: `n_seq` separate KV windows of `settings.n_ctx` tokens each.
 
-    Unset thread counts follow llama-cpp-python's defaults (half the cores for one-token steps, all
-    of them for batches) so single-stream speed matches what `llama_cpp.Llama` gave.
+    Decode and prompt steps both run `n_threads` threads: the CPUs Ray reserves for the replica
+    (ModelSpec makes them equal), so replicas sharing a node never share cores.
     """
-    cores = os.cpu_count() or 1
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = settings.n_ctx * n_seq
     params.n_seq_max = n_seq
@@ -90,8 +122,7 @@ def context_params(settings: EngineSettings, *, n_seq: int, n_batch: int) -> lla
     # depend on where other sequences sit (with a unified cache, flash-attention tiles do).
     params.kv_unified = False
     params.n_batch = params.n_ubatch = n_batch
-    params.n_threads = settings.n_threads or max(cores // 2, 1)
-    params.n_threads_batch = settings.n_threads or cores
+    params.n_threads = params.n_threads_batch = settings.n_threads or 1
     for name, value in split_engine_kwargs(settings.engine_kwargs)[1].items():
         setattr(params, name, value)
     return params

@@ -87,5 +87,9 @@ class ModelServer:
     async def check_health(self) -> None:
         await self._engine.check_health()
 
+    def placement(self) -> dict[str, Any]:
+        """Slots, threads, Ray CPUs and buffer choices of this replica (the admin status shows them)."""
+        return self._engine.placement()
+
     async def __del__(self) -> None:
         await self._engine.stop()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 import yaml
@@ -43,6 +46,18 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Comple
     RAY_AUTH_MODE defaults to `token` for all of them (the token lives in ~/.ray/auth_token)."""
     env = {"RAY_AUTH_MODE": "token", **os.environ, **(env or {})}
     return subprocess.run(cmd, check=False, text=True, capture_output=True, env=env)
+
+
+def _ensure_ray_token(env: dict[str, str]) -> str | None:
+    """Create Ray's auth token (~/.ray/auth_token) unless it exists: `ray start` with token auth needs one
+    and never creates it (only `ray.init()` does, silently). Returns an error message on failure."""
+    result = _run(["ray", "get-auth-token", "--generate"], env=env)  # prints the token: never echo stdout
+    return None if result.returncode == 0 else f"could not create Ray's auth token: {result.stderr.strip()}"
+
+
+def local_cpus() -> int:
+    """The cores this process may run on (its affinity, not the host's count): what local Ray offers replicas."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _ray_running() -> bool:
@@ -85,10 +100,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     state = cli_auth.state_dir()
     secret_env = cli_auth.dev_secret_env(state)  # generated once (0600) unless MODELSERVE_JWT_SECRET[_FILE] is set
     if not _ray_running():
-        cpus = str(args.num_cpus or max(4, os.cpu_count() or 1))
-        print(f"starting a local Ray head (127.0.0.1, {cpus} CPU slots, dashboard {DASHBOARD}) ...", flush=True)
+        # Ray gets the real cores: a llama.cpp replica reserves one CPU per decode thread, so more CPU
+        # slots than cores would let Ray put two replicas' threads on the same cores.
+        cpus = str(args.num_cpus or local_cpus())
+        print(f"starting a local Ray head (127.0.0.1, {cpus} CPUs, dashboard {DASHBOARD}) ...", flush=True)
         ray_env = {**os.environ, **secret_env}
         use_serve_process_env(ray_env)  # what the caller exports wins
+        if problem := _ensure_ray_token(ray_env):
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
         started = _run(
             ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
              "--num-cpus", cpus, "--disable-usage-stats"],
@@ -113,8 +133,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     http = config.get("http_options") or {}
     base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    secret = cli_auth.dev_secret(state)
+    probe_token = cli_auth.mint_token(secret, "modelserve-up", ["admin"], 600)
+    failures = [problem for _, spec in apps.models if (problem := probe_model(base, probe_token, spec.name))]
+    if failures:
+        print("error: the application is deployed, but not every model answers:", file=sys.stderr)
+        print("\n".join(f"  {problem}" for problem in failures), file=sys.stderr)
+        return 1
     model = apps.models[0][1].name
-    token = cli_auth.mint_token(cli_auth.dev_secret(state), "dev", [], 12 * 3600)
+    token = cli_auth.mint_token(secret, "dev", [], 12 * 3600)
     print(f"\nmodelserve is up: {base}/v1  (Ray dashboard: {DASHBOARD})")
     print(f"dev token (tenant 'dev', 12 h; `modelserve token --tenant dev` mints more):\n\n  export TOKEN={token}\n")
     print(
@@ -123,6 +150,44 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"\"max_tokens\": 32}}'"
     )
     return 0
+
+
+def _call(url: str, token: str, body: dict[str, Any] | None, timeout_s: float) -> tuple[int, dict[str, Any]]:
+    """One JSON call to the app (GET without a body); (status, parsed body)."""
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {}
+    except (OSError, ValueError) as exc:
+        return 0, {"error": {"message": str(exc)}}
+
+
+def probe_model(base: str, token: str, model: str, attempts: int = 4, pause_s: float = 5.0) -> str | None:
+    """Send one real one-token request to a model; None if it answers, else what went wrong and why.
+
+    Serve calls a replica healthy once it has loaded, but a replica can still die on its first decode
+    (llama.cpp's AMX crash); a few attempts give the ingress time to see the crash loop and its reason.
+    """
+    message = ""
+    for attempt in range(attempts):
+        status, body = _call(f"{base}/v1/completions", token, {"model": model, "prompt": "Hi", "max_tokens": 1}, 120)
+        if status == 200:
+            return None
+        message = f"HTTP {status}: {(body.get('error') or {}).get('message', body)}"
+        _, admin = _call(f"{base}/v1/admin/status", token, None, 30)
+        state = ((admin.get("models") or {}).get(model) or {})
+        if state.get("state") == "failed":
+            return f"{model}: failed: {state.get('message')}"
+        if attempt + 1 < attempts:
+            time.sleep(pause_s)
+    return f"{model}: a one-token request failed {attempts} times; last: {message}"
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -143,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = subparsers.add_parser("up", help="start local Ray if needed, deploy the config, wait until healthy")
     up.add_argument("config", nargs="?", default="serve_config.yaml")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the app to be healthy")
-    up.add_argument("--num-cpus", type=int, default=None, help="CPU slots of a newly started local Ray")
+    up.add_argument("--num-cpus", type=int, default=None,
+                    help="CPUs a newly started local Ray offers (default: this machine's cores)")
     up.set_defaults(func=cmd_up)
 
     down = subparsers.add_parser("down", help="remove the Serve apps and stop the local Ray")

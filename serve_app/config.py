@@ -33,7 +33,8 @@ class EngineSettings(_Strict):
 
     n_ctx: int = Field(2048, ge=32, description="Context window of each sequence slot in tokens (llama.cpp).")
     n_threads: int | None = Field(
-        None, ge=1, description="CPU threads for decoding; None = half the cores for one-token steps, all for batches."
+        None, ge=1, description="llama.cpp decode (and prompt) threads of one replica. Always equal to the CPUs Ray "
+        "reserves for the replica (deployment.ray_actor_options.num_cpus): set either, the other follows.",
     )
     n_batch: int = Field(512, ge=1, description="Prompt-processing batch size (llama.cpp).")
     parallel: int = Field(
@@ -69,6 +70,12 @@ class EngineSettings(_Strict):
     stream_items_per_s: float = Field(
         40.0, ge=0, description="llama.cpp: under load, the stream items one replica sends per second in all (0: no "
         "cap). Each stream's interval grows to (active streams / this) so Serve's per-item CPU stays bounded.",
+    )
+    repack: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="llama.cpp: repack weights into the CPU's extra buffer types at load (llama-server's "
+        "--repack / --no-repack). auto = on, except on CPUs with AMX, where llama.cpp's AMX path crashes on the "
+        "first decode (ggml-org/llama.cpp#20824).",
     )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -233,6 +240,35 @@ class ModelSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _threads_match_cpus(self) -> ModelSpec:
+        """A llama.cpp replica runs exactly as many threads as Ray reserves CPUs for it, never more.
+
+        Otherwise Ray places replicas by a CPU count their threads exceed, and two replicas on one
+        node decode on the same cores (measured: throughput falls to a fifth). Whichever of
+        engine.n_threads and ray_actor_options.num_cpus is given sets the other (Serve's default:
+        1 CPU); giving both with different values is an error.
+        """
+        if self.backend != "llama_cpp":
+            return self
+        actor = self.deployment.ray_actor_options
+        threads, cpus = self.engine.n_threads, actor.get("num_cpus")
+        if cpus is not None:
+            if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus < 1 or cpus != int(cpus):
+                raise ValueError(
+                    f"deployment.ray_actor_options.num_cpus is {cpus!r}: a llama.cpp replica decodes on whole "
+                    "cores, one thread each, so reserve a whole number of CPUs (at least 1)"
+                )
+            if threads is not None and threads != cpus:
+                raise ValueError(
+                    f"engine.n_threads ({threads}) and deployment.ray_actor_options.num_cpus ({cpus:g}) differ: "
+                    "a llama.cpp replica runs one decode thread per CPU Ray reserves for it, so set one of them "
+                    "(the other follows)"
+                )
+        self.engine.n_threads = int(cpus if cpus is not None else threads or 1)
+        self.deployment.ray_actor_options = {**actor, "num_cpus": self.engine.n_threads}
+        return self
+
+    @model_validator(mode="after")
     def _vllm_entry(self) -> ModelSpec:
         """vLLM loads a Hugging Face-format directory and gets its GPUs from `vllm`, not from ray_actor_options."""
         if self.backend != "vllm":
@@ -329,24 +365,36 @@ class ModelAppArgs(_Strict):
 _ALTERNATIVES = (
     (("deployment", "num_replicas"), ("deployment", "autoscaling_config")),
     (("engine", "parallel"), ("deployment", "max_ongoing_requests")),
+    (("engine", "n_threads"), ("deployment", "ray_actor_options", "num_cpus")),
 )
 
 
 def _without_overridden_alternatives(defaults: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
     """Drop from the defaults each setting whose alternative the model sets itself.
 
-    A model choosing `num_replicas` overrides the defaults' `autoscaling_config` (and back), and one
-    choosing `max_ongoing_requests` overrides the defaults' `engine.parallel` (and back).
+    A model choosing `num_replicas` overrides the defaults' `autoscaling_config`, one choosing
+    `max_ongoing_requests` the defaults' `engine.parallel`, and one choosing `engine.n_threads` the
+    defaults' `ray_actor_options.num_cpus` (each also the other way round).
     """
     result = copy.deepcopy(defaults)
     for pair in _ALTERNATIVES:
         for own, inherited in (pair, pair[::-1]):
-            section, key = own
-            if isinstance(model.get(section), dict) and key in model[section] and isinstance(
-                result.get(inherited[0]), dict
-            ):
-                result[inherited[0]].pop(inherited[1], None)
+            if _has_path(model, own) and isinstance(parent := _get_path(result, inherited[:-1]), dict):
+                parent.pop(inherited[-1], None)
     return result
+
+
+def _get_path(data: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _has_path(data: Any, path: tuple[str, ...]) -> bool:
+    parent = _get_path(data, path[:-1])
+    return isinstance(parent, dict) and path[-1] in parent
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -59,6 +59,9 @@ app.add_middleware(CorsGate)  # outside it: browsers' preflights carry no creden
 install_error_handlers(app)
 
 
+PLACEMENT_TIMEOUT_S = 2.0  # the admin status does not wait for a model at zero to wake up
+
+
 def sampling_params(body: SamplingFields, max_tokens: int | None, cap: int | None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
@@ -95,8 +98,8 @@ class OpenAIIngress:
         self._handles: dict[str, DeploymentHandle] = {}
         self._created = now()
         self._access = AccessGate(limiter_name=f"modelserve-limits:{serve.get_replica_context().app_name}")
-        self._status = StatusCache()
         self._metrics = IngressMetrics()
+        self._status = StatusCache(on_crashes=self._metrics.record_crashes)
         app.state.access_gate = self._access
         app.state.cors = self._args.ingress.cors
         app.state.metrics = self._metrics
@@ -126,13 +129,28 @@ class OpenAIIngress:
             raise OpenAIError(403, "This endpoint needs the admin role.", type="permission_error",
                               code="permission_denied")
         snapshot = await self._status.snapshot()
-        return {
-            "models": {
-                name: {"application": name, "deployment": model_deployment_name(name), **status.model_dump()}
-                for name, status in sorted(snapshot.models.items())
-            },
-            "ingress": (snapshot.ingress or ModelStatus(state="unknown")).model_dump(),
-        }
+        names = sorted(snapshot.models)
+        placements = await asyncio.gather(*(  # never a call that would wake a model at zero
+            self._placement(name) if snapshot.models[name].running_replicas else asyncio.sleep(0) for name in names
+        ))
+        models = {}
+        for name, placement in zip(names, placements):
+            crashes = snapshot.crashes.get(name)
+            models[name] = {
+                "application": name, "deployment": model_deployment_name(name), **snapshot.models[name].model_dump(),
+                "replica_deaths": crashes.deaths if crashes else 0,
+                "last_crash_output": list(crashes.error_tail) if crashes and crashes.deaths else [],
+                "placement": placement,
+            }
+        return {"models": models, "ingress": (snapshot.ingress or ModelStatus(state="unknown")).model_dump()}
+
+    async def _placement(self, model: str) -> dict[str, Any] | None:
+        """What one running replica of the model reports about its hardware use (None: no replica answered)."""
+        handle = serve.get_deployment_handle(model_deployment_name(model), app_name=model)
+        try:
+            return await asyncio.wait_for(handle.placement.remote(), PLACEMENT_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - at zero, starting, failed, or a backend without the method
+            return None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, account: Caller) -> Any:

@@ -10,6 +10,8 @@ from typing import Any
 
 from ray.serve import metrics
 
+from serve_app.crash_watch import CRASH_WINDOW_S, CrashReport
+
 LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 
 _REJECTIONS = {401: "unauthenticated", 403: "forbidden", 429: "rate_limited"}
@@ -39,6 +41,19 @@ class IngressMetrics:
             "modelserve_policy_rejections", description="Requests refused by auth or policy, by reason.",
             tag_keys=("tenant", "reason"),
         )
+
+        self.replica_deaths = metrics.Gauge(
+            "modelserve_replica_deaths", description=f"Replicas of the model that died in the last {CRASH_WINDOW_S:.0f} s "
+            "(crashes and OOM kills, not Serve's own stops).", tag_keys=("model",),
+        )
+        self.crash_looping = metrics.Gauge(
+            "modelserve_model_crash_looping", description="1 while the model's replicas keep dying (it answers 503).",
+            tag_keys=("model",),
+        )
+
+    def record_crashes(self, model: str, report: CrashReport) -> None:
+        self.replica_deaths.set(report.deaths, tags={"model": model})
+        self.crash_looping.set(int(report.crash_looping), tags={"model": model})
 
     def record_request(self, record: dict[str, Any]) -> None:
         """Count one finished request from its audit record."""

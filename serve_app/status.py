@@ -13,11 +13,13 @@ import asyncio
 import contextvars
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ray import serve
 
 from serve_app.config import model_deployment_name
+from serve_app.crash_watch import CHECK_INTERVAL_S, CrashReport, CrashWatch
 from serve_app.protocol import ModelStatus
 
 logger = logging.getLogger("ray.serve.modelserve.status")
@@ -49,6 +51,7 @@ class ServeSnapshot:
 
     models: dict[str, ModelStatus] = field(default_factory=dict)
     ingress: ModelStatus | None = None
+    crashes: dict[str, CrashReport] = field(default_factory=dict)
 
 
 class StatusCache:
@@ -59,11 +62,15 @@ class StatusCache:
     all the ingress needs to know.
     """
 
-    def __init__(self, ttl_s: float = 2.0) -> None:
+    def __init__(self, ttl_s: float = 2.0, on_crashes: Callable[[str, CrashReport], None] | None = None) -> None:
         self._ttl_s = ttl_s
         self._fetched_at: float | None = None  # when the snapshot's read began
         self._snapshot = ServeSnapshot()
         self._refresh: asyncio.Task[None] | None = None
+        self._crash_watch = CrashWatch()
+        self._crashes: dict[str, CrashReport] = {}
+        self._crashes_read_at = float("-inf")
+        self._on_crashes = on_crashes
 
     async def snapshot(self, max_age_s: float | None = None) -> ServeSnapshot:
         """A snapshot no older than `max_age_s` (default: the ttl), waiting for a read if the cached one is."""
@@ -96,8 +103,7 @@ class StatusCache:
             logger.warning("could not read Serve status: %s", exc)
         self._fetched_at = started
 
-    @staticmethod
-    def _read() -> ServeSnapshot:
+    def _read(self) -> ServeSnapshot:
         own_app = serve.get_replica_context().app_name
         models: dict[str, ModelStatus] = {}
         ingress: ModelStatus | None = None
@@ -111,7 +117,26 @@ class StatusCache:
                     ingress = status
                 elif app_name != own_app and name == model_deployment_name(app_name):
                     models[app_name] = status
-        return ServeSnapshot(models, ingress)
+        crashes = self._read_crashes(models)
+        for name, report in crashes.items():
+            if report.crash_looping:  # the loop's reason says more than Serve's "health check failed"
+                models[name] = models[name].model_copy(update={"state": "failed", "message": report.reason})
+        return ServeSnapshot(models, ingress, crashes)
+
+    def _read_crashes(self, models: dict[str, ModelStatus]) -> dict[str, CrashReport]:
+        """Each model's recent replica deaths, read from Ray every CHECK_INTERVAL_S (a state-API call per model)."""
+        if time.monotonic() - self._crashes_read_at >= CHECK_INTERVAL_S:
+            self._crashes_read_at = time.monotonic()
+            crashes = {}
+            for name, report in self._crash_watch.read_all({m: model_deployment_name(m) for m in models}).items():
+                if isinstance(report, Exception):  # keep the last known deaths when the state API fails
+                    logger.warning("could not read replica deaths of %s: %s", name, report)
+                    report = self._crashes.get(name, CrashReport(0))
+                crashes[name] = report
+                if self._on_crashes is not None:
+                    self._on_crashes(name, report)
+            self._crashes = crashes
+        return {name: report for name, report in self._crashes.items() if name in models}
 
 
 def _name(value: object) -> str:

@@ -175,7 +175,7 @@ class Cluster:
         model = {
             "source": str(self.model_path),
             "engine": {"n_ctx": 8192, "n_threads": 1, "stream_interval_ms": 20},
-            "deployment": {"num_replicas": 1, "max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.25}},
+            "deployment": {"num_replicas": 1, "max_ongoing_requests": 8},
         }
         ingress = {
             "deployment": {"num_replicas": 2, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}}

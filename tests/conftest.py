@@ -57,6 +57,12 @@ def responses_match_openai_schema() -> Iterator[None]:
     assert not violations, "\n".join(violations)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start and stop the machine's own Ray (`modelserve up`/`down`, which runs `ray stop`) go first,
+    before the session's Ray exists: `ray stop` ends every Ray process on the machine."""
+    items.sort(key=lambda item: item.get_closest_marker("machine_ray") is None)
+
+
 def model_app(name: str, source: str, defaults: dict[str, Any], **entry: Any) -> dict[str, Any]:
     """A model application as serve_config.yaml writes one: named after the model, no HTTP route."""
     return {
@@ -79,13 +85,13 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
     }
     gemma = next(a for a in config["applications"] if a["name"] == GEMMA)
     defaults = gemma["args"]["model_defaults"]
-    defaults["deployment"] = {"num_replicas": 1, "max_queued_requests": 8, "ray_actor_options": {"num_cpus": 0.5}}
+    defaults["deployment"] = {"num_replicas": 1, "max_queued_requests": 8, "ray_actor_options": {"num_cpus": 2}}
+    defaults["engine"]["parallel"] = 4
     tiny_engine = {"n_ctx": 256, "n_threads": 1, "default_max_tokens": TINY_DEFAULT_MAX_TOKENS}
-    tiny_deployment = {"max_ongoing_requests": 2, "max_queued_requests": 4, "ray_actor_options": {"num_cpus": 0.25}}
+    tiny_deployment = {"max_ongoing_requests": 2, "max_queued_requests": 4}
     zero_deployment = {
         "max_ongoing_requests": 1,
         "max_queued_requests": 8,
-        "ray_actor_options": {"num_cpus": 0.25},
         "autoscaling_config": {
             "min_replicas": 0, "initial_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1,
             "upscale_delay_s": 0, "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 2,
@@ -159,7 +165,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_store: MotoS3) -> I
     use_serve_process_env()  # the Ray settings modelserve ships with
     ray.init(
         address="local",  # always a fresh cluster of our own, even if `ray start` runs here
-        num_cpus=8,
+        num_cpus=12,  # CPU slots, not cores: the functional tests run 5+ small replicas on 2 cores
         _node_ip_address="127.0.0.1",
         include_dashboard=True,
         dashboard_host="127.0.0.1",

@@ -102,7 +102,7 @@ def test_adding_and_removing_a_model_by_serve_deploy_restarts_nothing_else(
     before = {key: ids for key, ids in replica_ids().items() if not key.startswith(f"{TINY_ZERO}/")}
     defaults = yaml.safe_load(config_path.read_text())["applications"][1]["args"]["model_defaults"]
     extra = model_app("tiny-extra", str(tiny_path), defaults, engine={"n_ctx": 256, "n_threads": 1},
-                      deployment={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}})
+                      deployment={"num_replicas": 1})
     deploy_with(config_path, tmp_path, extra)
     assert "tiny-extra" in [m.id for m in client.models.list().data]
     assert client.completions.create(model="tiny-extra", prompt="hi", max_tokens=3).usage.completion_tokens > 0

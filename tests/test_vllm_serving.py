@@ -141,14 +141,14 @@ def test_vllm_model_failing_to_start_leaves_llama_cpp_serving(
             "name": "tiny",
             "source": str(tiny),
             "engine": {"n_ctx": 256, "n_threads": 1},
-            "deployment": {"ray_actor_options": {"num_cpus": 0.5}},
+            "deployment": {"ray_actor_options": {"num_cpus": 1}},
         },
         vllm_model(
             "tiny-vllm",
             source=tiny_hf_source,
             storage={"endpoint_url": moto.endpoint_url},
             vllm={"max_model_len": 256, "gpu_memory_utilization": 0.5},
-            deployment={"ray_actor_options": {"num_cpus": 0.5}},
+            deployment={"ray_actor_options": {"num_cpus": 1}},
         ),
     ]
     ingress = {"ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.25}}, "first_token_timeout_s": 5}}
