@@ -20,6 +20,7 @@ import yaml
 from conftest import GEMMA, METRICS_PORT, model_app
 from test_lifecycle import admin, deploy_with, model_states, wait_until  # noqa: F401 - admin is a fixture
 
+from serve_app.cli import probe_model
 from serve_app.crash_watch import CRASH_THRESHOLD, replica_class_name
 
 CRASHY = "tiny-crashy"
@@ -86,6 +87,10 @@ def test_a_crash_looping_model_is_failed_with_its_reason(
     assert time.monotonic() - started < 5  # at once, not after the first-token timeout
     assert refused.value.status_code == 503 and refused.value.body["code"] == "model_unavailable"
     assert "SIGSEGV" in refused.value.body["message"] and refused.value.response.headers["Retry-After"]
+
+    # What `modelserve up` prints for such a model instead of "up".
+    problem = probe_model(str(admin.base_url).rstrip("/"), admin.headers["Authorization"].split()[1], CRASHY, 1)
+    assert problem and problem.startswith(f"{CRASHY}: failed: crash loop") and "SIGSEGV" in problem, problem
 
     status = model_states(admin)[CRASHY]
     assert status["state"] == "failed" and status["replica_deaths"] == CRASH_THRESHOLD
