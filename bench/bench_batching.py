@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from harness import PROMPTS, Backend, Result, Stream, demo_model, llama_cpp_server, llama_server, run_load, summarize
 
@@ -80,14 +81,18 @@ def serialized(args: argparse.Namespace) -> Backend:
 
 
 def modelserve_engine(args: argparse.Namespace) -> Backend:
+    return engine_backend(args.model, {
+        "n_ctx": args.n_ctx, "n_threads": args.threads, "parallel": args.slots, "chat_format": "gemma",
+    })
+
+
+def engine_backend(model: str, engine_settings: dict[str, Any]) -> Backend:
     """The batched engine behind a small sync adapter; its event loop runs in a helper thread."""
     from deployments.api import GenerationRequest, SamplingParams
     from deployments.llama_cpp.engine import BatchedLlamaEngine
     from deployments.spec import ModelSpec
 
-    spec = ModelSpec(name="bench", source=args.model, engine={
-        "n_ctx": args.n_ctx, "n_threads": args.threads, "parallel": args.slots, "chat_format": "gemma",
-    })
+    spec = ModelSpec(name="bench", source=model, engine=engine_settings)
     engine = BatchedLlamaEngine(spec)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

@@ -12,14 +12,11 @@ crashes (ggml-org/llama.cpp#20824): there only `off` can run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import multiprocessing
 import os
-import queue
-import threading
-from collections.abc import Iterator
 from typing import Any
 
+from bench_batching import engine_backend
 from harness import ROOT, Result, demo_model, run_load, summarize
 
 from deployments.llama_cpp.model import cpu_has_amx
@@ -31,37 +28,13 @@ MAX_TOKENS = 64
 
 def _measure(conn: Any, model: str, engine: dict[str, Any]) -> None:
     """In a child process: start the engine with these settings, run each concurrency, send the results back."""
-    from deployments.api import GenerationRequest, SamplingParams
-    from deployments.llama_cpp.engine import BatchedLlamaEngine
-    from deployments.spec import ModelSpec
-
     _, count_tokens = demo_model()
-    spec = ModelSpec(name="bench", source=model, engine=engine)
-    runner = BatchedLlamaEngine(spec)
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    asyncio.run_coroutine_threadsafe(runner.start(), loop).result()
-
-    def stream(prompt: str, max_tokens: int) -> Iterator[str]:
-        pieces: queue.Queue[str | None] = queue.Queue()
-        request = GenerationRequest("bench", SamplingParams(max_tokens=max_tokens, temperature=0), prompt=prompt)
-
-        async def pump() -> None:
-            try:
-                async for chunk in runner.generate(request):
-                    pieces.put(chunk.text)
-            finally:
-                pieces.put(None)
-
-        asyncio.run_coroutine_threadsafe(pump(), loop)
-        while (piece := pieces.get()) is not None:
-            yield piece
-
+    stream, stop = engine_backend(model, engine)
     run_load(stream, 1, 2, 8)  # warm-up
     label = f"repack {engine['repack']}"
     results = [summarize(label, c, *run_load(stream, c, max(8, 2 * c), MAX_TOKENS), count_tokens)
                for c in CONCURRENCIES]
-    asyncio.run_coroutine_threadsafe(runner.stop(), loop).result()
+    stop()
     conn.send(results)
 
 

@@ -17,13 +17,20 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int | None = None
+    max_tokens: int | None = None  # what the request asked for (within its tenant's cap)
+    max_tokens_cap: int | None = None  # the tenant's cap: bounds the model's default when max_tokens is unset
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+
+
+def default_max_tokens(sampling: SamplingParams, model_default: int | None) -> int | None:
+    """The budget of a request that set no max_tokens: the model's default, clamped by the tenant's cap."""
+    limits = [limit for limit in (model_default, sampling.max_tokens_cap) if limit is not None]
+    return min(limits) if limits else None
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,12 @@ class EngineError(Exception):
 
 class InvalidGenerationRequest(EngineError):
     code = "invalid_request"
+
+
+class UnsupportedGenerationRequest(EngineError):
+    """Valid, but asks for something this engine cannot do (a role its chat format cannot carry)."""
+
+    code = "unsupported_parameter"
 
 
 class ContextLengthExceeded(EngineError):

@@ -53,6 +53,10 @@ class EngineSettings(Strict):
         None, description="llama-cpp-python chat format name (e.g. 'gemma'); overrides the GGUF template."
     )
     chat_template: str | None = Field(None, description="Jinja chat template; overrides chat_format and GGUF.")
+    default_max_tokens: int | None = Field(
+        1024, ge=1, description="Completion budget of a request that sets no max_tokens (a tenant's max_tokens still "
+        "clamps it); null: up to the context window.",
+    )
     stream_interval_ms: float = Field(
         100.0, ge=0, description="Tokens produced within this window travel as one stream item (first one at once): "
         "each item costs Serve a few ms of CPU on its way to the client (proxy, ingress, replica).",

@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from deployments.spec import DeploymentSettings, ModelSpec
 from deployments.strict import ConfigError, Strict, describe_validation_error
+from serve_app.ingress.cors import CorsSettings
 
 INGRESS_IMPORT_PATH = "serve_app.app:build_app"
 MODEL_IMPORT_PATH = "serve_app.app:build_model_app"
@@ -34,6 +35,7 @@ class IngressSettings(Strict):
     first_token_timeout_s: float = Field(
         120.0, gt=0, description="How long a request may wait for a model to produce anything before 503."
     )
+    cors: CorsSettings = Field(default_factory=CorsSettings, description="Web origins allowed to call the API.")
 
 
 class IngressArgs(Strict):

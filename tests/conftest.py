@@ -3,7 +3,9 @@
 The app is deployed from a test copy of serve_config.yaml: the demo Gemma model plus a
 tiny random-weight GGUF, with fractional CPUs so everything fits on 2 cores. Fixtures start
 nothing until a test asks: the unit tests (tests/unit) never start Ray. This conftest sees
-every test, so it also orders them (`machine_ray` first).
+every test, so it also orders them (`machine_ray` first). Every response of the app that a test
+receives through httpx or the openai SDK is validated against OpenAI's OpenAPI schema
+(tests/support/openai_schema.py); a violation fails the test.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import yaml
 from serve_app.cli.serve_file import use_serve_process_env
 from serve_app.cli.tokens import mint_token
 from serve_app.config import INGRESS_IMPORT_PATH
+from tests.support import openai_schema
 from tests.support.cluster import (
     APP_NAME,
     BASE_URL,
@@ -30,13 +33,26 @@ from tests.support.cluster import (
     METRICS_PORT,
     ROOT,
     TINY,
+    TINY_DEFAULT_MAX_TOKENS,
     TINY_ZERO,
+    WEB_ORIGIN,
     model_app,
     serve_cli,
     wait_for_apps,
 )
 from tests.support.tiny_gguf import write_tiny_llama_gguf
 from tests.support.vllm import gpu_extra, moto, ray_with_gpu, tiny_hf_source  # noqa: F401 - the vLLM tests' fixtures
+
+openai_schema.install()
+
+
+@pytest.fixture(autouse=True)
+def responses_match_openai_schema() -> Iterator[None]:
+    """Fail a test that received any response breaking OpenAI's schema, even one a client swallowed."""
+    openai_schema.take_violations()
+    yield
+    violations = openai_schema.take_violations()
+    assert not violations, "\n".join(violations)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -51,12 +67,15 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
     config["http_options"] = {"host": "127.0.0.1", "port": HTTP_PORT}
     ingress = next(a for a in config["applications"] if a["import_path"] == INGRESS_IMPORT_PATH)
     ingress["name"] = APP_NAME
-    ingress["args"]["ingress"] = {"deployment": {"ray_actor_options": {"num_cpus": 0.25}}}
+    ingress["args"]["ingress"] = {
+        "deployment": {"ray_actor_options": {"num_cpus": 0.25}},
+        "cors": {"allow_origins": [WEB_ORIGIN]},
+    }
     gemma = next(a for a in config["applications"] if a["name"] == GEMMA)
     defaults = gemma["args"]["model_defaults"]
     defaults["deployment"] = {"num_replicas": 1, "max_queued_requests": 8, "ray_actor_options": {"num_cpus": 2}}
     defaults["engine"]["parallel"] = 4
-    tiny_engine = {"n_ctx": 256, "n_threads": 1}
+    tiny_engine = {"n_ctx": 256, "n_threads": 1, "default_max_tokens": TINY_DEFAULT_MAX_TOKENS}
     tiny_deployment = {"max_ongoing_requests": 2, "max_queued_requests": 4}
     zero_deployment = {
         "max_ongoing_requests": 1,

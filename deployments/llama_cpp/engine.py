@@ -50,7 +50,7 @@ class BatchedLlamaEngine(Engine):
             template = ChatTemplate(model, settings.chat_format, settings.chat_template)
 
             def prepare(request: GenerationRequest) -> Prompt:
-                return prepare_prompt(request, model, template, settings.n_ctx)
+                return prepare_prompt(request, model, template, settings.n_ctx, settings.default_max_tokens)
 
             decode_loop = DecodeLoop(model, settings, prepare, self._spec.name)
             self._resources.callback(decode_loop.close)

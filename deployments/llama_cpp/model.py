@@ -17,7 +17,14 @@ import llama_cpp
 from llama_cpp import llama_chat_format
 from llama_cpp._internals import LlamaModel
 
-from deployments.api import ContextLengthExceeded, GenerationRequest, InvalidGenerationRequest, SamplingParams
+from deployments.api import (
+    ContextLengthExceeded,
+    GenerationRequest,
+    InvalidGenerationRequest,
+    SamplingParams,
+    default_max_tokens,
+)
+from deployments.llama_cpp.chat_prompt import render_all
 from deployments.spec import EngineSettings
 
 _llama_logger = logging.getLogger("llama_cpp")
@@ -148,7 +155,7 @@ class ChatTemplate:
                 "this model has no chat template; use /v1/completions or configure engine.chat_format",
                 param="messages",
             )
-        result = self._format(messages=[dict(m) for m in messages])
+        result = render_all(self._format, messages)
         stops = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
         return result.prompt, result.added_special, stops
 
@@ -162,8 +169,14 @@ class Prompt:
     max_new_tokens: int
 
 
-def prepare_prompt(request: GenerationRequest, model: LlamaModel, template: ChatTemplate, window: int) -> Prompt:
-    """Tokenize the request and check it against the `window` tokens a sequence may hold."""
+def prepare_prompt(
+    request: GenerationRequest, model: LlamaModel, template: ChatTemplate, window: int, default_budget: int | None
+) -> Prompt:
+    """Tokenize the request and check it against the `window` tokens a sequence may hold.
+
+    A request without max_tokens gets `default_budget` (engine.default_max_tokens) within its tenant's cap,
+    cut to what the window leaves.
+    """
     sampling = request.sampling
     if request.messages is not None:
         text, has_bos, template_stops = template.render(request.messages)
@@ -189,6 +202,8 @@ def prepare_prompt(request: GenerationRequest, model: LlamaModel, template: Chat
                 param="max_tokens",
             )
         budget = sampling.max_tokens
+    elif (default := default_max_tokens(sampling, default_budget)) is not None:
+        budget = min(budget, default)
     return Prompt(tokens, (*sampling.stop, *template_stops), budget)
 
 

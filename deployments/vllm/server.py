@@ -33,6 +33,7 @@ from deployments.api import (
     GenerationChunk,
     GenerationRequest,
     InvalidGenerationRequest,
+    default_max_tokens,
 )
 from deployments.spec import ModelSpec
 from deployments.strict import ConfigError
@@ -117,6 +118,9 @@ class VllmModelServer(LLMServer):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the request through vLLM's OpenAI serving layer as engine-neutral chunks."""
         sampling = request.sampling
+        max_tokens = sampling.max_tokens
+        if max_tokens is None:
+            max_tokens = default_max_tokens(sampling, self._spec.engine.default_max_tokens)
         common: dict[str, Any] = {
             "model": self._spec.name,
             "request_id": request.request_id,
@@ -132,13 +136,13 @@ class VllmModelServer(LLMServer):
         if request.messages is not None:
             param = "messages"
             body = ChatCompletionRequest(
-                messages=[dict(m) for m in request.messages], max_completion_tokens=sampling.max_tokens, **common
+                messages=[dict(m) for m in request.messages], max_completion_tokens=max_tokens, **common
             )
             stream = await self.chat(body)
         else:
             param = "prompt"
             body = CompletionRequest(prompt=request.prompt or "", **common)
-            body.max_tokens = sampling.max_tokens  # None = up to the context window, as on every backend (not 16)
+            body.max_tokens = max_tokens  # None = up to the context window, as on every backend (not 16)
             stream = await self.completions(body)
         async with contextlib.aclosing(stream):  # closing it early aborts the request in vLLM
             async for chunk in openai_stream_chunks(stream, param):

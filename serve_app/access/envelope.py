@@ -88,5 +88,6 @@ def audit_record(scope: Scope, status: int, started: float, account: RequestAcco
             "prompt_tokens": account.prompt_tokens,
             "completion_tokens": account.completion_tokens,
             "policy": account.revision,
+            **account.client_ids,
         }
     return record

@@ -53,7 +53,8 @@ def rate_limit_headers(requests: Quota | None, tokens: Quota | None) -> dict[str
 def estimated_tokens(request: GenerationRequest) -> int:
     """What a request may cost before it runs: prompt characters / 4 plus its completion budget."""
     chars = len(request.prompt or "") + sum(len(m.get("content", "")) for m in request.messages or ())
-    return math.ceil(chars / CHARS_PER_TOKEN) + (request.sampling.max_tokens or 0)
+    sampling = request.sampling
+    return math.ceil(chars / CHARS_PER_TOKEN) + (sampling.max_tokens or sampling.max_tokens_cap or 0)
 
 
 class RequestAccount:
@@ -64,6 +65,7 @@ class RequestAccount:
         self.policy = policy
         self.revision = revision
         self.model: str | None = None
+        self.client_ids: dict[str, str] = {}  # the request's `user` / `safety_identifier`, for the audit line
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.admission: Admission | None = None
@@ -187,11 +189,14 @@ class AccessGate:
 
     @staticmethod
     def max_tokens(account: RequestAccount, requested: int | None) -> int | None:
-        """The completion budget to run with: the request's, or the tenant cap (clamped or refused above it)."""
+        """The request's max_tokens within the tenant cap (clamped or refused above it); None if it set none.
+
+        An unset max_tokens stays unset: the model's default_max_tokens applies, bounded by the cap.
+        """
         cap = account.policy.max_tokens
-        if cap is None or (requested is not None and requested <= cap):
-            return requested if requested is not None else cap
-        if requested is not None and account.policy.over_max_tokens == "reject":
+        if cap is None or requested is None or requested <= cap:
+            return requested
+        if account.policy.over_max_tokens == "reject":
             raise OpenAIError(
                 400,
                 f"max_tokens is {requested}, above this tenant's limit of {cap}.",

@@ -29,7 +29,9 @@ class TenantPolicy(Strict):
     """What one tenant may use. Limits left unset are unlimited."""
 
     models: list[str] = Field(default_factory=list, description="Glob patterns (case-sensitive) of usable model ids.")
-    max_tokens: int | None = Field(None, ge=1, description="Cap on max_tokens; also used when a request sets none.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Cap on max_tokens; also bounds the model's default_max_tokens when a request sets none."
+    )
     over_max_tokens: Literal["clamp", "reject"] = Field("clamp", description="Above the cap: lower it, or answer 400.")
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1, description="Prompt + completion tokens.")

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployments.spec import DeploymentSettings, VllmSettings
-from serve_app.cli.deploy_settings import CPU_GROUP, GIB, GPU_GROUP, DeploySettings, ReplicaDemand
+from serve_app.cli.deploy_settings import (
+    CPU_GROUP,
+    GIB,
+    GPU_GROUP,
+    DeploySettings,
+    ReplicaDemand,
+    WorkerGroupSettings,
+)
 from serve_app.cli.serve_file import parse_serve_config
 from serve_app.config import INGRESS_DEPLOYMENT
 
@@ -103,10 +110,12 @@ def plan_placement(serve_config: dict[str, Any], settings: DeploySettings) -> tu
             plan = plan_deployment(settings, deployment, description, merged, needs_gpu_group=vllm is not None)
             demand = plan.demand
             memory = f"{demand.memory_bytes / GIB:.2f} GiB" if demand.memory_bytes else "no memory reservation"
+            groups = {CPU_GROUP: settings.cpu_workers, GPU_GROUP: settings.gpu_workers}
+            fits = [f"{name} ({_per_pod(groups[name], demand)})" for name in plan.groups]
             lines.append(
                 f"  {plan.deployment}: {plan.description}, replicas {plan.min_replicas}-{plan.max_replicas}, "
                 f"per replica {demand.num_cpus:g} CPU, {demand.num_gpus:g} GPU, {memory}"
-                f" -> {', '.join(plan.groups) or 'NO FIT'}"
+                f" -> {', '.join(fits) or 'NO FIT'}"
             )
             problems += [f"{plan.deployment} ({plan.description}): {problem}" for problem in plan.problems]
             peak_cpus += plan.max_replicas * demand.num_cpus
@@ -121,6 +130,15 @@ def plan_placement(serve_config: dict[str, Any], settings: DeploySettings) -> tu
     if peak_cpus > capacity_cpus or peak_gpus > capacity_gpus:
         lines.append("  warning: the autoscaler cannot reach every deployment's max_replicas at once")
     return "\n".join(lines), problems
+
+
+def _per_pod(group: WorkerGroupSettings, demand: ReplicaDemand) -> str:
+    """How many such replicas one pod of the group holds by CPU, and the cores they leave idle."""
+    if demand.num_cpus <= 0:
+        return "no CPU reserved"
+    count = int(group.cpu // demand.num_cpus)
+    idle = group.cpu - count * demand.num_cpus
+    return f"{count} per pod" + (f", {idle:g} CPU of each pod idle" if idle else "")
 
 
 def vllm_replica_gpus(vllm: VllmSettings) -> dict[str, Any]:

@@ -22,26 +22,35 @@ class OpenAIRequest(BaseModel):
 
 class StreamOptions(OpenAIRequest):
     include_usage: StrictBool = False
+    include_obfuscation: StrictBool | None = None
 
 
-class TextContentPart(OpenAIRequest):
-    type: Literal["text"]
-    text: StrictStr
+class ContentPart(OpenAIRequest):
+    """Any content part; only `text` ones are served (serve_app.ingress.request_fields refuses the others by type)."""
+
+    type: StrictStr
+    text: StrictStr | None = None
 
 
 class ChatMessage(OpenAIRequest):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextContentPart] | None = None
-    name: StrictStr | None = None
+    """A message as sent. Fields typed `Any` are checked by value in serve_app.ingress.request_fields."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: StrictStr | Annotated[list[ContentPart], Field(min_length=1)] | None = None
+    name: Any = None
+    tool_calls: Any = None
+    function_call: Any = None
+    audio: Any = None
+    refusal: Any = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "".join(part.text or "" for part in self.content)
         return self.content or ""
 
 
 class SamplingFields(OpenAIRequest):
-    """Sampling parameters shared by chat and text completions."""
+    """Fields shared by chat and text completions (serve_app.ingress.request_fields says what each gets)."""
 
     model: StrictStr
     max_tokens: StrictInt | None = Field(None, ge=1)
@@ -56,6 +65,7 @@ class SamplingFields(OpenAIRequest):
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     logprobs: Any = None
+    logit_bias: dict[StrictStr, Number] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -74,20 +84,48 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    modalities: list[StrictStr] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+    store: StrictBool | None = None
+    service_tier: Any = None
+    safety_identifier: StrictStr | None = None
+    metadata: dict[StrictStr, StrictStr] | None = None
+    prompt_cache_key: StrictStr | None = None
+    prompt_cache_retention: StrictStr | None = None
+    prompt_cache_options: dict[StrictStr, Any] | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 class CompletionRequest(SamplingFields):
-    prompt: StrictStr | list[StrictStr] = Field(description="One prompt (a string or a list of one string).")
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
+        description="One prompt: a string or a list of one string."
+    )
     max_tokens: StrictInt | None = Field(16, ge=1)
     echo: StrictBool | None = False
     suffix: StrictStr | None = None
     logprobs: StrictInt | None = None
+    best_of: StrictInt | None = None
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+
+def _omitted(value: Any) -> bool:
+    return value is None
 
 
 class Usage(BaseModel):
@@ -99,6 +137,7 @@ class Usage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None  # required (nullable) by the schema; this server never refuses in-band
 
 
 class ChatCompletionChoice(BaseModel):
@@ -109,24 +148,27 @@ class ChatCompletionChoice(BaseModel):
 
 
 class ChatCompletionResponse(BaseModel):
+    """`system_fingerprint` is left out: the schema types it as a string, and there is none to give."""
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
     choices: list[ChatCompletionChoice]
     usage: Usage
-    system_fingerprint: str | None = None
 
 
 class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
+    """The schema allows no null `role`: it is sent on the first chunk only."""
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=_omitted)
     content: str | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # required (nullable): null until the last chunk
     logprobs: None = None
 
 
@@ -136,14 +178,13 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
+    usage: Usage | None = Field(None, exclude_if=_omitted)
 
 
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # null until the last stream chunk, as OpenAI sends it
     logprobs: None = None
 
 
@@ -155,8 +196,7 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
+    usage: Usage | None = Field(None, exclude_if=_omitted)
 
 
 class ModelStatus(BaseModel):

@@ -13,27 +13,19 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.api import (
-    ContextLengthExceeded,
-    EngineError,
-    EngineUnavailable,
-    GenerationChunk,
-    GenerationRequest,
-    SamplingParams,
-)
+from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
 from deployments.spec import model_deployment_name
 from serve_app.access.envelope import AccessMiddleware
 from serve_app.access.gate import AccessGate, Caller, MeteredStream, RequestAccount
 from serve_app.config import INGRESS_DEPLOYMENT, IngressArgs
+from serve_app.ingress.cors import CorsGate
+from serve_app.ingress.errors import install_error_handlers, model_error
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.protocol import (
     AssistantMessage,
@@ -55,93 +47,26 @@ from serve_app.ingress.protocol import (
     new_id,
     now,
 )
+from serve_app.ingress.request_fields import audit_identifiers, check_fields
 from serve_app.ingress.status import StatusCache
 
 logger = logging.getLogger("modelserve.ingress")
 
-RETRY_AFTER_S = "1"
 MISSING_MODEL_RECHECK_S = 0.5
 
 app = FastAPI(title="modelserve", description="OpenAI-compatible LLM serving on Ray Serve.")
 app.add_middleware(AccessMiddleware)  # authenticates every route but /health, settles limits, audits
-
-
-@app.exception_handler(OpenAIError)
-async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body.model_dump(), status_code=exc.status, headers=exc.headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI answers 422; OpenAI clients expect 400 invalid_request_error naming the field."""
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [part for part in first.get("loc", ()) if part != "body"]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-    if first.get("type") == "json_invalid":
-        message, param = "We could not parse the JSON body of your request: " + first.get("msg", ""), None
-    elif first.get("type") == "missing":
-        message = f"Missing required parameter: '{param}'." if param else "Missing request body."
-    else:
-        message = f"Invalid value for '{param}': {first.get('msg')}." if param else str(first.get("msg"))
-    return _openai_error_response(OpenAIError(400, message, param=param, code="invalid_request"))
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kinds = {404: "not_found", 405: "method_not_allowed"}
-    error = OpenAIError(exc.status_code, str(exc.detail), code=kinds.get(exc.status_code), headers=exc.headers)
-    return _openai_error_response(error)
-
-
-@app.exception_handler(Exception)
-async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error in ingress")
-    error = OpenAIError(500, "The server had an error while processing your request.", type="server_error")
-    return _openai_error_response(error)
-
-
-def _openai_error_response(exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body.model_dump(), status_code=exc.status, headers=exc.headers)
-
-
-def model_error(exc: BaseException, model: str) -> OpenAIError:
-    """Map a failure from a model deployment (possibly wrapped by Ray) to an OpenAI error."""
-    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-    retry = {"Retry-After": RETRY_AFTER_S}
-    if isinstance(cause, ContextLengthExceeded):
-        return OpenAIError(400, cause.message, param=cause.param, code=cause.code)
-    if isinstance(cause, EngineUnavailable):
-        return OpenAIError(503, cause.message, type="server_error", code=cause.code, headers=retry)
-    if isinstance(cause, EngineError):
-        return OpenAIError(400, cause.message, param=cause.param, code=cause.code)
-    if isinstance(cause, BackPressureError):
-        message = f"Model '{model}' is overloaded: too many requests are queued. Retry shortly."
-        return OpenAIError(503, message, type="server_error", code="model_overloaded", headers=retry)
-    if isinstance(cause, TimeoutError):
-        message = f"Model '{model}' is not ready (no replica answered in time). Retry shortly."
-        return OpenAIError(503, message, type="server_error", code="model_not_ready", headers=retry)
-    if isinstance(cause, (RayActorError, DeploymentUnavailableError, RayTaskError)):
-        logger.warning("model %s replica failure: %s", model, cause)
-        message = f"Model '{model}' is unavailable (replica failure). Retry shortly."
-        return OpenAIError(503, message, type="server_error", code="model_unavailable", headers=retry)
-    logger.error("unexpected error from model %s: %r", model, cause)
-    return OpenAIError(500, "The server had an error while processing your request.", type="server_error")
+app.add_middleware(CorsGate)  # outside it: browsers' preflights carry no credentials
+install_error_handlers(app)
 
 
 PLACEMENT_TIMEOUT_S = 2.0  # the admin status does not wait for a model at zero to wake up
 
 
-def unsupported(param: str, message: str) -> OpenAIError:
-    return OpenAIError(400, message, param=param, code="unsupported_parameter")
-
-
-def sampling_params(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
-    if body.n not in (None, 1):
-        raise unsupported("n", "Only n=1 is supported: request several completions separately.")
-    if body.logprobs:
-        raise unsupported("logprobs", "logprobs are not supported by this server.")
+def sampling_params(body: SamplingFields, max_tokens: int | None, cap: int | None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
+        max_tokens_cap=cap,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=tuple(body.stop_list()),
@@ -151,8 +76,9 @@ def sampling_params(body: SamplingFields, max_tokens: int | None) -> SamplingPar
     )
 
 
-def sse(payload: Any) -> str:
-    return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+def sse(payload: BaseModel) -> str:
+    """One server-sent event; the protocol models decide which empty fields the schema wants omitted."""
+    return f"data: {payload.model_dump_json()}\n\n"
 
 
 def usage_of(chunk: GenerationChunk) -> Usage:
@@ -176,6 +102,7 @@ class OpenAIIngress:
         self._metrics = IngressMetrics()
         self._status = StatusCache(on_crashes=self._metrics.record_crashes)
         app.state.access_gate = self._access
+        app.state.cors = self._args.ingress.cors
         app.state.metrics = self._metrics
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -228,11 +155,17 @@ class OpenAIIngress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, account: Caller) -> Any:
+        check_fields(body)
+        account.client_ids = audit_identifiers(body)
         model, status = await self._model(body.model, account)
         request = GenerationRequest(
             request_id=new_id("chatcmpl"),
-            sampling=sampling_params(body, self._access.max_tokens(account, body.token_limit())),
-            messages=tuple({"role": m.role, "content": m.text()} for m in body.messages),
+            sampling=sampling_params(
+                body, self._access.max_tokens(account, body.token_limit()), account.policy.max_tokens
+            ),
+            # OpenAI: developer messages are what system messages were, for models without a role of their own
+            messages=tuple({"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                           for m in body.messages),
         )
         await self._access.admit(account, request)
         first, stream = await self._open(model, status, request, account)
@@ -250,20 +183,20 @@ class OpenAIIngress:
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, account: Caller) -> Any:
+        check_fields(body)
+        account.client_ids = audit_identifiers(body)
         model, status = await self._model(body.model, account)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise unsupported("prompt", "Send one prompt per request (batched prompts are not supported).")
-        if body.suffix:
-            raise unsupported("suffix", "suffix (fill-in-the-middle) is not supported.")
+        prompt = body.prompt if isinstance(body.prompt, str) else str(body.prompt[0])  # one string: checked
         request = GenerationRequest(
             request_id=new_id("cmpl"),
-            sampling=sampling_params(body, self._access.max_tokens(account, body.token_limit())),
-            prompt=prompts[0],
+            sampling=sampling_params(
+                body, self._access.max_tokens(account, body.token_limit()), account.policy.max_tokens
+            ),
+            prompt=prompt,
         )
         await self._access.admit(account, request)
         first, stream = await self._open(model, status, request, account)
-        prefix = prompts[0] if body.echo else ""
+        prefix = prompt if body.echo else ""
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = self._completion_events(request.request_id, model, prefix, first, stream, include_usage)

@@ -152,6 +152,10 @@ def test_bad_credentials_get_401_and_never_reach_a_model(cluster: Cluster, keys:
 
 
 def test_max_tokens_cap_clamps_or_rejects(cluster: Cluster) -> None:
+    unset = cluster.client(token("team-a")).chat.completions.create(
+        model=ALLOWED, messages=[{"role": "user", "content": "hi"}], temperature=0
+    )
+    assert unset.usage.completion_tokens == 8  # the model's default_max_tokens (1024), clamped by the cap
     clamped = cluster.client(token("team-a")).completions.create(model=ALLOWED, prompt="hi", max_tokens=50)
     assert clamped.usage.completion_tokens == 8 and clamped.choices[0].finish_reason == "length"
     unset = cluster.client(token("team-a")).chat.completions.create(
@@ -262,12 +266,14 @@ def test_concurrency_limit_and_slots_freed_on_disconnect_and_errors(cluster: Clu
 def test_audit_lines_record_requests_but_never_prompts_outputs_or_tokens(cluster: Cluster) -> None:
     secret_token = token("team-a")
     client = cluster.client(secret_token)
-    reply = client.completions.create(model=ALLOWED, prompt="AUDIT-CANARY-PROMPT", max_tokens=5)
+    reply = client.completions.create(model=ALLOWED, prompt="AUDIT-CANARY-PROMPT", max_tokens=5,
+                                      user="audit-canary@example.com")
     streamed = list(
         client.chat.completions.create(
             model=ALLOWED,
             messages=[{"role": "user", "content": "AUDIT-CANARY-CHAT"}],
             max_tokens=5,
+            safety_identifier="end-user-7",
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -285,17 +291,19 @@ def test_audit_lines_record_requests_but_never_prompts_outputs_or_tokens(cluster
     )
     assert completion["status"] == 200 and completion["model"] == ALLOWED and completion["subject"] == "user@team-a"
     assert completion["completion_tokens"] == 5 and completion["latency_ms"] > 0 and completion["policy"]
+    assert completion["user"].startswith("sha256:")  # the request's `user`, hashed: it looks like an email
     usage = streamed[-1].usage
     assert any(
         r["path"] == "/v1/chat/completions"
         and r.get("prompt_tokens") == usage.prompt_tokens
         and r.get("completion_tokens") == usage.completion_tokens
+        and r.get("safety_identifier") == "end-user-7"
         for r in records
     )  # streams settle too
     assert any(r["status"] == 401 and "tenant" not in r for r in records)
     logs = cluster.all_logs()
     output = reply.choices[0].text.strip()
-    for secret in ("AUDIT-CANARY", secret_token, secret_token.split(".")[2], SECRET_1, SECRET_2, API_KEY):
+    for secret in ("AUDIT-CANARY", "audit-canary@", secret_token, secret_token.split(".")[2], SECRET_1, SECRET_2, API_KEY):
         assert secret not in logs
     assert len(output) < 8 or output not in logs
 

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from serve_app.cli.local import probe_model
 from serve_app.ingress.crash_watch import CRASH_THRESHOLD, replica_class_name
 from tests.support.cluster import GEMMA, METRICS_PORT, deploy_with, model_app, model_defaults, model_states, wait_until
 
@@ -80,6 +81,10 @@ def test_a_crash_looping_model_is_failed_with_its_reason(
     assert time.monotonic() - started < 5  # at once, not after the first-token timeout
     assert refused.value.status_code == 503 and refused.value.body["code"] == "model_unavailable"
     assert "SIGSEGV" in refused.value.body["message"] and refused.value.response.headers["Retry-After"]
+
+    # What `modelserve up` prints for such a model instead of "up".
+    problem = probe_model(str(admin.base_url).rstrip("/"), admin.headers["Authorization"].split()[1], CRASHY, 1)
+    assert problem and problem.startswith(f"{CRASHY}: failed: crash loop") and "SIGSEGV" in problem, problem
 
     status = model_states(admin)[CRASHY]
     assert status["state"] == "failed" and status["replica_deaths"] == CRASH_THRESHOLD

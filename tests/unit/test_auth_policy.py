@@ -17,6 +17,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from deployments.api import SamplingParams, default_max_tokens
 from deployments.strict import ConfigError
 from serve_app.access.authn import Authenticator, AuthError, AuthSettings, Principal, api_key_hash
 from serve_app.access.gate import AccessGate, RequestAccount, reset_duration
@@ -222,13 +223,22 @@ def test_globs_admin_and_max_tokens_clamp_or_reject() -> None:
         False,
     ]
     assert AccessGate.allows(account(TenantPolicy(), frozenset({"admin"})), "anything")
-    assert [AccessGate.max_tokens(clamp, n) for n in (None, 10, 64, 500)] == [64, 10, 64, 64]
+    # unset stays unset: the model's default_max_tokens applies, bounded by the cap (default_max_tokens below)
+    assert [AccessGate.max_tokens(clamp, n) for n in (None, 10, 64, 500)] == [None, 10, 64, 64]
     reject = account(TenantPolicy(max_tokens=64, over_max_tokens="reject"))
-    assert AccessGate.max_tokens(reject, None) == 64
+    assert AccessGate.max_tokens(reject, None) is None
     with pytest.raises(OpenAIError) as info:
         AccessGate.max_tokens(reject, 65)
     assert info.value.status == 400 and info.value.body.error.param == "max_tokens"
     assert AccessGate.max_tokens(account(TenantPolicy()), None) is None
+
+
+def test_an_unset_max_tokens_gets_the_models_default_within_the_tenant_cap() -> None:
+    assert default_max_tokens(SamplingParams(), 1024) == 1024
+    assert default_max_tokens(SamplingParams(max_tokens_cap=64), 1024) == 64
+    assert default_max_tokens(SamplingParams(max_tokens_cap=4096), 1024) == 1024
+    assert default_max_tokens(SamplingParams(max_tokens_cap=64), None) == 64
+    assert default_max_tokens(SamplingParams(), None) is None
 
 
 def test_reset_durations_use_openai_format() -> None:

@@ -279,9 +279,15 @@ def test_dry_run_prints_models_replica_bounds_and_worker_groups(
     assert code == 0
     assert "worker group cpu-workers: 1-2 pods x 4 CPU, 8 GiB" in out
     assert "worker group gpu-workers: disabled" in out
-    assert "model-tiny: model tiny (llama_cpp), replicas 1-3, per replica 2 CPU, 0 GPU, 2.00 GiB -> cpu-workers" in out
+    assert ("model-tiny: model tiny (llama_cpp), replicas 1-3, per replica 2 CPU, 0 GPU, 2.00 GiB -> cpu-workers "
+            "(2 per pod)") in out
     assert "ingress: ingress, replicas 1-1, per replica 0.5 CPU" in out
     assert "6.5 CPU, 0 GPU wanted; worker groups at max pods: 8 CPU" in out
+
+
+def test_dry_run_shows_cores_a_pod_leaves_idle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = dry_run(tmp_path, serve_config(model("odd", num_cpus=3)), cpu_workers={"cpu": 4})
+    assert code == 0 and "-> cpu-workers (1 per pod, 1 CPU of each pod idle)" in capsys.readouterr().out
 
 
 def test_dry_run_rejects_replicas_bigger_than_any_worker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

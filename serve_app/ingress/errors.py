@@ -1,0 +1,97 @@
+"""Every failure as an OpenAI error object with a meaningful status: nothing answers a bare 500 or a 422.
+
+`install_error_handlers` maps what FastAPI and Starlette raise; `model_error` maps what a model
+deployment raises (possibly wrapped by Ray). Both end in `error_response`, the one place an error
+becomes a response.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.api import ContextLengthExceeded, EngineError, EngineUnavailable
+from serve_app.ingress.protocol import OpenAIError
+
+logger = logging.getLogger("modelserve.ingress")
+
+RETRY_AFTER_S = "1"
+
+
+def error_response(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body.model_dump(), status_code=exc.status, headers=exc.headers)
+
+
+def validation_error(exc: RequestValidationError) -> OpenAIError:
+    """FastAPI answers 422; OpenAI clients expect 400 invalid_request_error naming the field."""
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [part for part in first.get("loc", ()) if part != "body" and not _union_member(part)]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    if first.get("type") == "json_invalid":
+        message, param = "We could not parse the JSON body of your request: " + first.get("msg", ""), None
+    elif first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'." if param else "Missing request body."
+    else:
+        message = f"Invalid value for '{param}': {first.get('msg')}." if param else str(first.get("msg"))
+    return OpenAIError(400, message, param=param, code="invalid_request")
+
+
+def _union_member(part: str | int) -> bool:
+    """Pydantic names the union member it tried in an error's location (`str`, `list[ContentPart]`): not a field."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "list", "dict"} or not part.isidentifier())
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer OpenAI errors, validation errors, HTTP errors (404, 405) and anything unexpected as OpenAI errors."""
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(
+            OpenAIError(exc.status_code, str(exc.detail), code=kinds.get(exc.status_code), headers=exc.headers)
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in ingress")
+        return error_response(
+            OpenAIError(500, "The server had an error while processing your request.", type="server_error")
+        )
+
+
+def model_error(exc: BaseException, model: str) -> OpenAIError:
+    """Map a failure from a model deployment (possibly wrapped by Ray) to an OpenAI error."""
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    retry = {"Retry-After": RETRY_AFTER_S}
+    if isinstance(cause, ContextLengthExceeded):
+        return OpenAIError(400, cause.message, param=cause.param, code=cause.code)
+    if isinstance(cause, EngineUnavailable):
+        return OpenAIError(503, cause.message, type="server_error", code=cause.code, headers=retry)
+    if isinstance(cause, EngineError):
+        return OpenAIError(400, cause.message, param=cause.param, code=cause.code)
+    if isinstance(cause, BackPressureError):
+        message = f"Model '{model}' is overloaded: too many requests are queued. Retry shortly."
+        return OpenAIError(503, message, type="server_error", code="model_overloaded", headers=retry)
+    if isinstance(cause, TimeoutError):
+        message = f"Model '{model}' is not ready (no replica answered in time). Retry shortly."
+        return OpenAIError(503, message, type="server_error", code="model_not_ready", headers=retry)
+    if isinstance(cause, (RayActorError, DeploymentUnavailableError, RayTaskError)):
+        logger.warning("model %s replica failure: %s", model, cause)
+        message = f"Model '{model}' is unavailable (replica failure). Retry shortly."
+        return OpenAIError(503, message, type="server_error", code="model_unavailable", headers=retry)
+    logger.error("unexpected error from model %s: %r", model, cause)
+    return OpenAIError(500, "The server had an error while processing your request.", type="server_error")
