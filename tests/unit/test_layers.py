@@ -46,3 +46,15 @@ def test_deployments_import_nothing_of_serve_app() -> None:
 
 def test_the_serve_app_imports_nothing_of_the_cli() -> None:
     assert imported_after(APP, "serve_app.cli") == []
+
+
+def test_the_package_ships_every_subpackage() -> None:
+    """What `pip install .` (the KubeRay image) installs: every folder of code, found by pyproject's include."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    on_disk = {str(init.parent.relative_to(ROOT)).replace("/", ".")
+               for top in ("serve_app", "deployments") for init in (ROOT / top).rglob("__init__.py")}
+    assert on_disk <= set(find_packages(str(ROOT), include=include)), on_disk
