@@ -20,6 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.engine import GenerationChunk, GenerationRequest, SamplingParams
+from deployments.tool_use import ToolUse
 from serve_app.config import IngressArgs, model_deployment_name
 from serve_app.cors import CorsGate
 from serve_app.errors import install_error_handlers, model_error
@@ -48,6 +49,7 @@ from serve_app.protocol import (
 )
 from serve_app.request_fields import audit_identifiers, check_fields
 from serve_app.status import StatusCache
+from serve_app.tool_calls import StreamedReply, engine_message, reply, tool_use
 
 logger = logging.getLogger("modelserve.ingress")
 
@@ -162,21 +164,23 @@ class OpenAIIngress:
             sampling=sampling_params(
                 body, self._access.max_tokens(account, body.token_limit()), account.policy.max_tokens
             ),
-            # OpenAI: developer messages are what system messages were, for models without a role of their own
-            messages=tuple({"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                           for m in body.messages),
+            messages=tuple(engine_message(m) for m in body.messages),
+            tools=tool_use(body),
         )
         await self._access.admit(account, request)
         first, stream = await self._open(model, status, request, account)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse_response(self._chat_events(request.request_id, model, first, stream, include_usage))
+            events = self._chat_events(request.request_id, model, first, stream, include_usage, request.tools)
+            return self._sse_response(events)
         text, last = await self._collect(model, first, stream)
+        content, calls, finish_reason = reply(text, last.finish_reason, request.tools)
         return ChatCompletionResponse(
             id=request.request_id,
             created=now(),
             model=model,
-            choices=[ChatCompletionChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)],
+            choices=[ChatCompletionChoice(message=AssistantMessage(content=content, tool_calls=calls),
+                                          finish_reason=finish_reason)],
             usage=usage_of(last),
         )
 
@@ -293,9 +297,10 @@ class OpenAIIngress:
             stream.cancel()
 
     async def _chat_events(
-        self, rid: str, model: str, first: GenerationChunk, stream: MeteredStream, include_usage: bool
+        self, rid: str, model: str, first: GenerationChunk, stream: MeteredStream, include_usage: bool,
+        tools: ToolUse | None,
     ) -> AsyncIterator[str]:
-        created = now()
+        created, output = now(), StreamedReply(tools)
 
         def frame(delta: DeltaMessage, finish: str | None = None) -> ChatCompletionChunk:
             choice = ChatChunkChoice(delta=delta, finish_reason=finish)
@@ -306,9 +311,12 @@ class OpenAIIngress:
         try:
             async for chunk in self._chunks(model, first, stream):
                 last = chunk
-                if chunk.text:
-                    yield sse(frame(DeltaMessage(content=chunk.text)))
-            yield sse(frame(DeltaMessage(), last.finish_reason))
+                for delta in output.feed(chunk.text):
+                    yield sse(frame(delta))
+            held, finish_reason = output.finish(last.finish_reason)
+            for delta in held:
+                yield sse(frame(delta))
+            yield sse(frame(DeltaMessage(), finish_reason))
             if include_usage:
                 yield sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage_of(last)))
         except OpenAIError as exc:

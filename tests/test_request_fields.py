@@ -47,11 +47,8 @@ CHAT_BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     [
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"function_call": "auto"}, "function_call"),
-        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True}, "logprobs"),
@@ -66,9 +63,8 @@ CHAT_BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         ({"web_search_options": {}}, "web_search_options"),
         ({"moderation": {"model": "x"}}, "moderation"),
         ({"stream_options": {"include_obfuscation": True}}, "stream_options"),
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "r", "tool_call_id": "1"}]},
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "function", "content": "r", "name": "f"}]},
          "messages[1].role"),
-        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls"),
         ({"messages": [{"role": "user", "content": "a", "name": "bob"}]}, "messages[0].name"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                     {"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -90,7 +86,10 @@ def test_values_that_ask_for_nothing_missing_pass() -> None:
         "stream_options": {"include_usage": True, "include_obfuscation": False},
         "messages": [{"role": "developer", "content": "d"}, {"role": "system", "content": [{"type": "text", "text": "s"}]},
                      {"role": "user", "content": "u"}, {"role": "assistant", "content": "a", "refusal": None,
-                                                        "tool_calls": [], "audio": None}],
+                                                        "tool_calls": [], "audio": None},
+                     {"role": "assistant", "content": None, "tool_calls": [
+                         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                     {"role": "tool", "content": "42", "tool_call_id": "c1"}],
     }
     check_fields(ChatCompletionRequest.model_validate({**CHAT_BASE, **fine}))
     check_fields(CompletionRequest.model_validate({"model": "m", "prompt": ["p"], "best_of": 1, "suffix": "", "echo": True}))
@@ -105,6 +104,20 @@ def test_completion_refusals(extra: dict, param: str) -> None:
     with pytest.raises(OpenAIError) as info:
         check_fields(CompletionRequest.model_validate({"model": "m", "prompt": "p", **extra}))
     assert info.value.body.error.param == param
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [({"role": "tool", "content": "42"}, "messages[1].tool_call_id"),
+     ({"role": "user", "content": "a", "tool_calls": [{"id": "1", "type": "function",
+                                                      "function": {"name": "f", "arguments": "{}"}}]},
+      "messages[1].tool_calls"),
+     ({"role": "assistant", "content": None}, "messages[1].content")],
+)
+def test_tool_turns_need_their_parts(message: dict, param: str) -> None:
+    with pytest.raises(OpenAIError) as info:
+        check_fields(ChatCompletionRequest.model_validate({**CHAT_BASE, "messages": [CHAT_BASE["messages"][0], message]}))
+    assert (info.value.body.error.code, info.value.body.error.param) == ("invalid_request", param)
 
 
 def test_a_message_without_content_is_invalid() -> None:
