@@ -18,7 +18,6 @@ from llama_cpp import llama_chat_format
 from llama_cpp._internals import LlamaModel
 
 from deployments.chat_prompt import render_all
-from deployments.llama_cpp_tools import check_grammar, tool_grammar
 from deployments.engine import (
     ContextLengthExceeded,
     GenerationRequest,
@@ -26,6 +25,7 @@ from deployments.engine import (
     SamplingParams,
     default_max_tokens,
 )
+from deployments.llama_cpp_tools import check_grammar, tool_grammar
 from deployments.tool_use import HERMES_OPEN, ToolUse, generic_messages, native_messages
 from serve_app.config import EngineSettings
 
