@@ -120,5 +120,11 @@ class Engine(abc.ABC):
         """How the loaded engine uses its replica's hardware (slots, threads, buffer choices), for operators."""
         return {}
 
+    async def embed(self, request: Any) -> Any:
+        """Embed `request` (a deployments.embedding.EmbeddingRequest); only embedding models do."""
+        from deployments.embedding import WrongModelKind  # it builds on this module's EngineError
+
+        raise WrongModelKind("This model generates text; it serves no embeddings.", param="model")
+
     async def stop(self) -> None:
         """Release resources (called on replica shutdown)."""

@@ -23,6 +23,14 @@ from deployments.engine import GenerationChunk, GenerationRequest, SamplingParam
 from deployments.tool_use import ToolUse
 from serve_app.config import IngressArgs, model_deployment_name
 from serve_app.cors import CorsGate
+from serve_app.embeddings import (
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    admission_estimate,
+    engine_request,
+    response,
+    usage_chunk,
+)
 from serve_app.errors import install_error_handlers, model_error
 from serve_app.metrics import IngressMetrics
 from serve_app.middleware import AccessMiddleware
@@ -212,6 +220,24 @@ class OpenAIIngress:
             choices=[CompletionChoice(text=prefix + text, finish_reason=last.finish_reason)],
             usage=usage_of(last),
         )
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, body: EmbeddingsRequest, account: Caller) -> EmbeddingsResponse:
+        account.client_ids = audit_identifiers(body)
+        model, status = await self._model(body.model, account)
+        request = engine_request(body, new_id("embd"))
+        await self._access.admit(account, admission_estimate(request))
+        if status.state == "failed":
+            raise OpenAIError(503, f"Model '{model}' is unavailable: {status.message}", type="server_error",
+                              code="model_unavailable", headers={"Retry-After": "30"})
+        self._handle(model)  # makes sure the handle exists
+        call = self._handles[model].embed.remote(request)
+        try:
+            result = await asyncio.wait_for(call, self._args.ingress.first_token_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
+            raise model_error(exc, model) from None
+        account.record(usage_chunk(result))
+        return response(body, model, result)
 
     async def _model(self, name: str, account: RequestAccount) -> tuple[str, ModelStatus]:
         """The model, if Serve runs it and the caller may use it; both failures get the same 404 (no leaking)."""

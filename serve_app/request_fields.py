@@ -179,10 +179,10 @@ def audit_identifiers(body: BaseModel) -> dict[str, str]:
     }
 
 
-def markdown_table() -> str:
-    """The README's table of request fields, rendered from FIELDS and MESSAGE_FIELDS."""
+def markdown_table(rules: dict[str, FieldRule] | None = None) -> str:
+    """A README table of request fields: by default FIELDS and MESSAGE_FIELDS (chat and completions)."""
     rows = ["| field | honoured | refused (400 `unsupported_parameter`) |", "| --- | --- | --- |"]
-    for name, rule in {**FIELDS, **MESSAGE_FIELDS}.items():
+    for name, rule in (rules or {**FIELDS, **MESSAGE_FIELDS}).items():
         where = "" if rule.endpoints == BOTH else f" ({', '.join(sorted(rule.endpoints))})"
         rows.append(f"| `{name}`{where} | {rule.honoured} | {rule.refused or '—'} |")
     return "\n".join(rows)

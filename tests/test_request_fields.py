@@ -8,6 +8,7 @@ import pytest
 from conftest import ROOT
 from openai_schema import SCHEMAS
 
+from serve_app.embeddings import EMBEDDING_FIELDS, EmbeddingsRequest
 from serve_app.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from serve_app.request_fields import CHAT, COMPLETIONS, FIELDS, audit_identifiers, check_fields, markdown_table
 
@@ -37,6 +38,11 @@ def test_every_field_of_the_spec_is_honoured_accepted_or_refused(endpoint: str) 
 
 def test_the_readme_table_is_the_code() -> None:
     assert markdown_table() in (ROOT / "README.md").read_text()
+    assert markdown_table(EMBEDDING_FIELDS) in (ROOT / "README.md").read_text()
+
+
+def test_every_embeddings_field_of_the_spec_is_honoured_or_refused() -> None:
+    assert set(EMBEDDING_FIELDS) == spec_fields("CreateEmbeddingRequest") <= set(EmbeddingsRequest.model_fields)
 
 
 CHAT_BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
