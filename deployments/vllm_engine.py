@@ -25,6 +25,7 @@ from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
+from deployments.embedding import EmbeddingRequest, EmbeddingResult, WrongModelKind
 from deployments.engine import (
     ContextLengthExceeded,
     EngineError,
@@ -33,6 +34,7 @@ from deployments.engine import (
     GenerationChunk,
     GenerationRequest,
     InvalidGenerationRequest,
+    UnsupportedGenerationRequest,
     default_max_tokens,
 )
 from deployments.weight_cache import WeightCache, WeightFetchError
@@ -116,6 +118,8 @@ class VllmModelServer(LLMServer):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the request through vLLM's OpenAI serving layer as engine-neutral chunks."""
+        if request.tools is not None:
+            raise UnsupportedGenerationRequest("vLLM models do not take tools yet.", param="tools")
         sampling = request.sampling
         max_tokens = sampling.max_tokens
         if max_tokens is None:
@@ -146,6 +150,9 @@ class VllmModelServer(LLMServer):
         async with contextlib.aclosing(stream):  # closing it early aborts the request in vLLM
             async for chunk in openai_stream_chunks(stream, param):
                 yield chunk
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        raise WrongModelKind("vLLM models serve no embeddings here.", param="model")
 
     async def __del__(self) -> None:
         try:

@@ -114,5 +114,5 @@ def test_error_bodies_and_unknown_routes_are_checked() -> None:
     with pytest.raises(AssertionError, match="ErrorResponse"):
         list(_stream("/ms/v1/chat/completions", 400, "application/json", b'{"detail": "bad"}'))
     with pytest.raises(AssertionError, match="no response schema"):
-        _stream("/v1/embeddings", 200, "application/json", b"{}")
+        _stream("/v1/images/generations", 200, "application/json", b"{}")
     openai_schema.take_violations()
