@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from deployments.tool_use import ToolUse
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -35,12 +37,17 @@ def default_max_tokens(sampling: SamplingParams, model_default: int | None) -> i
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One generation: either chat `messages` (role/content dicts) or a raw `prompt`."""
+    """One generation: either chat `messages` (OpenAI message dicts, content as text) or a raw `prompt`.
+
+    `tools`: the tools the model may call (chat only); the engine renders them and, when a call is
+    required, constrains the output to one.
+    """
 
     request_id: str
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
     prompt: str | None = None
+    tools: ToolUse | None = None
     submitted_at: float = 0.0  # wall-clock time the caller sent it: the replica measures queue wait from it
 
 
@@ -112,6 +119,12 @@ class Engine(abc.ABC):
     def placement(self) -> dict[str, Any]:
         """How the loaded engine uses its replica's hardware (slots, threads, buffer choices), for operators."""
         return {}
+
+    async def embed(self, request: Any) -> Any:
+        """Embed `request` (a deployments.embedding.EmbeddingRequest); only embedding models do."""
+        from deployments.embedding import WrongModelKind  # it builds on this module's EngineError
+
+        raise WrongModelKind("This model generates text; it serves no embeddings.", param="model")
 
     async def stop(self) -> None:
         """Release resources (called on replica shutdown)."""

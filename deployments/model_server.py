@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve import metrics
 
 from deployments.api import Engine, GenerationChunk, GenerationRequest
+from deployments.embedding import EmbeddingRequest, EmbeddingResult
 from deployments.spec import ModelSpec
 from deployments.weights.cache import FetchStats, WeightCache
 
@@ -25,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 def make_engine(spec: ModelSpec, cache: WeightCache) -> Engine:
     """The engine for a model's backend; heavy imports happen only for the backend in use."""
+    if spec.backend == "llama_cpp" and spec.engine.embedding:
+        from deployments.llama_cpp.embed import LlamaEmbeddingEngine
+
+        return LlamaEmbeddingEngine(spec, cache)
     if spec.backend == "llama_cpp":
         from deployments.llama_cpp.engine import BatchedLlamaEngine
 
@@ -83,6 +88,9 @@ class ModelServer:
         async with contextlib.aclosing(self._engine.generate(request)) as chunks:  # closing it cancels the request
             async for chunk in chunks:
                 yield chunk
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        return await self._engine.embed(request)
 
     async def check_health(self) -> None:
         await self._engine.check_health()

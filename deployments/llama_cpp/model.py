@@ -25,7 +25,9 @@ from deployments.api import (
     default_max_tokens,
 )
 from deployments.llama_cpp.chat_prompt import render_all
+from deployments.llama_cpp.tools import check_grammar, tool_grammar
 from deployments.spec import EngineSettings
+from deployments.tool_use import HERMES_OPEN, ToolUse, generic_messages, native_messages
 
 _llama_logger = logging.getLogger("llama_cpp")
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level (ggml.h): 3 = warn, 4 = error
@@ -134,6 +136,9 @@ class ChatTemplate:
     def __init__(self, model: LlamaModel, chat_format: str | None, chat_template: str | None) -> None:
         if chat_template is None and chat_format is None:
             chat_template = model.metadata().get("tokenizer.chat_template")
+        # A template that mentions `tools` renders them (and tool turns) itself; any other gets deployments.tool_use's.
+        self.renders_tools = chat_template is not None and "tools" in chat_template
+        self.hermes_calls = self.renders_tools and HERMES_OPEN in (chat_template or "")
         if chat_template is not None:
             self._format = llama_chat_format.Jinja2ChatFormatter(
                 template=chat_template,
@@ -148,14 +153,20 @@ class ChatTemplate:
         else:
             self._format = None
 
-    def render(self, messages: tuple[dict[str, str], ...]) -> tuple[str, bool, list[str]]:
+    def render(
+        self, messages: tuple[dict[str, Any], ...], tools: ToolUse | None = None
+    ) -> tuple[str, bool, list[str]]:
         """Return (prompt, whether it already holds BOS, template stop strings)."""
         if self._format is None:
             raise InvalidGenerationRequest(
                 "this model has no chat template; use /v1/completions or configure engine.chat_format",
                 param="messages",
             )
-        result = render_all(self._format, messages)
+        if self.renders_tools:
+            offered = [{"type": "function", "function": f} for f in tools.functions] if tools else None
+            result = render_all(self._format, native_messages(messages), tools=offered)
+        else:
+            result = render_all(self._format, generic_messages(messages, tools))
         stops = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
         return result.prompt, result.added_special, stops
 
@@ -167,6 +178,7 @@ class Prompt:
     tokens: list[int]
     stops: tuple[str, ...]
     max_new_tokens: int
+    grammar: str | None = None  # GBNF the output must match (a required tool call)
 
 
 def prepare_prompt(
@@ -177,11 +189,13 @@ def prepare_prompt(
     A request without max_tokens gets `default_budget` (engine.default_max_tokens) within its tenant's cap,
     cut to what the window leaves.
     """
-    sampling = request.sampling
+    sampling, grammar = request.sampling, None
     if request.messages is not None:
-        text, has_bos, template_stops = template.render(request.messages)
+        text, has_bos, template_stops = template.render(request.messages, request.tools)
         tokens = model.tokenize(text.encode("utf-8"), add_bos=not has_bos, special=True)
         param = "messages"
+        if request.tools is not None and (grammar := tool_grammar(request.tools, template.hermes_calls)):
+            check_grammar(model.vocab, grammar)
     else:
         tokens = model.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=False)
         template_stops, param = [], "prompt"
@@ -204,17 +218,18 @@ def prepare_prompt(
         budget = sampling.max_tokens
     elif (default := default_max_tokens(sampling, default_budget)) is not None:
         budget = min(budget, default)
-    return Prompt(tokens, (*sampling.stop, *template_stops), budget)
+    return Prompt(tokens, (*sampling.stop, *template_stops), budget, grammar)
 
 
-def sampler_chain(sampling: SamplingParams, n_vocab: int) -> Any:
+def sampler_chain(sampling: SamplingParams, n_vocab: int, grammar: Any = None) -> Any:
     """A request's own llama.cpp sampler chain (free it with llama_sampler_free).
 
     Same stages as llama-cpp-python's `Llama.generate` uses: penalties on the generated tokens,
-    then greedy at temperature 0, else top-p, temperature and a seeded draw.
+    then greedy at temperature 0, else top-p, temperature and a seeded draw; a `grammar` stage
+    (deployments.llama_cpp.tools) goes first.
     """
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    stages = []
+    stages = [grammar] if grammar is not None else []
     if sampling.presence_penalty or sampling.frequency_penalty:
         stages.append(llama_cpp.llama_sampler_init_penalties(
             n_vocab, _PENALTY_LAST_N, 1.0, sampling.frequency_penalty, sampling.presence_penalty

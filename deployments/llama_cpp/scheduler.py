@@ -28,6 +28,7 @@ import numpy as np
 from deployments.api import EngineError, EngineUnavailable, GenerationChunk, GenerationRequest
 from deployments.llama_cpp.model import Prompt, TokenPieces, context_params, sampler_chain
 from deployments.llama_cpp.text import StopMatcher, Utf8Stream
+from deployments.llama_cpp.tools import grammar_sampler
 from deployments.spec import EngineSettings
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class DecodeLoop:
     def __init__(
         self, model: Any, settings: EngineSettings, prepare: Callable[[GenerationRequest], Prompt], name: str
     ) -> None:
-        self._name, self._prepare, self._pieces = name, prepare, TokenPieces(model.vocab)
+        self._name, self._prepare, self._pieces, self._vocab = name, prepare, TokenPieces(model.vocab), model.vocab
         self._prefill_chunk, self._prefix_reuse = settings.prefill_chunk, settings.prefix_reuse
         self._capacity = max(settings.n_batch, settings.parallel + settings.prefill_chunk)
         params = context_params(settings, n_seq=settings.parallel, n_batch=self._capacity)
@@ -216,8 +217,12 @@ class DecodeLoop:
         del slot.cached[keep:]
         sequence.n_fed = keep
         sampling = sequence.submission.request.sampling
+        grammar = sequence.prompt.grammar
         plain_greedy = sampling.temperature <= 0 and not (sampling.presence_penalty or sampling.frequency_penalty)
-        sequence.sampler = None if plain_greedy else sampler_chain(sampling, self._n_vocab)
+        if grammar is not None:
+            sequence.sampler = sampler_chain(sampling, self._n_vocab, grammar_sampler(self._vocab, grammar))
+        else:
+            sequence.sampler = None if plain_greedy else sampler_chain(sampling, self._n_vocab)
 
     def _step(self) -> None:
         """One llama_decode: a token for each streaming sequence, then prompt chunks in admission order."""

@@ -33,8 +33,10 @@ from deployments.api import (
     GenerationChunk,
     GenerationRequest,
     InvalidGenerationRequest,
+    UnsupportedGenerationRequest,
     default_max_tokens,
 )
+from deployments.embedding import EmbeddingRequest, EmbeddingResult, WrongModelKind
 from deployments.spec import ModelSpec
 from deployments.strict import ConfigError
 from deployments.weights.cache import WeightCache, WeightFetchError
@@ -117,6 +119,8 @@ class VllmModelServer(LLMServer):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the request through vLLM's OpenAI serving layer as engine-neutral chunks."""
+        if request.tools is not None:
+            raise UnsupportedGenerationRequest("vLLM models do not take tools yet.", param="tools")
         sampling = request.sampling
         max_tokens = sampling.max_tokens
         if max_tokens is None:
@@ -147,6 +151,9 @@ class VllmModelServer(LLMServer):
         async with contextlib.aclosing(stream):  # closing it early aborts the request in vLLM
             async for chunk in openai_stream_chunks(stream, param):
                 yield chunk
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        raise WrongModelKind("vLLM models serve no embeddings here.", param="model")
 
     async def __del__(self) -> None:
         try:

@@ -32,13 +32,27 @@ class ContentPart(OpenAIRequest):
     text: StrictStr | None = None
 
 
+class FunctionCallIn(OpenAIRequest):
+    name: StrictStr
+    arguments: StrictStr
+
+
+class MessageToolCall(OpenAIRequest):
+    """A call an earlier assistant turn made (the request's history)."""
+
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(OpenAIRequest):
     """A message as sent. Fields typed `Any` are checked by value in serve_app.ingress.request_fields."""
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: StrictStr | Annotated[list[ContentPart], Field(min_length=1)] | None = None
     name: Any = None
-    tool_calls: Any = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: StrictStr | None = None
     function_call: Any = None
     audio: Any = None
     refusal: Any = None
@@ -47,6 +61,20 @@ class ChatMessage(OpenAIRequest):
         if isinstance(self.content, list):
             return "".join(part.text or "" for part in self.content)
         return self.content or ""
+
+
+class FunctionDefinition(OpenAIRequest):
+    name: StrictStr = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: StrictStr | None = None
+    parameters: dict[StrictStr, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class ToolDefinition(OpenAIRequest):
+    """A tool offered to the model; only `function` tools are served (serve_app.ingress.tool_calls refuses others by type)."""
+
+    type: StrictStr
+    function: FunctionDefinition | None = None
 
 
 class SamplingFields(OpenAIRequest):
@@ -86,9 +114,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = None
     response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Any = None  # checked by value in serve_app.ingress.tool_calls
+    parallel_tool_calls: StrictBool | None = None
     functions: Any = None
     function_call: Any = None
     modalities: list[StrictStr] | None = None
@@ -134,10 +162,22 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as a string (OpenAI's format)
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None  # required (nullable) by the schema; this server never refuses in-band
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=_omitted)
 
 
 class ChatCompletionChoice(BaseModel):
@@ -158,11 +198,26 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(None, exclude_if=_omitted)
+    arguments: str | None = Field(None, exclude_if=_omitted)
+
+
+class ToolCallDelta(BaseModel):
+    """A tool call's part in a stream: index, id, type and name first, then fragments of the arguments."""
+
+    index: int
+    id: str | None = Field(None, exclude_if=_omitted)
+    type: Literal["function"] | None = Field(None, exclude_if=_omitted)
+    function: FunctionCallDelta
+
+
 class DeltaMessage(BaseModel):
     """The schema allows no null `role`: it is sent on the first chunk only."""
 
     role: Literal["assistant"] | None = Field(None, exclude_if=_omitted)
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=_omitted)
 
 
 class ChatChunkChoice(BaseModel):

@@ -56,7 +56,7 @@ class FieldRule:
 
 
 _TEXT_ONLY = "the model produces text only"
-_NO_TOOLS = "tool and function calling are not supported yet"
+_DEPRECATED = "deprecated by OpenAI: use `tools`"
 
 FIELDS: dict[str, FieldRule] = {
     "model": FieldRule("the served model's id (`/v1/models`)"),
@@ -85,11 +85,13 @@ FIELDS: dict[str, FieldRule] = {
     "logit_bias": FieldRule("`{}`", "any bias", _empty),
     "response_format": FieldRule('`{"type": "text"}`', "`json_object`, `json_schema`",
                                  lambda v: v is None or v == {"type": "text"}, frozenset({CHAT})),
-    "tools": FieldRule("`[]`", _NO_TOOLS, _empty, frozenset({CHAT})),
-    "tool_choice": FieldRule('`"none"`', _NO_TOOLS, _one_of("none"), frozenset({CHAT})),
-    "parallel_tool_calls": FieldRule("null", _NO_TOOLS, _unset, frozenset({CHAT})),
-    "functions": FieldRule("`[]`", _NO_TOOLS, _empty, frozenset({CHAT})),
-    "function_call": FieldRule('`"none"`', _NO_TOOLS, _one_of("none"), frozenset({CHAT})),
+    "tools": FieldRule("`function` tools: rendered by the model's chat template if it knows tools, else by a "
+                       "generic prompt (see Tool calls)", "`custom` tools", endpoints=frozenset({CHAT})),
+    "tool_choice": FieldRule('`"auto"`, `"none"`, `"required"`, a named function (the last two grammar-constrained)',
+                             "`allowed_tools`, `custom`", endpoints=frozenset({CHAT})),
+    "parallel_tool_calls": FieldRule("`false`: at most one call; true/null: several (a named function: exactly one call)", endpoints=frozenset({CHAT})),
+    "functions": FieldRule("`[]`", _DEPRECATED, _empty, frozenset({CHAT})),
+    "function_call": FieldRule('`"none"`', _DEPRECATED, _one_of("none"), frozenset({CHAT})),
     "modalities": FieldRule('`["text"]`', f'`"audio"`: {_TEXT_ONLY}', lambda v: v is None or "audio" not in v,
                             frozenset({CHAT})),
     "audio": FieldRule("null", f"any value: {_TEXT_ONLY}", _unset, frozenset({CHAT})),
@@ -111,14 +113,15 @@ FIELDS: dict[str, FieldRule] = {
 
 # Rows for the parts of a chat message (checked by `check_messages`).
 MESSAGE_FIELDS: dict[str, FieldRule] = {
-    "messages[].role": FieldRule("`system`, `developer` (as system), `user`, `assistant`",
-                                 "`tool`, `function`: tool calls are not supported yet"),
-    "messages[].content": FieldRule("a string, or `text` parts (joined)",
-                                    "`image_url`, `input_audio`, `file`, `refusal` parts; null is a 400 "
+    "messages[].role": FieldRule("`system`, `developer` (as system), `user`, `assistant`, `tool` (a call's result)",
+                                 f"`function`: {_DEPRECATED}"),
+    "messages[].content": FieldRule("a string, or `text` parts (joined); null in an assistant turn with `tool_calls`",
+                                    "`image_url`, `input_audio`, `file`, `refusal` parts; null elsewhere is a 400 "
                                     "`invalid_request`"),
     "messages[].name": FieldRule("null", "any name: chat templates cannot carry it"),
-    "messages[].tool_calls": FieldRule("`[]`", _NO_TOOLS),
-    "messages[].function_call": FieldRule("null", _NO_TOOLS),
+    "messages[].tool_calls": FieldRule("the calls an assistant turn made (rendered as the model would make them)"),
+    "messages[].tool_call_id": FieldRule("required in a `tool` message: the call it answers"),
+    "messages[].function_call": FieldRule("null", _DEPRECATED),
     "messages[].audio": FieldRule("null", _TEXT_ONLY),
     "messages[].refusal": FieldRule("null", "a refusal in an earlier assistant turn"),
 }
@@ -142,13 +145,19 @@ def check_messages(messages: Iterable[ChatMessage]) -> None:
     """Refuse roles, parts and message fields the server cannot render into a prompt."""
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        if message.role in ("tool", "function"):
-            raise unsupported(f"{where}.role", f"Role '{message.role}' is not supported: {_NO_TOOLS}.")
-        for name in ("name", "tool_calls", "function_call", "audio", "refusal"):
+        if message.role == "function":
+            raise unsupported(f"{where}.role", f"Role 'function' is not supported: {_DEPRECATED}.")
+        if message.role == "tool" and not message.tool_call_id:
+            raise OpenAIError(400, f"Missing tool_call_id in {where} (role tool).", param=f"{where}.tool_call_id",
+                              code="invalid_request")
+        for name in ("name", "function_call", "audio", "refusal"):
             if not _empty(getattr(message, name)):
                 raise unsupported(f"{where}.{name}", f"'{name}' in a message is not supported "
                                                      f"({MESSAGE_FIELDS[f'messages[].{name}'].refused}).")
-        if message.content is None:
+        if message.tool_calls and message.role != "assistant":
+            raise OpenAIError(400, f"Only assistant messages carry tool_calls ({where} is {message.role}).",
+                              param=f"{where}.tool_calls", code="invalid_request")
+        if message.content is None and not message.tool_calls:
             raise OpenAIError(400, f"Missing content in {where} (role {message.role}).",
                               param=f"{where}.content", code="invalid_request")
         for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
@@ -170,10 +179,10 @@ def audit_identifiers(body: BaseModel) -> dict[str, str]:
     }
 
 
-def markdown_table() -> str:
-    """The README's table of request fields, rendered from FIELDS and MESSAGE_FIELDS."""
+def markdown_table(rules: dict[str, FieldRule] | None = None) -> str:
+    """A README table of request fields: by default FIELDS and MESSAGE_FIELDS (chat and completions)."""
     rows = ["| field | honoured | refused (400 `unsupported_parameter`) |", "| --- | --- | --- |"]
-    for name, rule in {**FIELDS, **MESSAGE_FIELDS}.items():
+    for name, rule in (rules or {**FIELDS, **MESSAGE_FIELDS}).items():
         where = "" if rule.endpoints == BOTH else f" ({', '.join(sorted(rule.endpoints))})"
         rows.append(f"| `{name}`{where} | {rule.honoured} | {rule.refused or '—'} |")
     return "\n".join(rows)

@@ -21,10 +21,19 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
 from deployments.spec import model_deployment_name
+from deployments.tool_use import ToolUse
 from serve_app.access.envelope import AccessMiddleware
 from serve_app.access.gate import AccessGate, Caller, MeteredStream, RequestAccount
 from serve_app.config import INGRESS_DEPLOYMENT, IngressArgs
 from serve_app.ingress.cors import CorsGate
+from serve_app.ingress.embeddings import (
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    admission_estimate,
+    engine_request,
+    response,
+    usage_chunk,
+)
 from serve_app.ingress.errors import install_error_handlers, model_error
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.protocol import (
@@ -49,6 +58,7 @@ from serve_app.ingress.protocol import (
 )
 from serve_app.ingress.request_fields import audit_identifiers, check_fields
 from serve_app.ingress.status import StatusCache
+from serve_app.ingress.tool_calls import StreamedReply, engine_message, reply, tool_use
 
 logger = logging.getLogger("modelserve.ingress")
 
@@ -163,21 +173,23 @@ class OpenAIIngress:
             sampling=sampling_params(
                 body, self._access.max_tokens(account, body.token_limit()), account.policy.max_tokens
             ),
-            # OpenAI: developer messages are what system messages were, for models without a role of their own
-            messages=tuple({"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                           for m in body.messages),
+            messages=tuple(engine_message(m) for m in body.messages),
+            tools=tool_use(body),
         )
         await self._access.admit(account, request)
         first, stream = await self._open(model, status, request, account)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse_response(self._chat_events(request.request_id, model, first, stream, include_usage))
+            events = self._chat_events(request.request_id, model, first, stream, include_usage, request.tools)
+            return self._sse_response(events)
         text, last = await self._collect(model, first, stream)
+        content, calls, finish_reason = reply(text, last.finish_reason, request.tools)
         return ChatCompletionResponse(
             id=request.request_id,
             created=now(),
             model=model,
-            choices=[ChatCompletionChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)],
+            choices=[ChatCompletionChoice(message=AssistantMessage(content=content, tool_calls=calls),
+                                          finish_reason=finish_reason)],
             usage=usage_of(last),
         )
 
@@ -209,6 +221,24 @@ class OpenAIIngress:
             choices=[CompletionChoice(text=prefix + text, finish_reason=last.finish_reason)],
             usage=usage_of(last),
         )
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, body: EmbeddingsRequest, account: Caller) -> EmbeddingsResponse:
+        account.client_ids = audit_identifiers(body)
+        model, status = await self._model(body.model, account)
+        request = engine_request(body, new_id("embd"))
+        await self._access.admit(account, admission_estimate(request))
+        if status.state == "failed":
+            raise OpenAIError(503, f"Model '{model}' is unavailable: {status.message}", type="server_error",
+                              code="model_unavailable", headers={"Retry-After": "30"})
+        self._handle(model)  # makes sure the handle exists
+        call = self._handles[model].embed.remote(request)
+        try:
+            result = await asyncio.wait_for(call, self._args.ingress.first_token_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
+            raise model_error(exc, model) from None
+        account.record(usage_chunk(result))
+        return response(body, model, result)
 
     async def _model(self, name: str, account: RequestAccount) -> tuple[str, ModelStatus]:
         """The model, if Serve runs it and the caller may use it; both failures get the same 404 (no leaking)."""
@@ -294,9 +324,10 @@ class OpenAIIngress:
             stream.cancel()
 
     async def _chat_events(
-        self, rid: str, model: str, first: GenerationChunk, stream: MeteredStream, include_usage: bool
+        self, rid: str, model: str, first: GenerationChunk, stream: MeteredStream, include_usage: bool,
+        tools: ToolUse | None,
     ) -> AsyncIterator[str]:
-        created = now()
+        created, output = now(), StreamedReply(tools)
 
         def frame(delta: DeltaMessage, finish: str | None = None) -> ChatCompletionChunk:
             choice = ChatChunkChoice(delta=delta, finish_reason=finish)
@@ -307,9 +338,12 @@ class OpenAIIngress:
         try:
             async for chunk in self._chunks(model, first, stream):
                 last = chunk
-                if chunk.text:
-                    yield sse(frame(DeltaMessage(content=chunk.text)))
-            yield sse(frame(DeltaMessage(), last.finish_reason))
+                for delta in output.feed(chunk.text):
+                    yield sse(frame(delta))
+            held, finish_reason = output.finish(last.finish_reason)
+            for delta in held:
+                yield sse(frame(delta))
+            yield sse(frame(DeltaMessage(), finish_reason))
             if include_usage:
                 yield sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage_of(last)))
         except OpenAIError as exc:

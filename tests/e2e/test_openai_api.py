@@ -10,14 +10,14 @@ import httpx
 import openai
 import pytest
 
-from tests.support.cluster import GEMMA, TINY, TINY_ZERO
+from tests.support.cluster import EMBED, GEMMA, TINY, TINY_ZERO
 
 CHAT = [{"role": "user", "content": "Name three colors of the rainbow."}]
 
 
 def test_models_list_and_get(client: openai.OpenAI) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == sorted([GEMMA, TINY, TINY_ZERO])
+    assert [m.id for m in models.data] == sorted([EMBED, GEMMA, TINY, TINY_ZERO])
     assert all(m.object == "model" and m.owned_by for m in models.data)
     assert client.models.retrieve(GEMMA).id == GEMMA
     with pytest.raises(openai.NotFoundError) as info:

@@ -59,6 +59,10 @@ def _document() -> dict[str, Any]:
     choice = chunk["properties"]["choices"]["items"]["properties"]
     choice["finish_reason"] = {"anyOf": [choice["finish_reason"], {"type": "null"}]}
     schemas["CreateCompletionStreamChunk"] = chunk
+    # With `encoding_format: base64` OpenAI returns each embedding as a base64 string, which the spec's
+    # `Embedding` (an array of numbers) does not describe: either is allowed.
+    embedding = schemas["Embedding"]["properties"]
+    embedding["embedding"] = {"anyOf": [embedding["embedding"], {"type": "string", "contentEncoding": "base64"}]}
     schemas.update(LOCAL_SCHEMAS)
     return document
 
@@ -88,6 +92,7 @@ def schema_for(method: str, path: str, status: int, streamed: bool) -> str:
         ("POST", "/v1/chat/completions"): "CreateChatCompletionStreamResponse" if streamed
         else "CreateChatCompletionResponse",
         ("POST", "/v1/completions"): "CreateCompletionStreamChunk" if streamed else "CreateCompletionResponse",
+        ("POST", "/v1/embeddings"): "CreateEmbeddingResponse",
     }
     if (method, route) in routes:
         return routes[(method, route)]

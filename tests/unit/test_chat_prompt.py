@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 from llama_cpp import llama_chat_format
-from tests.support.tiny_gguf import TINY_CHAT_TEMPLATE
 
-from deployments.llama_cpp.chat_prompt import fold_system_messages, missing_message, render_all
 from deployments.api import InvalidGenerationRequest, UnsupportedGenerationRequest
+from deployments.llama_cpp.chat_prompt import fold_system_messages, missing_message, render_all
+from tests.support.tiny_gguf import TINY_CHAT_TEMPLATE
 
 SYSTEM, USER, ASSISTANT, AGAIN = "Answer like a pirate.", "Name a colour.", "Red, arr.", "Another one?"
 CHAT = (

@@ -51,7 +51,6 @@ def test_the_serve_app_imports_nothing_of_the_cli() -> None:
 def test_the_package_ships_every_subpackage() -> None:
     """What `pip install .` (the KubeRay image) installs: every folder of code, found by pyproject's include."""
     import tomllib
-
     from setuptools import find_packages
 
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import httpx
-from tests.support import openai_schema
 import pytest
 
 from serve_app.ingress.protocol import (
@@ -23,6 +22,7 @@ from serve_app.ingress.protocol import (
     OpenAIError,
     Usage,
 )
+from tests.support import openai_schema
 
 USAGE = Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
 
@@ -114,5 +114,5 @@ def test_error_bodies_and_unknown_routes_are_checked() -> None:
     with pytest.raises(AssertionError, match="ErrorResponse"):
         list(_stream("/ms/v1/chat/completions", 400, "application/json", b'{"detail": "bad"}'))
     with pytest.raises(AssertionError, match="no response schema"):
-        _stream("/v1/embeddings", 200, "application/json", b"{}")
+        _stream("/v1/images/generations", 200, "application/json", b"{}")
     openai_schema.take_violations()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.support.cluster import ROOT
-from tests.support.openai_schema import SCHEMAS
 
+from serve_app.ingress.embeddings import EMBEDDING_FIELDS, EmbeddingsRequest
 from serve_app.ingress.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from serve_app.ingress.request_fields import CHAT, COMPLETIONS, FIELDS, audit_identifiers, check_fields, markdown_table
+from tests.support.cluster import ROOT
+from tests.support.openai_schema import SCHEMAS
 
 REQUESTS = {CHAT: ("CreateChatCompletionRequest", ChatCompletionRequest),
             COMPLETIONS: ("CreateCompletionRequest", CompletionRequest)}
@@ -37,6 +38,11 @@ def test_every_field_of_the_spec_is_honoured_accepted_or_refused(endpoint: str) 
 
 def test_the_readme_table_is_the_code() -> None:
     assert markdown_table() in (ROOT / "README.md").read_text()
+    assert markdown_table(EMBEDDING_FIELDS) in (ROOT / "README.md").read_text()
+
+
+def test_every_embeddings_field_of_the_spec_is_honoured_or_refused() -> None:
+    assert set(EMBEDDING_FIELDS) == spec_fields("CreateEmbeddingRequest") <= set(EmbeddingsRequest.model_fields)
 
 
 CHAT_BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -47,11 +53,8 @@ CHAT_BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     [
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"function_call": "auto"}, "function_call"),
-        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True}, "logprobs"),
@@ -66,9 +69,8 @@ CHAT_BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         ({"web_search_options": {}}, "web_search_options"),
         ({"moderation": {"model": "x"}}, "moderation"),
         ({"stream_options": {"include_obfuscation": True}}, "stream_options"),
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "r", "tool_call_id": "1"}]},
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "function", "content": "r", "name": "f"}]},
          "messages[1].role"),
-        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls"),
         ({"messages": [{"role": "user", "content": "a", "name": "bob"}]}, "messages[0].name"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                     {"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -90,7 +92,10 @@ def test_values_that_ask_for_nothing_missing_pass() -> None:
         "stream_options": {"include_usage": True, "include_obfuscation": False},
         "messages": [{"role": "developer", "content": "d"}, {"role": "system", "content": [{"type": "text", "text": "s"}]},
                      {"role": "user", "content": "u"}, {"role": "assistant", "content": "a", "refusal": None,
-                                                        "tool_calls": [], "audio": None}],
+                                                        "tool_calls": [], "audio": None},
+                     {"role": "assistant", "content": None, "tool_calls": [
+                         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                     {"role": "tool", "content": "42", "tool_call_id": "c1"}],
     }
     check_fields(ChatCompletionRequest.model_validate({**CHAT_BASE, **fine}))
     check_fields(CompletionRequest.model_validate({"model": "m", "prompt": ["p"], "best_of": 1, "suffix": "", "echo": True}))
@@ -105,6 +110,20 @@ def test_completion_refusals(extra: dict, param: str) -> None:
     with pytest.raises(OpenAIError) as info:
         check_fields(CompletionRequest.model_validate({"model": "m", "prompt": "p", **extra}))
     assert info.value.body.error.param == param
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [({"role": "tool", "content": "42"}, "messages[1].tool_call_id"),
+     ({"role": "user", "content": "a", "tool_calls": [{"id": "1", "type": "function",
+                                                      "function": {"name": "f", "arguments": "{}"}}]},
+      "messages[1].tool_calls"),
+     ({"role": "assistant", "content": None}, "messages[1].content")],
+)
+def test_tool_turns_need_their_parts(message: dict, param: str) -> None:
+    with pytest.raises(OpenAIError) as info:
+        check_fields(ChatCompletionRequest.model_validate({**CHAT_BASE, "messages": [CHAT_BASE["messages"][0], message]}))
+    assert (info.value.body.error.code, info.value.body.error.param) == ("invalid_request", param)
 
 
 def test_a_message_without_content_is_invalid() -> None:
