@@ -21,7 +21,8 @@ from serve_app.ingress.protocol import OpenAIError
 
 logger = logging.getLogger("modelserve.ingress")
 
-RETRY_AFTER_S = "1"
+RETRY_AFTER_S = "1"  # overload or a replica failure: another replica or a free slot is usually a moment away
+FAILED_MODEL_RETRY_AFTER_S = "30"  # a failed model: a crash loop clears within minutes, a failed deploy needs one
 
 
 def error_response(exc: OpenAIError) -> JSONResponse:

@@ -25,7 +25,12 @@ from serve_app.access.envelope import AccessMiddleware
 from serve_app.access.gate import AccessGate, Caller, MeteredStream, RequestAccount
 from serve_app.config import INGRESS_DEPLOYMENT, IngressArgs
 from serve_app.ingress.cors import CorsGate
-from serve_app.ingress.errors import document_errors, install_error_handlers, model_error
+from serve_app.ingress.errors import (
+    FAILED_MODEL_RETRY_AFTER_S,
+    document_errors,
+    install_error_handlers,
+    model_error,
+)
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.protocol import (
     AssistantMessage,
@@ -242,7 +247,7 @@ class OpenAIIngress:
         """Start a generation and wait for its first chunk, so early failures get a proper status."""
         if status.state == "failed":  # answer now rather than wait out the timeout
             raise OpenAIError(503, f"Model '{model}' is unavailable: {status.message}", type="server_error",
-                              code="model_unavailable", headers={"Retry-After": "30"})
+                              code="model_unavailable", headers={"Retry-After": FAILED_MODEL_RETRY_AFTER_S})
         started = time.perf_counter()
         stream: MeteredStream | None = None
         try:  # Serve may refuse at `.remote()` already (queue full) or at the first chunk
