@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 from deployments.spec import DeploymentSettings, ModelSpec
 from deployments.strict import ConfigError, Strict, describe_validation_error
 from serve_app.ingress.cors import CorsSettings
+from serve_app.ingress.request_limits import RequestLimits
 
 INGRESS_IMPORT_PATH = "serve_app.app:build_app"
 MODEL_IMPORT_PATH = "serve_app.app:build_model_app"
@@ -36,6 +37,7 @@ class IngressSettings(Strict):
         120.0, gt=0, description="How long a request may wait for a model to produce anything before 503."
     )
     cors: CorsSettings = Field(default_factory=CorsSettings, description="Web origins allowed to call the API.")
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Request header and body size limits.")
 
 
 class IngressArgs(Strict):

@@ -66,6 +66,10 @@ class AuthSettings(Strict):
     issuer: str | None = Field(None, description="Required `iss` claim, if set.")
     audience: list[str] | None = Field(None, description="Accepted `aud` values, if set (a token with `aud` needs it).")
     leeway_s: float = Field(30.0, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat.")
+    max_token_lifetime_s: float = Field(
+        30 * 86400, gt=0, description="Longest a token may still be valid for when it arrives (`exp` - now): a "
+        "leaked token with `exp` in year 9999 is refused. Service accounts use API keys.",
+    )
     tenant_claim: str = Field("tenant", min_length=1, description="Claim naming the tenant; falls back to `sub`.")
     roles_claim: str = Field("roles", min_length=1, description="Claim listing roles; falls back to `role`.")
     public_key_files: dict[str, str] = Field(default_factory=dict, description="kid -> PEM public key file.")
@@ -278,7 +282,7 @@ class Authenticator:
         required = ["exp", *(["iss"] if self._settings.issuer else [])]
         for key in keys:
             try:
-                return jwt.decode(
+                claims = jwt.decode(
                     token,
                     key.key,
                     algorithms=[algorithm],
@@ -295,7 +299,18 @@ class Authenticator:
                 raise AuthError("Token is not yet valid.") from None
             except jwt.PyJWTError as exc:
                 raise AuthError(f"Invalid token: {exc}.") from None
+            self._check_lifetime(claims)
+            return claims
         raise AuthError("Token signature is invalid.")
+
+    def _check_lifetime(self, claims: Mapping[str, Any]) -> None:
+        """`exp` must be a number (PyJWT also takes numeric strings) no further ahead than the configured maximum."""
+        exp = claims["exp"]
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+            raise AuthError("Token claim 'exp' must be a number (seconds since the epoch).")
+        limit = self._settings.max_token_lifetime_s + self._settings.leeway_s
+        if exp - time.time() > limit:
+            raise AuthError(f"Token lifetime exceeds this server's maximum of {self._settings.max_token_lifetime_s:g} s.")
 
     def principal(self, claims: Mapping[str, Any]) -> Principal:
         tenant = claims.get(self._settings.tenant_claim) or claims.get("sub")

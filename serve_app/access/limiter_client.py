@@ -110,7 +110,11 @@ class Allowance:
 
     @staticmethod
     def _view(quota: Quota | None, local: float) -> Quota | None:
-        return Quota(quota.limit, quota.remaining + max(0, math.floor(local)), quota.reset_s) if quota else None
+        """What the tenant has left: the shared bucket plus this replica's credit, never above the limit
+        (credit borrowed before an idle refill would otherwise count twice)."""
+        if quota is None:
+            return None
+        return Quota(quota.limit, min(quota.limit, quota.remaining + max(0, math.floor(local))), quota.reset_s)
 
 
 Send = Callable[[str, str, Limits, Exchange], Awaitable[Grant]]

@@ -141,6 +141,9 @@ def _token(args: argparse.Namespace) -> int:
         ttl_s = parse_ttl(args.ttl)
         policy = args.policy if args.policy or not Path(DEFAULT_POLICY).exists() else DEFAULT_POLICY
         settings = _policy_auth(policy)
+        if ttl_s > settings.max_token_lifetime_s:
+            raise ValueError(f"--ttl {args.ttl} is longer than the policy's auth.max_token_lifetime_s "
+                             f"({settings.max_token_lifetime_s:g} s): the ingress would refuse the token")
         kid, secret = signing_secret(args.state_dir, args.kid)
         print(mint_token(secret, args.tenant, args.role or [], ttl_s, kid=kid, settings=settings))
     except (ValueError, OSError) as exc:

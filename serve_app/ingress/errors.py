@@ -21,7 +21,8 @@ from serve_app.ingress.protocol import OpenAIError
 
 logger = logging.getLogger("modelserve.ingress")
 
-RETRY_AFTER_S = "1"
+RETRY_AFTER_S = "1"  # overload or a replica failure: another replica or a free slot is usually a moment away
+FAILED_MODEL_RETRY_AFTER_S = "30"  # a failed model: a crash loop clears within minutes, a failed deploy needs one
 
 
 def error_response(exc: OpenAIError) -> JSONResponse:
@@ -95,3 +96,44 @@ def model_error(exc: BaseException, model: str) -> OpenAIError:
         return OpenAIError(503, message, type="server_error", code="model_unavailable", headers=retry)
     logger.error("unexpected error from model %s: %r", model, cause)
     return OpenAIError(500, "The server had an error while processing your request.", type="server_error")
+
+
+# What each kind of route really answers besides 200 (FastAPI would document a 422 that never comes).
+_AUTHENTICATED = {401: "Missing, malformed, expired or wrongly signed credential.",
+                  413: "Request body too large.", 431: "Request headers too large."}
+_GENERATION = {400: "Invalid or unsupported request field (`param` names it), or prompt over the context.",
+               404: "Unknown model, or one outside the caller's allowlist.",
+               429: "Over a tenant's rate, token or concurrency limit (`Retry-After`).",
+               503: "Model overloaded, not ready, or failed (`Retry-After`)."}
+_EXTRA = {("post", "/v1/chat/completions"): _GENERATION, ("post", "/v1/completions"): _GENERATION,
+          ("post", "/v1/embeddings"): _GENERATION,
+          ("get", "/v1/models/{model_id}"): {404: _GENERATION[404]},
+          ("get", "/v1/admin/status"): {403: "The caller lacks the admin role."}}
+
+
+def document_errors(app: FastAPI) -> None:
+    """Make the app's OpenAPI document list the error responses it really gives, as OpenAI error objects."""
+    from fastapi.openapi.utils import get_openapi
+
+    from serve_app.ingress.protocol import ErrorResponse
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(error_schema.pop("$defs", {}), ErrorResponse=error_schema)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components.pop(unused, None)
+            error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            for path, operations in schema["paths"].items():
+                for method, operation in operations.items():
+                    responses = operation.setdefault("responses", {})
+                    responses.pop("422", None)
+                    extra = {} if path == "/health" else {**_AUTHENTICATED, **_EXTRA.get((method, path), {})}
+                    for status, description in extra.items():
+                        responses[str(status)] = {"description": description, **error}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 Number = Annotated[float, Field(strict=True)]
+MAX_MESSAGES = 4096  # messages in one chat request: more is no conversation a context window holds
 
 
 class OpenAIRequest(BaseModel):
@@ -109,7 +110,7 @@ class SamplingFields(OpenAIRequest):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = None

@@ -34,7 +34,12 @@ from serve_app.ingress.embeddings import (
     response,
     usage_chunk,
 )
-from serve_app.ingress.errors import install_error_handlers, model_error
+from serve_app.ingress.errors import (
+    FAILED_MODEL_RETRY_AFTER_S,
+    document_errors,
+    install_error_handlers,
+    model_error,
+)
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.protocol import (
     AssistantMessage,
@@ -57,6 +62,7 @@ from serve_app.ingress.protocol import (
     now,
 )
 from serve_app.ingress.request_fields import audit_identifiers, check_fields
+from serve_app.ingress.request_limits import SizeGate
 from serve_app.ingress.status import StatusCache
 from serve_app.ingress.tool_calls import StreamedReply, engine_message, reply, tool_use
 
@@ -67,7 +73,9 @@ MISSING_MODEL_RECHECK_S = 0.5
 app = FastAPI(title="modelserve", description="OpenAI-compatible LLM serving on Ray Serve.")
 app.add_middleware(AccessMiddleware)  # authenticates every route but /health, settles limits, audits
 app.add_middleware(CorsGate)  # outside it: browsers' preflights carry no credentials
+app.add_middleware(SizeGate)  # outermost: an oversized request costs nothing, not even authentication
 install_error_handlers(app)
+document_errors(app)
 
 
 PLACEMENT_TIMEOUT_S = 2.0  # the admin status does not wait for a model at zero to wake up
@@ -113,6 +121,7 @@ class OpenAIIngress:
         self._status = StatusCache(on_crashes=self._metrics.record_crashes)
         app.state.access_gate = self._access
         app.state.cors = self._args.ingress.cors
+        app.state.request_limits = self._args.ingress.limits
         app.state.metrics = self._metrics
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -268,7 +277,7 @@ class OpenAIIngress:
         """Start a generation and wait for its first chunk, so early failures get a proper status."""
         if status.state == "failed":  # answer now rather than wait out the timeout
             raise OpenAIError(503, f"Model '{model}' is unavailable: {status.message}", type="server_error",
-                              code="model_unavailable", headers={"Retry-After": "30"})
+                              code="model_unavailable", headers={"Retry-After": FAILED_MODEL_RETRY_AFTER_S})
         started = time.perf_counter()
         stream: MeteredStream | None = None
         try:  # Serve may refuse at `.remote()` already (queue full) or at the first chunk

@@ -32,9 +32,11 @@ def classify(status: str, replica_states: dict[str, int], message: str) -> Model
     """Turn one Serve deployment overview into the state users care about."""
     running = replica_states.get("RUNNING", 0)
     starting = sum(replica_states.get(s, 0) for s in _STARTING)
-    if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+    if status == "DEPLOY_FAILED" or (status == "UNHEALTHY" and running == 0):
         state = "failed"
         message = message.strip().splitlines()[-1] if message.strip() else status  # the reason, not the traceback
+    elif status == "UNHEALTHY":  # a replica died or failed its health check; Serve routes to the healthy ones
+        state = "ready"
     elif running == 0 and starting == 0:
         state = "at_zero"
     elif status in ("UPSCALING", "DOWNSCALING"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,32 @@ def test_a_model_application_must_be_named_after_its_model_and_have_no_route() -
     routed["applications"][1]["route_prefix"] = "/gemma"
     with pytest.raises(ConfigError, match="route_prefix: null"):
         parse_serve_config(routed)
+
+
+def test_oversized_requests_are_refused_before_anything_else(app_url: str, auth: dict[str, str]) -> None:
+    body = json.dumps({"model": TINY, "prompt": "a" * (9 * 1024 * 1024), "max_tokens": 1})
+    json_header = {"Content-Type": "application/json"}
+    for headers in (json_header, {**json_header, **auth}):  # refused before authentication too
+        response = httpx.post(f"{app_url}/v1/completions", content=body, headers=headers, timeout=60)
+        assert_error(response, 413, "request_too_large", None)
+
+    def chunked():  # no Content-Length: refused once the body passes the limit
+        for start in range(0, len(body), 1024 * 1024):
+            yield body[start:start + 1024 * 1024].encode()
+
+    response = httpx.post(f"{app_url}/v1/completions", content=chunked(), headers={**json_header, **auth}, timeout=60)
+    assert_error(response, 413, "request_too_large", None)
+    response = httpx.get(f"{app_url}/v1/models", headers={**auth, "X-Padding": "a" * 100_000}, timeout=60)
+    assert_error(response, 431, "request_header_fields_too_large", None)
+    ok = httpx.post(f"{app_url}/v1/completions", json={"model": TINY, "prompt": "hi", "max_tokens": 2},
+                    headers=auth, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] > 0  # serving normally afterwards
+
+
+def test_openapi_document_lists_the_real_error_responses(app_url: str, auth: dict[str, str]) -> None:
+    document = httpx.get(f"{app_url}/openapi.json", headers=auth, timeout=30).json()
+    chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"400", "401", "404", "413", "429", "503"} <= set(chat) and "422" not in chat
+    assert chat["429"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "403" in document["paths"]["/v1/admin/status"]["get"]["responses"]
+    assert not any("422" in op["responses"] for ops in document["paths"].values() for op in ops.values())

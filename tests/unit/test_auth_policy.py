@@ -93,6 +93,11 @@ def test_valid_tokens_of_every_key_give_the_tenant_and_roles(keys: dict[str, Any
         ("unexpected audience", lambda k: jwt.encode(claims(aud="other"), SECRET_1, "HS256"), "(?i)audience"),
         ("no tenant", lambda k: jwt.encode({"exp": int(time.time()) + 60}, SECRET_1, "HS256"), "tenant"),
         ("malformed", lambda k: "abc.def.ghi", "Malformed"),
+        ("exp as a string", lambda k: jwt.encode(claims(exp=str(int(time.time()) + 60)), SECRET_1, "HS256"),
+         "must be a number"),
+        ("exp in year 9999", lambda k: jwt.encode(claims(exp=253402300799), SECRET_1, "HS256"), "lifetime"),
+        ("exp of 2^63", lambda k: jwt.encode(claims(exp=2**63), SECRET_1, "HS256"), "lifetime"),
+        ("31 days left", lambda k: jwt.encode(claims(ttl_s=31 * 86400), SECRET_1, "HS256"), "lifetime"),
     ],
 )
 def test_bad_tokens_are_refused_with_a_reason(keys: dict[str, Any], name: str, make_token: Any, message: str) -> None:
@@ -104,6 +109,13 @@ def test_bad_tokens_are_refused_with_a_reason(keys: dict[str, Any], name: str, m
 def test_missing_or_non_bearer_credentials_are_refused(keys: dict[str, Any], header: str | None) -> None:
     with pytest.raises(AuthError, match="Missing bearer token"):
         authenticate(authenticator(keys), header)
+
+
+def test_token_lifetime_bound_is_configurable(keys: dict[str, Any]) -> None:
+    month = jwt.encode(claims(ttl_s=29 * 86400), SECRET_1, "HS256")
+    assert authenticate(authenticator(keys), bearer(month)).tenant == "team-a"  # within the default 30 days
+    with pytest.raises(AuthError, match="lifetime exceeds this server's maximum of 3600 s"):
+        authenticate(authenticator(keys, max_token_lifetime_s=3600), bearer(month))
 
 
 def test_issuer_and_audience_are_enforced_when_configured(keys: dict[str, Any]) -> None:

@@ -114,3 +114,13 @@ def test_a_policy_change_applies_to_existing_buckets_and_credit() -> None:
         assert admit(a, Limits(requests_per_minute=500)).admitted  # a holds 10 borrowed requests
     lowered = admit(a, Limits(requests_per_minute=5))
     assert lowered.admitted and lowered.requests.limit == 5 and lowered.requests.remaining == 4
+
+
+def test_remaining_never_exceeds_the_limit_after_an_idle_refill() -> None:
+    shared, limits = SharedBuckets(), Limits(requests_per_minute=600, tokens_per_minute=1_000_000)
+    replica = shared.replica("a")
+    assert admit(replica, limits, 1000).admitted  # borrows request and token credit beyond this request
+    shared.now = 3600.0  # an idle hour: the shared bucket refills to the limit while the credit is still held
+    again = admit(replica, limits, 600_000)  # more tokens than the credit: a fresh quota from the full bucket
+    assert again.admitted
+    assert again.requests.remaining <= 600 and again.tokens.remaining <= 1_000_000
