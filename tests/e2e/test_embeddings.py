@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from serve_app.cli_auth import mint_token
 
+from serve_app.cli.tokens import mint_token
 from tests.support.cluster import EMBED, GEMMA
 
 RELATED = [("The cat sat on the mat.", "A kitten was sitting on the rug."),
