@@ -27,7 +27,7 @@ from deployments.api import (
     InvalidGenerationRequest,
 )
 from deployments.embedding import EmbeddingRequest, EmbeddingResult, WrongModelKind
-from deployments.llama_cpp.model import choose_repack, context_params, load_model
+from deployments.llama_cpp.model import choose_repack, context_params, open_model
 from deployments.spec import ModelSpec
 from deployments.weights.cache import WeightCache
 
@@ -56,14 +56,8 @@ class LlamaEmbeddingEngine(Engine):
 
     def _load(self) -> None:
         settings = self._spec.engine
-        path = self._cache.fetch(self._spec.source, self._spec.storage, label=self._spec.name)
         try:
-            self._resources.enter_context(self._cache.lease(path))
-            try:
-                model = load_model(path, settings, choose_repack(settings.repack))
-            except (ValueError, RuntimeError) as exc:
-                raise EngineUnavailable(f"model {self._spec.name!r}: llama.cpp could not load {path.name}: {exc}") from exc
-            self._resources.callback(model.close)
+            model = open_model(self._spec, self._cache, self._resources, choose_repack(settings.repack))
             self._model, self._n_embd = model, llama_cpp.llama_model_n_embd(model.model)
             self._capacity = max(settings.n_batch, settings.n_ctx)  # any input that fits the window fits one decode
             params = context_params(settings, n_seq=settings.parallel, n_batch=self._capacity)
@@ -82,7 +76,7 @@ class LlamaEmbeddingEngine(Engine):
         self._ctx, self._batch = ctx, batch
         self._encoder_only = llama_cpp.llama_model_has_encoder(model.model) and not llama_cpp.llama_model_has_decoder(
             model.model)
-        logger.info("embedding model %s loaded from %s (%d dimensions)", self._spec.name, path, self._n_embd)
+        logger.info("embedding model %s loaded from %s (%d dimensions)", self._spec.name, self._spec.source, self._n_embd)
 
     def placement(self) -> dict[str, Any]:
         settings = self._spec.engine

@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from deployments.api import Engine, EngineUnavailable, GenerationChunk, GenerationRequest
-from deployments.llama_cpp.model import ChatTemplate, Prompt, RepackChoice, choose_repack, load_model, prepare_prompt
+from deployments.llama_cpp.model import ChatTemplate, Prompt, RepackChoice, choose_repack, open_model, prepare_prompt
 from deployments.llama_cpp.scheduler import DONE, DecodeLoop, Submission
 from deployments.spec import ModelSpec
 from deployments.weights.cache import WeightCache
@@ -38,15 +38,9 @@ class BatchedLlamaEngine(Engine):
 
     def _load(self) -> None:
         settings = self._spec.engine
-        path = self._cache.fetch(self._spec.source, self._spec.storage, label=self._spec.name)
         try:
-            self._resources.enter_context(self._cache.lease(path))
             self._repack = choose_repack(settings.repack)
-            try:
-                model = load_model(path, settings, self._repack)
-            except (ValueError, RuntimeError) as exc:
-                raise EngineUnavailable(f"model {self._spec.name!r}: llama.cpp could not load {path.name}: {exc}") from exc
-            self._resources.callback(model.close)
+            model = open_model(self._spec, self._cache, self._resources, self._repack)
             template = ChatTemplate(model, settings.chat_format, settings.chat_template)
 
             def prepare(request: GenerationRequest) -> Prompt:
@@ -60,7 +54,7 @@ class BatchedLlamaEngine(Engine):
         self._decode_loop = decode_loop
         logger.info(
             "model %s loaded from %s (%d slots x %d tokens, %d threads, weight repacking %s)",
-            self._spec.name, path, settings.parallel, settings.n_ctx, settings.n_threads, self._repack.describe(),
+            self._spec.name, self._spec.source, settings.parallel, settings.n_ctx, settings.n_threads, self._repack.describe(),
         )
 
     def placement(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import random
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from llama_cpp._internals import LlamaModel
 
 from deployments.api import (
     ContextLengthExceeded,
+    EngineUnavailable,
     GenerationRequest,
     InvalidGenerationRequest,
     SamplingParams,
@@ -26,8 +28,9 @@ from deployments.api import (
 )
 from deployments.llama_cpp.chat_prompt import render_all
 from deployments.llama_cpp.tools import check_grammar, tool_grammar
-from deployments.spec import EngineSettings
+from deployments.spec import EngineSettings, ModelSpec
 from deployments.tool_use import HERMES_OPEN, ToolUse, generic_messages, native_messages
+from deployments.weights.cache import WeightCache
 
 _llama_logger = logging.getLogger("llama_cpp")
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level (ggml.h): 3 = warn, 4 = error
@@ -109,6 +112,21 @@ def load_model(path: Path, settings: EngineSettings, repack: RepackChoice) -> Ll
         setattr(params, name, value)
     # verbose=True only stops llama-cpp-python from swapping the process's stdout/stderr during the load.
     return LlamaModel(path_model=str(path), params=params, verbose=True)
+
+
+def open_model(spec: ModelSpec, cache: WeightCache, resources: ExitStack, repack: RepackChoice) -> LlamaModel:
+    """Fetch the model's GGUF into the node's weight cache and load it; `resources` holds the lease and the model.
+
+    A replica leases the file for its whole life, so cache eviction never removes weights in use.
+    """
+    path = cache.fetch(spec.source, spec.storage, label=spec.name)
+    resources.enter_context(cache.lease(path))
+    try:
+        model = load_model(path, spec.engine, repack)
+    except (ValueError, RuntimeError) as exc:
+        raise EngineUnavailable(f"model {spec.name!r}: llama.cpp could not load {path.name}: {exc}") from exc
+    resources.callback(model.close)
+    return model
 
 
 def context_params(settings: EngineSettings, *, n_seq: int, n_batch: int) -> llama_cpp.llama_context_params:
