@@ -25,8 +25,11 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from deployments.engine import EngineError, EngineUnavailable, GenerationChunk, GenerationRequest
-from deployments.llama_cpp_engine import Prompt, TokenPieces, context_params, sampler_chain
+from deployments.engine import EngineError, EngineUnavailable, GenerationChunk, GenerationRequest, TokenLogprob
+from deployments.llama_cpp_engine import Prompt, TokenPieces, context_params
+from deployments.llama_cpp_grammar import Grammar
+from deployments.llama_cpp_logprobs import token_logprob
+from deployments.llama_cpp_sampling import Candidates, GrammarDeadEnd, SequenceSampler
 from deployments.text import StopMatcher, Utf8Stream
 from serve_app.config import EngineSettings
 
@@ -50,7 +53,8 @@ class _Sequence:
     def __init__(self, submission: Submission, prompt: Prompt, slot: _Slot) -> None:
         self.submission, self.prompt, self.slot = submission, prompt, slot
         self.request_id, self.emit = submission.request.request_id, submission.emit
-        self.sampler: Any = None
+        self.sampler: SequenceSampler | None = None
+        self.logprobs: list[TokenLogprob] = []  # of tokens whose text has not gone out in a chunk yet
         self.n_fed = 0  # prompt tokens already in the KV cache
         self.produced = 0
         self.next_token = -1  # sampled, not yet decoded
@@ -105,6 +109,8 @@ class DecodeLoop:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
         self._n_vocab = model.n_vocab()
+        self._vocab = model.vocab
+        self._candidates = Candidates(self._n_vocab)
         self._n_swa = llama_cpp.llama_model_n_swa(model.model)
         self._slots = [_Slot(seq_id) for seq_id in range(settings.parallel)]
         self._waiting: deque[Submission] = deque()
@@ -215,9 +221,9 @@ class DecodeLoop:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         del slot.cached[keep:]
         sequence.n_fed = keep
+        grammar = Grammar(self._vocab, sequence.prompt.grammar) if sequence.prompt.grammar else None
         sampling = sequence.submission.request.sampling
-        plain_greedy = sampling.temperature <= 0 and not (sampling.presence_penalty or sampling.frequency_penalty)
-        sequence.sampler = None if plain_greedy else sampler_chain(sampling, self._n_vocab)
+        sequence.sampler = SequenceSampler(sampling, self._n_vocab, grammar, self._candidates)
 
     def _step(self) -> None:
         """One llama_decode: a token for each streaming sequence, then prompt chunks in admission order."""
@@ -275,20 +281,23 @@ class DecodeLoop:
                 sequence.n_fed += len(feed.tokens)
             sequence.slot.cached.extend(feed.tokens)
             if feed.sample and not sequence.cancelled:
-                self._accept(sequence, self._sample(sequence, feed.row))
+                assert sequence.sampler is not None
+                try:
+                    token, logits = sequence.sampler.sample(self._ctx, feed.row)
+                except GrammarDeadEnd as exc:
+                    self._fail(sequence, f"model {self._name!r}: {exc}")
+                    continue
+                self._accept(sequence, token, logits)
 
-    def _sample(self, sequence: _Sequence, row: int) -> int:
-        if sequence.sampler is None:  # plain greedy: numpy's argmax (first maximum, as llama.cpp's) is 10x faster
-            logits = llama_cpp.llama_get_logits_ith(self._ctx, row)
-            return int(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
-        return llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, row)
-
-    def _accept(self, sequence: _Sequence, token: int) -> None:
-        """Turn a sampled token into text, stop checks and chunks (the stop string itself is never sent)."""
+    def _accept(self, sequence: _Sequence, token: int, logits: np.ndarray) -> None:
+        """Turn a sampled token into text, logprobs, stop checks and chunks (the stop string is never sent)."""
         if self._pieces.is_eog(token):
             self._finish(sequence, "", "stop", hit=False)
             return
         sequence.produced += 1
+        top = sequence.submission.request.sampling.logprobs
+        if top is not None:
+            sequence.logprobs.append(token_logprob(logits, token, top, self._pieces.piece))
         text, hit = sequence.stops.feed(sequence.decoder.feed(self._pieces.piece(token)))
         if hit:
             self._finish(sequence, text, "stop", hit=True)
@@ -296,7 +305,8 @@ class DecodeLoop:
             self._finish(sequence, text, "length", hit=False)
         else:
             if text:
-                sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.produced))
+                sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.produced,
+                                              logprobs=self._take_logprobs(sequence)))
             sequence.next_token = token
 
     def _finish(self, sequence: _Sequence, text: str, reason: str, hit: bool) -> None:
@@ -304,9 +314,16 @@ class DecodeLoop:
             tail, hit = sequence.stops.feed(sequence.decoder.flush())
             text += tail if hit else tail + sequence.stops.flush()
             reason = "stop" if hit else reason
-        sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.produced, reason))  # type: ignore[arg-type]
+        sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.produced, reason,  # type: ignore[arg-type]
+                                      logprobs=self._take_logprobs(sequence)))
         sequence.emit(DONE)
         self._release(sequence)
+
+    @staticmethod
+    def _take_logprobs(sequence: _Sequence) -> tuple[TokenLogprob, ...]:
+        taken = tuple(sequence.logprobs)
+        sequence.logprobs.clear()
+        return taken
 
     def _fail(self, sequence: _Sequence, message: str) -> None:
         logger.error("%s (request %s)", message, sequence.request_id)
@@ -318,7 +335,7 @@ class DecodeLoop:
         """Give the slot back now; its KV cells go too unless prefix reuse may want them."""
         self._active.remove(sequence)
         if sequence.sampler is not None:
-            llama_cpp.llama_sampler_free(sequence.sampler)
+            sequence.sampler.free()
             sequence.sampler = None
         slot = sequence.slot
         slot.sequence = None

@@ -20,9 +20,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.engine import GenerationChunk, GenerationRequest, SamplingParams
+from serve_app.choices import Choices, chat_logprobs, completion_logprobs
 from serve_app.config import IngressArgs, model_deployment_name
 from serve_app.cors import CorsGate
 from serve_app.errors import install_error_handlers, model_error
+from serve_app.generation_fields import generation_options
 from serve_app.metrics import IngressMetrics
 from serve_app.middleware import AccessMiddleware
 from serve_app.policy import AccessGate, Caller, MeteredStream, RequestAccount
@@ -42,7 +44,6 @@ from serve_app.protocol import (
     ModelStatus,
     OpenAIError,
     SamplingFields,
-    Usage,
     new_id,
     now,
 )
@@ -64,6 +65,7 @@ PLACEMENT_TIMEOUT_S = 2.0  # the admin status does not wait for a model at zero 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None, cap: int | None) -> SamplingParams:
     return SamplingParams(
+        **generation_options(body),  # type: ignore[arg-type]
         max_tokens=max_tokens,
         max_tokens_cap=cap,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -78,14 +80,6 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, cap: int | Non
 def sse(payload: BaseModel) -> str:
     """One server-sent event; the protocol models decide which empty fields the schema wants omitted."""
     return f"data: {payload.model_dump_json()}\n\n"
-
-
-def usage_of(chunk: GenerationChunk) -> Usage:
-    return Usage(
-        prompt_tokens=chunk.prompt_tokens,
-        completion_tokens=chunk.completion_tokens,
-        total_tokens=chunk.prompt_tokens + chunk.completion_tokens,
-    )
 
 
 @serve.deployment(name="ingress")
@@ -168,16 +162,24 @@ class OpenAIIngress:
         )
         await self._access.admit(account, request)
         first, stream = await self._open(model, status, request, account)
+        sampling = request.sampling
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse_response(self._chat_events(request.request_id, model, first, stream, include_usage))
-        text, last = await self._collect(model, first, stream)
+            events = self._chat_events(request.request_id, model, first, stream, include_usage, sampling)
+            return self._sse_response(events)
+        choices = await self._collect(model, first, stream, sampling.n)
         return ChatCompletionResponse(
             id=request.request_id,
             created=now(),
             model=model,
-            choices=[ChatCompletionChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)],
-            usage=usage_of(last),
+            choices=[
+                ChatCompletionChoice(
+                    index=index, message=AssistantMessage(content=choice.text), finish_reason=choice.finish_reason,
+                    logprobs=None if sampling.logprobs is None else chat_logprobs(tuple(choice.logprobs)),
+                )
+                for index, choice in enumerate(choices.items)
+            ],
+            usage=choices.usage(),
         )
 
     @app.post("/v1/completions")
@@ -195,18 +197,24 @@ class OpenAIIngress:
         )
         await self._access.admit(account, request)
         first, stream = await self._open(model, status, request, account)
-        prefix = prompt if body.echo else ""
+        prefix, sampling = prompt if body.echo else "", request.sampling
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._completion_events(request.request_id, model, prefix, first, stream, include_usage)
+            events = self._completion_events(request.request_id, model, prefix, first, stream, include_usage, sampling)
             return self._sse_response(events)
-        text, last = await self._collect(model, first, stream)
+        choices = await self._collect(model, first, stream, sampling.n)
         return CompletionResponse(
             id=request.request_id,
             created=now(),
             model=model,
-            choices=[CompletionChoice(text=prefix + text, finish_reason=last.finish_reason)],
-            usage=usage_of(last),
+            choices=[
+                CompletionChoice(
+                    index=index, text=prefix + choice.text, finish_reason=choice.finish_reason,
+                    logprobs=None if sampling.logprobs is None else completion_logprobs(tuple(choice.logprobs), 0),
+                )
+                for index, choice in enumerate(choices.items)
+            ],
+            usage=choices.usage(),
         )
 
     async def _model(self, name: str, account: RequestAccount) -> tuple[str, ModelStatus]:
@@ -253,21 +261,19 @@ class OpenAIIngress:
         self._metrics.record_first_token(model, time.perf_counter() - started)
         return first, stream
 
-    async def _collect(
-        self, model: str, first: GenerationChunk, stream: MeteredStream
-    ) -> tuple[str, GenerationChunk]:
-        parts, last = [first.text], first
+    async def _collect(self, model: str, first: GenerationChunk, stream: MeteredStream, n: int) -> Choices:
+        choices = Choices(n)
+        choices.add(first)
         try:
-            while last.finish_reason is None:
-                last = await stream.__anext__()
-                parts.append(last.text)
+            while not choices.done:
+                choices.add(await stream.__anext__())
         except StopAsyncIteration:
             pass
         except Exception as exc:
             raise model_error(exc, model) from None
         finally:
             stream.cancel()
-        return "".join(parts), last
+        return choices
 
     @staticmethod
     def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
@@ -275,15 +281,17 @@ class OpenAIIngress:
 
     @staticmethod
     async def _chunks(
-        model: str, first: GenerationChunk, stream: MeteredStream
+        model: str, first: GenerationChunk, stream: MeteredStream, choices: Choices
     ) -> AsyncIterator[GenerationChunk]:
-        """All chunks of a started generation; cancels the model side however the client leaves."""
+        """All chunks of a started generation, added to `choices`; cancels the model side however the client leaves."""
         try:
+            choices.add(first)
             yield first
-            if first.finish_reason is None:
+            if not choices.done:
                 async for chunk in stream:
+                    choices.add(chunk)
                     yield chunk
-                    if chunk.finish_reason is not None:
+                    if choices.done:
                         break
         except (StopAsyncIteration, GeneratorExit, asyncio.CancelledError):
             raise
@@ -293,24 +301,28 @@ class OpenAIIngress:
             stream.cancel()
 
     async def _chat_events(
-        self, rid: str, model: str, first: GenerationChunk, stream: MeteredStream, include_usage: bool
+        self, rid: str, model: str, first: GenerationChunk, stream: MeteredStream, include_usage: bool,
+        sampling: SamplingParams,
     ) -> AsyncIterator[str]:
         created = now()
 
-        def frame(delta: DeltaMessage, finish: str | None = None) -> ChatCompletionChunk:
-            choice = ChatChunkChoice(delta=delta, finish_reason=finish)
+        def frame(index: int, delta: DeltaMessage, finish: str | None = None, chunk: GenerationChunk | None = None
+                  ) -> ChatCompletionChunk:
+            logprobs = chat_logprobs(chunk.logprobs) if chunk and sampling.logprobs is not None else None
+            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
             return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
-        yield sse(frame(DeltaMessage(role="assistant", content="")))
-        last = first
+        for index in range(sampling.n):
+            yield sse(frame(index, DeltaMessage(role="assistant", content="")))
+        choices = Choices(sampling.n)
         try:
-            async for chunk in self._chunks(model, first, stream):
-                last = chunk
-                if chunk.text:
-                    yield sse(frame(DeltaMessage(content=chunk.text)))
-            yield sse(frame(DeltaMessage(), last.finish_reason))
+            async for chunk in self._chunks(model, first, stream, choices):
+                if chunk.text or chunk.logprobs:
+                    yield sse(frame(chunk.index, DeltaMessage(content=chunk.text), chunk=chunk))
+                if chunk.finish_reason:
+                    yield sse(frame(chunk.index, DeltaMessage(), chunk.finish_reason))
             if include_usage:
-                yield sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage_of(last)))
+                yield sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=choices.usage()))
         except OpenAIError as exc:
             yield f"data: {exc.body.model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
@@ -323,23 +335,29 @@ class OpenAIIngress:
         first: GenerationChunk,
         stream: MeteredStream,
         include_usage: bool,
+        sampling: SamplingParams,
     ) -> AsyncIterator[str]:
         created = now()
 
-        def frame(text: str, finish: str | None = None, usage: Usage | None = None) -> CompletionResponse:
-            choices = [] if usage else [CompletionChoice(text=text, finish_reason=finish)]
-            return CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
+        def frame(index: int, text: str, finish: str | None = None, logprobs: Any = None) -> CompletionResponse:
+            choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)
+            return CompletionResponse(id=rid, created=created, model=model, choices=[choice])
 
         if prefix:
-            yield sse(frame(prefix))
-        last = first
+            for index in range(sampling.n):
+                yield sse(frame(index, prefix))
+        choices = Choices(sampling.n)
         try:
-            async for chunk in self._chunks(model, first, stream):
-                last = chunk
-                if chunk.text or chunk.finish_reason:
-                    yield sse(frame(chunk.text, chunk.finish_reason))
+            async for chunk in self._chunks(model, first, stream, choices):
+                if chunk.text or chunk.finish_reason or chunk.logprobs:
+                    choice = choices.items[chunk.index]
+                    logprobs = None
+                    if sampling.logprobs is not None:
+                        logprobs = completion_logprobs(chunk.logprobs, choice.offset)
+                    choice.offset += len(chunk.text)
+                    yield sse(frame(chunk.index, chunk.text, chunk.finish_reason, logprobs))
             if include_usage:
-                yield sse(frame("", usage=usage_of(last)))
+                yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[], usage=choices.usage()))
         except OpenAIError as exc:
             yield f"data: {exc.body.model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
