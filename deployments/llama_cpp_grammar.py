@@ -29,6 +29,7 @@ _ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id",
                 "readOnly", "writeOnly"}
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("prefixItems", "anyOf")
+_LOOSE_CHAR, _JSON_CHAR = r'char ::= [^"\\] ', r'char ::= [^"\\\x7F\x00-\x1F] '
 _TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 
 
@@ -71,6 +72,9 @@ def _compile(schema_json: str, vocab: int) -> str:
         grammar = json_schema_to_gbnf(schema_json)
     except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise _refuse(f"the schema cannot be compiled to a grammar: {exc}") from None
+    # llama-cpp-python's converter lets raw control characters into strings, which JSON forbids; llama.cpp's
+    # own converter (json-schema-to-grammar) excludes them from its string character rule the same way.
+    grammar = grammar.replace(_LOOSE_CHAR, _JSON_CHAR)
     sampler = llama_cpp.llama_sampler_init_grammar(ctypes.c_void_p(vocab), grammar.encode(), b"root")
     if not sampler:
         raise _refuse("llama.cpp cannot parse the grammar compiled from this schema")
