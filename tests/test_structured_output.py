@@ -17,8 +17,8 @@ import jsonschema
 import openai
 import pytest
 from conftest import GEMMA, TINY
-from test_logprobs import chat_text
 from engine_streams import Completion, drain, make_request
+from test_logprobs import chat_text
 
 from deployments.engine import UnsupportedGenerationRequest
 from deployments.llama_cpp_batched import BatchedLlamaEngine
