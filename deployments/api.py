@@ -27,6 +27,10 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    logprobs: int | None = None  # report each token's logprob and this many alternatives; None: none
+    n: int = 1  # completions of the one prompt, each a choice with its own index
+    response_format: dict[str, Any] | None = None  # OpenAI's json_object / json_schema; None: free text
 
 
 def default_max_tokens(sampling: SamplingParams, model_default: int | None) -> int | None:
@@ -51,14 +55,25 @@ class GenerationRequest:
     submitted_at: float = 0.0  # wall-clock time the caller sent it: the replica measures queue wait from it
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability under the model, and the most likely tokens at its position."""
+
+    token: bytes  # a token may hold part of a UTF-8 character
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
 @dataclass
 class GenerationChunk:
-    """Text produced since the previous chunk, with running token counts."""
+    """Text of choice `index` produced since its previous chunk, with running token counts (of that choice)."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token produced since the previous chunk, when asked for
+    index: int = 0
 
     def merge(self, later: GenerationChunk) -> GenerationChunk:
         return GenerationChunk(
@@ -66,6 +81,8 @@ class GenerationChunk:
             prompt_tokens=later.prompt_tokens,
             completion_tokens=later.completion_tokens,
             finish_reason=later.finish_reason,
+            logprobs=self.logprobs + later.logprobs,
+            index=later.index,
         )
 
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from deployments.api import Engine, EngineUnavailable, GenerationChunk, GenerationRequest
 from deployments.llama_cpp.model import ChatTemplate, Prompt, RepackChoice, choose_repack, open_model, prepare_prompt
-from deployments.llama_cpp.scheduler import DONE, DecodeLoop, Submission
+from deployments.llama_cpp.scheduler import DONE, DecodeLoop
+from deployments.llama_cpp.sequence import Submission
 from deployments.spec import ModelSpec
 from deployments.weights.cache import WeightCache
 
@@ -105,6 +106,7 @@ class Outbox:
     travel merged: the next chunk after the interval, the finishing chunk or an error sends them.
     The interval is `interval_s`, grown when several streams share the replica to (active streams /
     `items_per_s`), so the replica's items per second stay bounded however many streams it decodes.
+    Chunks of a request's different choices (`n`) are merged only with their own choice's.
     """
 
     def __init__(
@@ -117,22 +119,23 @@ class Outbox:
     ) -> None:
         self._loop, self._deliver = loop, deliver
         self._interval_s, self._items_per_s, self._active_streams = interval_s, items_per_s, active_streams
-        self._pending: GenerationChunk | None = None
+        self._pending: dict[int, GenerationChunk] = {}  # by choice index
         self._sent_at: float | None = None  # None until the first chunk went out
 
     def put(self, item: Any) -> None:
         """Called on the decode thread with a GenerationChunk, an exception or DONE."""
         if isinstance(item, GenerationChunk):
-            item = self._pending.merge(item) if self._pending is not None else item
-            self._pending = None
+            pending = self._pending.pop(item.index, None)
+            item = pending.merge(item) if pending is not None else item
             now = time.monotonic()
             if item.finish_reason is None and self._sent_at is not None and now - self._sent_at < self._interval():
-                self._pending = item
+                self._pending[item.index] = item
                 return
             self._sent_at = now
-        elif self._pending is not None:  # an error or the end: what is pending goes first
-            self._send(self._pending)
-            self._pending = None
+        else:  # an error or the end: what is pending goes first
+            for pending in self._pending.values():
+                self._send(pending)
+            self._pending.clear()
         self._send(item)
 
     def _interval(self) -> float:

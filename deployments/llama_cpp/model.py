@@ -27,6 +27,7 @@ from deployments.api import (
     default_max_tokens,
 )
 from deployments.llama_cpp.chat_prompt import render_all
+from deployments.llama_cpp.grammar import grammar_for
 from deployments.llama_cpp.tools import check_grammar, tool_grammar
 from deployments.spec import EngineSettings, ModelSpec
 from deployments.tool_use import HERMES_OPEN, ToolUse, generic_messages, native_messages
@@ -196,7 +197,7 @@ class Prompt:
     tokens: list[int]
     stops: tuple[str, ...]
     max_new_tokens: int
-    grammar: str | None = None  # GBNF the output must match (a required tool call)
+    grammar: str | None = None  # GBNF the output must match: the response_format, or a required tool call
 
 
 def prepare_prompt(
@@ -205,15 +206,24 @@ def prepare_prompt(
     """Tokenize the request and check it against the `window` tokens a sequence may hold.
 
     A request without max_tokens gets `default_budget` (engine.default_max_tokens) within its tenant's cap,
-    cut to what the window leaves.
+    cut to what the window leaves. Logit bias token ids are checked against the vocabulary, and a
+    response_format becomes its grammar (a schema that cannot be enforced is refused).
     """
-    sampling, grammar = request.sampling, None
+    sampling = request.sampling
+    n_vocab = model.n_vocab()
+    if bad := [token for token, _ in sampling.logit_bias if not 0 <= token < n_vocab]:
+        raise InvalidGenerationRequest(
+            f"logit_bias: token ids {bad[:5]} are not in this model's vocabulary (0 to {n_vocab - 1})",
+            param="logit_bias",
+        )
+    grammar = grammar_for(sampling.response_format, model.vocab) if sampling.response_format else None
     if request.messages is not None:
         text, has_bos, template_stops = template.render(request.messages, request.tools)
         tokens = model.tokenize(text.encode("utf-8"), add_bos=not has_bos, special=True)
         param = "messages"
-        if request.tools is not None and (grammar := tool_grammar(request.tools, template.hermes_calls)):
-            check_grammar(model.vocab, grammar)
+        if request.tools is not None and (calls := tool_grammar(request.tools, template.hermes_calls)):
+            check_grammar(model.vocab, calls)
+            grammar = calls
     else:
         tokens = model.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=False)
         template_stops, param = [], "prompt"
@@ -239,15 +249,17 @@ def prepare_prompt(
     return Prompt(tokens, (*sampling.stop, *template_stops), budget, grammar)
 
 
-def sampler_chain(sampling: SamplingParams, n_vocab: int, grammar: Any = None) -> Any:
+def sampler_chain(sampling: SamplingParams, n_vocab: int) -> Any:
     """A request's own llama.cpp sampler chain (free it with llama_sampler_free).
 
-    Same stages as llama-cpp-python's `Llama.generate` uses: penalties on the generated tokens,
-    then greedy at temperature 0, else top-p, temperature and a seeded draw; a `grammar` stage
-    (deployments.llama_cpp.tools) goes first.
+    Same stages as llama-cpp-python's `Llama.generate` uses, after the request's logit bias: penalties
+    on the generated tokens, then greedy at temperature 0, else top-p, temperature and a seeded draw.
     """
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    stages = [grammar] if grammar is not None else []
+    stages = []
+    if sampling.logit_bias:
+        biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))(*sampling.logit_bias)
+        stages.append(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(sampling.logit_bias), biases))
     if sampling.presence_penalty or sampling.frequency_penalty:
         stages.append(llama_cpp.llama_sampler_init_penalties(
             n_vocab, _PENALTY_LAST_N, 1.0, sampling.frequency_penalty, sampling.presence_penalty

@@ -14,76 +14,35 @@ arrive together are admitted in the same step. The replica's event loop only mov
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
 import numpy as np
 
-from deployments.api import EngineError, EngineUnavailable, GenerationChunk, GenerationRequest
-from deployments.llama_cpp.model import Prompt, TokenPieces, context_params, sampler_chain
-from deployments.llama_cpp.text import StopMatcher, Utf8Stream
-from deployments.llama_cpp.tools import grammar_sampler
+from deployments.api import (
+    EngineError,
+    EngineUnavailable,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidGenerationRequest,
+    TokenLogprob,
+)
+from deployments.llama_cpp.grammar import Grammar
+from deployments.llama_cpp.logprobs import token_logprob
+from deployments.llama_cpp.model import Prompt, TokenPieces, context_params
+from deployments.llama_cpp.sampling import Candidates, GrammarDeadEnd, SequenceSampler
+from deployments.llama_cpp.sequence import Feed, Group, Sequence, Slot, Submission
 from deployments.spec import EngineSettings
 
 logger = logging.getLogger(__name__)
 
 DONE = object()  # emitted after a request's last chunk or its error
-
-
-@dataclass
-class Submission:
-    """A request handed to the decode thread; `cancelled` is set by the request's coroutine."""
-
-    request: GenerationRequest
-    emit: Callable[[Any], None]
-    cancelled: bool = False
-
-
-class _Sequence:
-    """An admitted request: its slot, sampler and decoding state (decode thread only)."""
-
-    def __init__(self, submission: Submission, prompt: Prompt, slot: _Slot) -> None:
-        self.submission, self.prompt, self.slot = submission, prompt, slot
-        self.request_id, self.emit = submission.request.request_id, submission.emit
-        self.sampler: Any = None
-        self.n_fed = 0  # prompt tokens already in the KV cache
-        self.produced = 0
-        self.next_token = -1  # sampled, not yet decoded
-        self.decoder = Utf8Stream()
-        self.stops = StopMatcher(prompt.stops)
-
-    @property
-    def cancelled(self) -> bool:
-        return self.submission.cancelled
-
-    @property
-    def streaming(self) -> bool:
-        return self.n_fed == len(self.prompt.tokens)
-
-
-@dataclass
-class _Slot:
-    """A llama.cpp sequence id and the tokens whose KV cells it holds, by position."""
-
-    seq_id: int
-    cached: list[int] = field(default_factory=list)
-    sequence: _Sequence | None = None
-
-
-@dataclass
-class _Feed:
-    """Tokens of one sequence in one decode step; `row` is the batch index to sample from, if any."""
-
-    sequence: _Sequence
-    tokens: list[int]
-    sample: bool
-    row: int = -1
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -106,10 +65,12 @@ class DecodeLoop:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
         self._n_vocab = model.n_vocab()
+        self._vocab = model.vocab
+        self._candidates = Candidates(self._n_vocab)
         self._n_swa = llama_cpp.llama_model_n_swa(model.model)
-        self._slots = [_Slot(seq_id) for seq_id in range(settings.parallel)]
+        self._slots = [Slot(seq_id) for seq_id in range(settings.parallel)]
         self._waiting: deque[Submission] = deque()
-        self._active: list[_Sequence] = []  # admission order: prompts are fed first come, first served
+        self._active: list[Sequence] = []  # admission order: prompts are fed first come, first served
         self._wake = threading.Condition()
         self._stopping = False
         self.thread = threading.Thread(target=self._run, name=f"llama-decode-{name}", daemon=True)
@@ -121,6 +82,12 @@ class DecodeLoop:
         return len(self._active)
 
     def submit(self, submission: Submission) -> None:
+        n = submission.request.sampling.n
+        if n > len(self._slots):
+            raise InvalidGenerationRequest(
+                f"n is {n}, but a replica of model {self._name!r} decodes at most {len(self._slots)} sequences "
+                "at once (engine.parallel)", param="n",
+            )
         with self._wake:
             if self._stopping:
                 raise EngineUnavailable(f"model {self._name!r} is shutting down")
@@ -159,11 +126,12 @@ class DecodeLoop:
                 if self._stopping:
                     return
                 free = [slot for slot in self._slots if slot.sequence is None]
-                arrivals = []
-                while len(arrivals) < len(free) and self._waiting:
+                arrivals, room = [], len(free)  # first come, first served: a request needs a slot per choice
+                while self._waiting and (self._waiting[0].cancelled or self._waiting[0].request.sampling.n <= room):
                     submission = self._waiting.popleft()
                     if not submission.cancelled:
                         arrivals.append(submission)
+                        room -= submission.request.sampling.n
             try:
                 for submission in arrivals:
                     self._admit(submission, free)
@@ -176,8 +144,9 @@ class DecodeLoop:
                 for sequence in list(self._active):
                     self._fail(sequence, f"model {self._name!r} failed during generation")
 
-    def _admit(self, submission: Submission, free: list[_Slot]) -> None:
-        """Tokenize and check the prompt, then give it the free slot caching most of it, else the lowest one.
+    def _admit(self, submission: Submission, free: list[Slot]) -> None:
+        """Tokenize and check the prompt, then give it the free slot caching most of it, else the lowest one
+        (and its other choices the lowest free ones).
 
         Low ids keep the active sequence ids contiguous: with one KV stream per sequence, llama.cpp
         decodes a run of consecutive ids as one micro-batch and splits the batch at every gap.
@@ -196,7 +165,11 @@ class DecodeLoop:
         tokens = prompt.tokens
         slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens) if self._prefix_reuse else 0, -s.seq_id))
         free.remove(slot)
-        sequence = _Sequence(submission, prompt, slot)
+        group = Group()
+        sequence = Sequence(submission, prompt, slot, group, 0)
+        for index in range(1, submission.request.sampling.n):
+            other = free.pop(0)
+            other.sequence = Sequence(submission, prompt, other, group, index)
         slot.sequence = sequence
         self._active.append(sequence)
         try:
@@ -205,7 +178,7 @@ class DecodeLoop:
             logger.exception("model %s: could not start request %s", self._name, sequence.request_id)
             self._fail(sequence, f"model {self._name!r} could not start this request")
 
-    def _start(self, sequence: _Sequence) -> None:
+    def _start(self, sequence: Sequence) -> None:
         slot, tokens = sequence.slot, sequence.prompt.tokens
         keep = min(_common_prefix(slot.cached, tokens), len(tokens) - 1) if self._prefix_reuse else 0
         # Sliding-window layers may have dropped cells the kept prefix needs; then recompute everything.
@@ -217,16 +190,16 @@ class DecodeLoop:
         del slot.cached[keep:]
         sequence.n_fed = keep
         sampling = sequence.submission.request.sampling
-        grammar = sequence.prompt.grammar
-        plain_greedy = sampling.temperature <= 0 and not (sampling.presence_penalty or sampling.frequency_penalty)
-        if grammar is not None:
-            sequence.sampler = sampler_chain(sampling, self._n_vocab, grammar_sampler(self._vocab, grammar))
-        else:
-            sequence.sampler = None if plain_greedy else sampler_chain(sampling, self._n_vocab)
+        for member in sequence.group.sequences:  # each choice its own draws: seed, seed + 1, ...
+            seed = None if sampling.seed is None else sampling.seed + member.index
+            grammar = Grammar(self._vocab, sequence.prompt.grammar) if sequence.prompt.grammar else None
+            member.sampler = SequenceSampler(
+                dataclasses.replace(sampling, seed=seed), self._n_vocab, grammar, self._candidates
+            )
 
     def _step(self) -> None:
         """One llama_decode: a token for each streaming sequence, then prompt chunks in admission order."""
-        feeds = [_Feed(s, [s.next_token], True) for s in self._active if s.streaming]
+        feeds = [Feed(s, [s.next_token], True) for s in self._active if s.streaming]
         room = self._capacity - len(feeds)
         if feeds:
             room = min(room, self._prefill_chunk)
@@ -237,7 +210,7 @@ class DecodeLoop:
                 continue
             start = sequence.n_fed
             chunk = sequence.prompt.tokens[start : start + room]
-            feeds.append(_Feed(sequence, chunk, start + len(chunk) == len(sequence.prompt.tokens)))
+            feeds.append(Feed(sequence, chunk, start + len(chunk) == len(sequence.prompt.tokens)))
             room -= len(chunk)
         feeds.sort(key=lambda feed: feed.sequence.slot.seq_id)  # llama.cpp takes sequences in id order
         status = self._decode(feeds)
@@ -255,7 +228,7 @@ class DecodeLoop:
             else:
                 self._fail(feed.sequence, f"model {self._name!r}: llama.cpp could not decode (status {status})")
 
-    def _decode(self, feeds: list[_Feed]) -> int:
+    def _decode(self, feeds: list[Feed]) -> int:
         batch = self._batch
         token, pos, n_seq_id, seq_id, logits = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
         n = 0
@@ -272,7 +245,7 @@ class DecodeLoop:
         batch.n_tokens = n
         return llama_cpp.llama_decode(self._ctx, batch)
 
-    def _absorb(self, feeds: list[_Feed]) -> None:
+    def _absorb(self, feeds: list[Feed]) -> None:
         """Record what the decode put in the KV cache, then sample the sequences that asked for logits."""
         for feed in feeds:
             sequence = feed.sequence
@@ -280,20 +253,40 @@ class DecodeLoop:
                 sequence.n_fed += len(feed.tokens)
             sequence.slot.cached.extend(feed.tokens)
             if feed.sample and not sequence.cancelled:
-                self._accept(sequence, self._sample(sequence, feed.row))
+                for choice in [*self._branch(sequence), sequence]:
+                    self._sample(choice, feed.row)
 
-    def _sample(self, sequence: _Sequence, row: int) -> int:
-        if sequence.sampler is None:  # plain greedy: numpy's argmax (first maximum, as llama.cpp's) is 10x faster
-            logits = llama_cpp.llama_get_logits_ith(self._ctx, row)
-            return int(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
-        return llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, row)
+    def _branch(self, first: Sequence) -> list[Sequence]:
+        """The request's other choices, once the first has its prompt in the KV cache: they get copies of its
+        cells (llama.cpp copies across KV streams at the next decode) and sample from the same logits."""
+        others = first.waiting
+        for other in others:
+            llama_cpp.llama_memory_seq_rm(self._memory, other.slot.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self._memory, first.slot.seq_id, other.slot.seq_id, -1, -1)
+            other.slot.cached[:] = first.slot.cached
+            other.n_fed = len(other.prompt.tokens)
+            self._active.append(other)
+        return others
 
-    def _accept(self, sequence: _Sequence, token: int) -> None:
-        """Turn a sampled token into text, stop checks and chunks (the stop string itself is never sent)."""
+    def _sample(self, sequence: Sequence, row: int) -> None:
+        assert sequence.sampler is not None
+        try:
+            token, logits = sequence.sampler.sample(self._ctx, row)
+        except GrammarDeadEnd as exc:
+            self._fail(sequence, f"model {self._name!r}: {exc}")
+            return
+        self._accept(sequence, token, logits)
+
+    def _accept(self, sequence: Sequence, token: int, logits: np.ndarray) -> None:
+        """Turn a sampled token into text, logprobs, stop checks and chunks (the stop string is never sent)."""
         if self._pieces.is_eog(token):
             self._finish(sequence, "", "stop", hit=False)
             return
         sequence.produced += 1
+        sequence.group.produced += 1
+        top = sequence.submission.request.sampling.logprobs
+        if top is not None:
+            sequence.logprobs.append(token_logprob(logits, token, top, self._pieces.piece))
         text, hit = sequence.stops.feed(sequence.decoder.feed(self._pieces.piece(token)))
         if hit:
             self._finish(sequence, text, "stop", hit=True)
@@ -301,29 +294,48 @@ class DecodeLoop:
             self._finish(sequence, text, "length", hit=False)
         else:
             if text:
-                sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.produced))
+                sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.group.produced,
+                                              logprobs=self._take_logprobs(sequence), index=sequence.index))
             sequence.next_token = token
 
-    def _finish(self, sequence: _Sequence, text: str, reason: str, hit: bool) -> None:
+    def _finish(self, sequence: Sequence, text: str, reason: str, hit: bool) -> None:
         if not hit:
             tail, hit = sequence.stops.feed(sequence.decoder.flush())
             text += tail if hit else tail + sequence.stops.flush()
             reason = "stop" if hit else reason
-        sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.produced, reason))  # type: ignore[arg-type]
-        sequence.emit(DONE)
+        sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.group.produced, reason,  # type: ignore[arg-type]
+                                      logprobs=self._take_logprobs(sequence), index=sequence.index))
+        sequence.group.open -= 1
+        if not sequence.group.open:
+            sequence.emit(DONE)
         self._release(sequence)
 
-    def _fail(self, sequence: _Sequence, message: str) -> None:
+    @staticmethod
+    def _take_logprobs(sequence: Sequence) -> tuple[TokenLogprob, ...]:
+        taken = tuple(sequence.logprobs)
+        sequence.logprobs.clear()
+        return taken
+
+    def _fail(self, sequence: Sequence, message: str) -> None:
+        """Fail the whole request: every choice of it still holding a slot goes."""
+        if sequence.slot.sequence is not sequence:  # already failed with another choice of its request
+            return
         logger.error("%s (request %s)", message, sequence.request_id)
         sequence.emit(EngineUnavailable(message))
         sequence.emit(DONE)
-        self._release(sequence, keep_cache=False)
+        for member in sequence.group.sequences:
+            if member.slot.sequence is member:
+                self._release(member, keep_cache=False)
 
-    def _release(self, sequence: _Sequence, keep_cache: bool = True) -> None:
-        """Give the slot back now; its KV cells go too unless prefix reuse may want them."""
-        self._active.remove(sequence)
+    def _release(self, sequence: Sequence, keep_cache: bool = True) -> None:
+        """Give the slot back now (and those of choices still waiting for its prompt); its KV cells go too unless
+        prefix reuse may want them."""
+        for other in sequence.waiting:
+            self._release(other, keep_cache=False)
+        if sequence in self._active:
+            self._active.remove(sequence)
         if sequence.sampler is not None:
-            llama_cpp.llama_sampler_free(sequence.sampler)
+            sequence.sampler.free()
             sequence.sampler = None
         slot = sequence.slot
         slot.sequence = None

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +25,22 @@ from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from deployments.api import (
-    ContextLengthExceeded,
-    EngineError,
     EngineUnavailable,
-    FinishReason,
     GenerationChunk,
     GenerationRequest,
-    InvalidGenerationRequest,
     UnsupportedGenerationRequest,
     default_max_tokens,
 )
 from deployments.embedding import EmbeddingRequest, EmbeddingResult, WrongModelKind
 from deployments.spec import ModelSpec
 from deployments.strict import ConfigError
+from deployments.vllm.request import openai_stream_chunks, request_fields
 from deployments.weights.cache import WeightCache, WeightFetchError
 
 logger = logging.getLogger("modelserve.vllm")
 
 # All of a replica's GPU bundles on one node: the weight cache fills the replica's node only.
 PLACEMENT = {"bundle_per_worker": {"GPU": 1}, "strategy": "STRICT_PACK"}
-STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}  # running token counts on every chunk
-_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "stop"}
-_CONTEXT_PARAMS = ("input_tokens", "input_text")  # what vLLM names when a prompt does not fit max_model_len
 
 
 def make_llm_config(spec: ModelSpec, model_source: str) -> LLMConfig:
@@ -125,27 +118,13 @@ class VllmModelServer(LLMServer):
         max_tokens = sampling.max_tokens
         if max_tokens is None:
             max_tokens = default_max_tokens(sampling, self._spec.engine.default_max_tokens)
-        common: dict[str, Any] = {
-            "model": self._spec.name,
-            "request_id": request.request_id,
-            "stream": True,
-            "stream_options": STREAM_OPTIONS,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "stop": list(sampling.stop),
-            "seed": sampling.seed,
-            "presence_penalty": sampling.presence_penalty,
-            "frequency_penalty": sampling.frequency_penalty,
-        }
+        fields = request_fields(self._spec.name, request)
         if request.messages is not None:
             param = "messages"
-            body = ChatCompletionRequest(
-                messages=[dict(m) for m in request.messages], max_completion_tokens=max_tokens, **common
-            )
-            stream = await self.chat(body)
+            stream = await self.chat(ChatCompletionRequest(**fields, max_completion_tokens=max_tokens))
         else:
             param = "prompt"
-            body = CompletionRequest(prompt=request.prompt or "", **common)
+            body = CompletionRequest(**fields)
             body.max_tokens = max_tokens  # None = up to the context window, as on every backend (not 16)
             stream = await self.completions(body)
         async with contextlib.aclosing(stream):  # closing it early aborts the request in vLLM
@@ -162,46 +141,6 @@ class VllmModelServer(LLMServer):
             self._lease.close()
 
 
-async def openai_stream_chunks(stream: AsyncIterator[Any], param: str) -> AsyncIterator[GenerationChunk]:
-    """Turn LLMServer's stream (batches of OpenAI SSE lines, or an error object) into `GenerationChunk`s.
-
-    Each batch becomes one chunk; the finishing chunk waits for the end of the stream so it
-    carries the final token counts.
-    """
-    prompt_tokens = completion_tokens = 0
-    finish: str | None = None
-    last_text = ""  # text arriving with (or after) the finish reason
-    async for batch in stream:
-        parts: list[str] = []
-        for event in _events(batch):
-            if "error" in event:
-                raise engine_error(event["error"], param)
-            usage = event.get("usage") or {}
-            prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
-            completion_tokens = usage.get("completion_tokens", completion_tokens)
-            for choice in event.get("choices") or []:
-                parts.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
-                finish = choice.get("finish_reason") or finish
-        if finish is not None:
-            last_text += "".join(parts)
-        elif any(parts):
-            yield GenerationChunk("".join(parts), prompt_tokens, completion_tokens)
-    if finish not in _FINISH:
-        raise EngineUnavailable(f"vLLM ended the generation without finishing it (finish_reason {finish!r})")
-    yield GenerationChunk(last_text, prompt_tokens, completion_tokens, _FINISH[finish])
-
-
-def _events(batch: Any) -> Iterator[dict[str, Any]]:
-    """The JSON payloads in one LLMServer stream item: SSE strings, or an ErrorResponse model."""
-    for item in batch if isinstance(batch, list) else [batch]:
-        if not isinstance(item, str):
-            yield item.model_dump()
-            continue
-        for line in item.splitlines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                yield json.loads(line[len("data: ") :])
-
-
 def engine_start_failure(model: str, exc: Exception) -> EngineUnavailable:
     """The reason vLLM did not start, in one line (Serve shows it as the deployment's status message)."""
     cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the failure of Ray's engine-config task
@@ -210,14 +149,3 @@ def engine_start_failure(model: str, exc: Exception) -> EngineUnavailable:
     if "Device string must not be empty" in reason:  # vLLM's platform detection found no accelerator
         reason += " (vLLM found no usable GPU on the node: backend vllm needs NVIDIA/AMD GPU workers)"
     return EngineUnavailable(f"model {model!r}: vLLM did not start: {reason}")
-
-
-def engine_error(error: dict[str, Any], param: str) -> EngineError:
-    """vLLM's OpenAI error object as the engine error the ingress maps to a status."""
-    message = str(error.get("message") or "vLLM rejected the request")
-    status = int(error.get("code") or 500)
-    if error.get("param") in _CONTEXT_PARAMS or "maximum context length" in message:
-        return ContextLengthExceeded(message, param=param)
-    if 400 <= status < 500:
-        return InvalidGenerationRequest(message, param=error.get("param"))
-    return EngineUnavailable(f"vLLM failed the request: {message}")

@@ -51,10 +51,10 @@ def rate_limit_headers(requests: Quota | None, tokens: Quota | None) -> dict[str
 
 
 def estimated_tokens(request: GenerationRequest) -> int:
-    """What a request may cost before it runs: prompt characters / 4 plus its completion budget."""
+    """What a request may cost before it runs: prompt characters / 4 plus the completion budget of its n choices."""
     chars = len(request.prompt or "") + sum(len(m.get("content", "")) for m in request.messages or ())
     sampling = request.sampling
-    return math.ceil(chars / CHARS_PER_TOKEN) + (sampling.max_tokens or sampling.max_tokens_cap or 0)
+    return math.ceil(chars / CHARS_PER_TOKEN) + (sampling.max_tokens or sampling.max_tokens_cap or 0) * sampling.n
 
 
 class RequestAccount:
@@ -77,7 +77,8 @@ class RequestAccount:
         self._limiter = limiter if admission.admitted else None
 
     def record(self, chunk: GenerationChunk) -> None:
-        self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+        # n choices: chunks carry the running total of all of them, not always in order
+        self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, max(self.completion_tokens, chunk.completion_tokens)
 
     def rate_headers(self) -> dict[str, str]:
         """The x-ratelimit-* headers of an admitted request (a refusal carries its own on the 429)."""

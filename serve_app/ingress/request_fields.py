@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from serve_app.ingress.generation_fields import MAX_N
 from serve_app.ingress.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, OpenAIError
 
 CHAT, COMPLETIONS = "chat", "completions"
@@ -70,21 +71,27 @@ FIELDS: dict[str, FieldRule] = {
     "temperature": FieldRule("0-2; 0 is greedy"),
     "top_p": FieldRule("nucleus sampling"),
     "stop": FieldRule("a string or up to 4; the stop text is not returned"),
-    "seed": FieldRule("the same seed and parameters reproduce a sampled completion"),
+    "seed": FieldRule("the same seed and parameters reproduce a sampled completion when the request runs alone "
+                      "(see Reproducibility)"),
     "presence_penalty": FieldRule("-2 to 2, over the last 64 generated tokens"),
     "frequency_penalty": FieldRule("-2 to 2, over the last 64 generated tokens"),
     "stream": FieldRule("server-sent events, ending with `data: [DONE]`"),
     "stream_options": FieldRule("`include_usage`; `include_obfuscation: false`", "`include_obfuscation: true`",
                                 lambda v: v is None or not v.include_obfuscation),
     "echo": FieldRule("the prompt precedes the completion", endpoints=frozenset({COMPLETIONS})),
-    "n": FieldRule("1", "more than 1: send several requests", _one_of(1)),
+    "n": FieldRule("1 to 8 choices of one prompt, prefilled once (llama.cpp: at most the replica's "
+                   "`engine.parallel`, else 400 naming `n`)", "more than 8", lambda v: v is None or v <= MAX_N),
     "best_of": FieldRule("1", "any other value", _one_of(1), frozenset({COMPLETIONS})),
-    "logprobs": FieldRule("`false` / null", "any other value: log probabilities are not returned", _off),
-    "top_logprobs": FieldRule("null", "any value (needs `logprobs`)", _unset, frozenset({CHAT})),
+    "logprobs": FieldRule("chat: `true` returns each token's logprob; completions: 0-5 alternatives per token "
+                          "(the model's distribution before bias, penalties, temperature and grammar)",
+                          "with `echo` (completions): prompt tokens get no logprobs"),
+    "top_logprobs": FieldRule("0-20 alternatives per token (needs `logprobs: true`)", endpoints=frozenset({CHAT})),
     "suffix": FieldRule("empty", "text after the insertion (fill-in-the-middle)", _empty, frozenset({COMPLETIONS})),
-    "logit_bias": FieldRule("`{}`", "any bias", _empty),
-    "response_format": FieldRule('`{"type": "text"}`', "`json_object`, `json_schema`",
-                                 lambda v: v is None or v == {"type": "text"}, frozenset({CHAT})),
+    "logit_bias": FieldRule("token id -> -100 to 100, added to the logit before sampling (llama.cpp: an id "
+                            "outside the vocabulary is a 400 naming `logit_bias`)"),
+    "response_format": FieldRule('`text`, `json_object`, `json_schema` (constrained decoding, see Structured '
+                                 'output)', "a schema using keywords the grammar cannot enforce (llama.cpp)",
+                                 _anything, frozenset({CHAT})),
     "tools": FieldRule("`function` tools: rendered by the model's chat template if it knows tools, else by a "
                        "generic prompt (see Tool calls)", "`custom` tools", endpoints=frozenset({CHAT})),
     "tool_choice": FieldRule('`"auto"`, `"none"`, `"required"`, a named function (the last two grammar-constrained)',

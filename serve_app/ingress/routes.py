@@ -25,6 +25,7 @@ from deployments.tool_use import ToolUse
 from serve_app.access.envelope import AccessMiddleware
 from serve_app.access.gate import AccessGate, Caller, MeteredStream, RequestAccount
 from serve_app.config import INGRESS_DEPLOYMENT, IngressArgs
+from serve_app.ingress.choices import Choices, chat_logprobs, completion_logprobs
 from serve_app.ingress.cors import CorsGate
 from serve_app.ingress.embeddings import (
     EmbeddingsRequest,
@@ -40,6 +41,7 @@ from serve_app.ingress.errors import (
     install_error_handlers,
     model_error,
 )
+from serve_app.ingress.generation_fields import generation_options
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.protocol import (
     AssistantMessage,
@@ -57,7 +59,6 @@ from serve_app.ingress.protocol import (
     ModelStatus,
     OpenAIError,
     SamplingFields,
-    Usage,
     new_id,
     now,
 )
@@ -83,6 +84,7 @@ PLACEMENT_TIMEOUT_S = 2.0  # the admin status does not wait for a model at zero 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None, cap: int | None) -> SamplingParams:
     return SamplingParams(
+        **generation_options(body),  # type: ignore[arg-type]
         max_tokens=max_tokens,
         max_tokens_cap=cap,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -97,14 +99,6 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, cap: int | Non
 def sse(payload: BaseModel) -> str:
     """One server-sent event; the protocol models decide which empty fields the schema wants omitted."""
     return f"data: {payload.model_dump_json()}\n\n"
-
-
-def usage_of(chunk: GenerationChunk) -> Usage:
-    return Usage(
-        prompt_tokens=chunk.prompt_tokens,
-        completion_tokens=chunk.completion_tokens,
-        total_tokens=chunk.prompt_tokens + chunk.completion_tokens,
-    )
 
 
 @serve.deployment(name=INGRESS_DEPLOYMENT)
@@ -185,21 +179,30 @@ class OpenAIIngress:
             messages=tuple(engine_message(m) for m in body.messages),
             tools=tool_use(body),
         )
+        if request.tools is not None and request.sampling.n > 1:
+            raise OpenAIError(400, "n > 1 with tools is not supported: send one request per choice.", param="n",
+                              code="unsupported_parameter")
         await self._access.admit(account, request)
         first, stream = await self._open(model, status, request, account)
+        sampling = request.sampling
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._chat_events(request.request_id, model, first, stream, include_usage, request.tools)
+            events = self._chat_events(request.request_id, model, first, stream, include_usage, sampling, request.tools)
             return self._sse_response(events)
-        text, last = await self._collect(model, first, stream)
-        content, calls, finish_reason = reply(text, last.finish_reason, request.tools)
+        choices = await self._collect(model, first, stream, sampling.n)
         return ChatCompletionResponse(
             id=request.request_id,
             created=now(),
             model=model,
-            choices=[ChatCompletionChoice(message=AssistantMessage(content=content, tool_calls=calls),
-                                          finish_reason=finish_reason)],
-            usage=usage_of(last),
+            choices=[
+                ChatCompletionChoice(
+                    index=index, message=AssistantMessage(content=content, tool_calls=calls), finish_reason=finish,
+                    logprobs=None if sampling.logprobs is None else chat_logprobs(tuple(choice.logprobs)),
+                )
+                for index, choice in enumerate(choices.items)
+                for content, calls, finish in [reply(choice.text, choice.finish_reason, request.tools)]
+            ],
+            usage=choices.usage(),
         )
 
     @app.post("/v1/completions")
@@ -217,18 +220,24 @@ class OpenAIIngress:
         )
         await self._access.admit(account, request)
         first, stream = await self._open(model, status, request, account)
-        prefix = prompt if body.echo else ""
+        prefix, sampling = prompt if body.echo else "", request.sampling
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._completion_events(request.request_id, model, prefix, first, stream, include_usage)
+            events = self._completion_events(request.request_id, model, prefix, first, stream, include_usage, sampling)
             return self._sse_response(events)
-        text, last = await self._collect(model, first, stream)
+        choices = await self._collect(model, first, stream, sampling.n)
         return CompletionResponse(
             id=request.request_id,
             created=now(),
             model=model,
-            choices=[CompletionChoice(text=prefix + text, finish_reason=last.finish_reason)],
-            usage=usage_of(last),
+            choices=[
+                CompletionChoice(
+                    index=index, text=prefix + choice.text, finish_reason=choice.finish_reason,
+                    logprobs=None if sampling.logprobs is None else completion_logprobs(tuple(choice.logprobs), 0),
+                )
+                for index, choice in enumerate(choices.items)
+            ],
+            usage=choices.usage(),
         )
 
     @app.post("/v1/embeddings")
@@ -293,21 +302,19 @@ class OpenAIIngress:
         self._metrics.record_first_token(model, time.perf_counter() - started)
         return first, stream
 
-    async def _collect(
-        self, model: str, first: GenerationChunk, stream: MeteredStream
-    ) -> tuple[str, GenerationChunk]:
-        parts, last = [first.text], first
+    async def _collect(self, model: str, first: GenerationChunk, stream: MeteredStream, n: int) -> Choices:
+        choices = Choices(n)
+        choices.add(first)
         try:
-            while last.finish_reason is None:
-                last = await stream.__anext__()
-                parts.append(last.text)
+            while not choices.done:
+                choices.add(await stream.__anext__())
         except StopAsyncIteration:
             pass
         except Exception as exc:
             raise model_error(exc, model) from None
         finally:
             stream.cancel()
-        return "".join(parts), last
+        return choices
 
     @staticmethod
     def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
@@ -315,15 +322,17 @@ class OpenAIIngress:
 
     @staticmethod
     async def _chunks(
-        model: str, first: GenerationChunk, stream: MeteredStream
+        model: str, first: GenerationChunk, stream: MeteredStream, choices: Choices
     ) -> AsyncIterator[GenerationChunk]:
-        """All chunks of a started generation; cancels the model side however the client leaves."""
+        """All chunks of a started generation, added to `choices`; cancels the model side however the client leaves."""
         try:
+            choices.add(first)
             yield first
-            if first.finish_reason is None:
+            if not choices.done:
                 async for chunk in stream:
+                    choices.add(chunk)
                     yield chunk
-                    if chunk.finish_reason is not None:
+                    if choices.done:
                         break
         except (StopAsyncIteration, GeneratorExit, asyncio.CancelledError):
             raise
@@ -334,27 +343,36 @@ class OpenAIIngress:
 
     async def _chat_events(
         self, rid: str, model: str, first: GenerationChunk, stream: MeteredStream, include_usage: bool,
-        tools: ToolUse | None,
+        sampling: SamplingParams, tools: ToolUse | None,
     ) -> AsyncIterator[str]:
         created, output = now(), StreamedReply(tools)
 
-        def frame(delta: DeltaMessage, finish: str | None = None) -> ChatCompletionChunk:
-            choice = ChatChunkChoice(delta=delta, finish_reason=finish)
+        def frame(index: int, delta: DeltaMessage, finish: str | None = None, chunk: GenerationChunk | None = None
+                  ) -> ChatCompletionChunk:
+            logprobs = chat_logprobs(chunk.logprobs) if chunk and sampling.logprobs is not None else None
+            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
             return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
-        yield sse(frame(DeltaMessage(role="assistant", content="")))
-        last = first
+        for index in range(sampling.n):
+            yield sse(frame(index, DeltaMessage(role="assistant", content="")))
+        choices = Choices(sampling.n)
         try:
-            async for chunk in self._chunks(model, first, stream):
-                last = chunk
-                for delta in output.feed(chunk.text):
-                    yield sse(frame(delta))
-            held, finish_reason = output.finish(last.finish_reason)
-            for delta in held:
-                yield sse(frame(delta))
-            yield sse(frame(DeltaMessage(), finish_reason))
+            async for chunk in self._chunks(model, first, stream, choices):
+                if tools is None:  # text as it comes, with its logprobs
+                    if chunk.text or chunk.logprobs:
+                        yield sse(frame(chunk.index, DeltaMessage(content=chunk.text), chunk=chunk))
+                else:  # one choice (n > 1 is refused with tools): possible calls held back until complete
+                    for delta in output.feed(chunk.text):
+                        yield sse(frame(chunk.index, delta))
+                if chunk.finish_reason:
+                    finish = chunk.finish_reason
+                    if tools is not None:
+                        held, finish = output.finish(finish)
+                        for delta in held:
+                            yield sse(frame(chunk.index, delta))
+                    yield sse(frame(chunk.index, DeltaMessage(), finish))
             if include_usage:
-                yield sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage_of(last)))
+                yield sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=choices.usage()))
         except OpenAIError as exc:
             yield f"data: {exc.body.model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
@@ -367,23 +385,29 @@ class OpenAIIngress:
         first: GenerationChunk,
         stream: MeteredStream,
         include_usage: bool,
+        sampling: SamplingParams,
     ) -> AsyncIterator[str]:
         created = now()
 
-        def frame(text: str, finish: str | None = None, usage: Usage | None = None) -> CompletionResponse:
-            choices = [] if usage else [CompletionChoice(text=text, finish_reason=finish)]
-            return CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
+        def frame(index: int, text: str, finish: str | None = None, logprobs: Any = None) -> CompletionResponse:
+            choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)
+            return CompletionResponse(id=rid, created=created, model=model, choices=[choice])
 
         if prefix:
-            yield sse(frame(prefix))
-        last = first
+            for index in range(sampling.n):
+                yield sse(frame(index, prefix))
+        choices = Choices(sampling.n)
         try:
-            async for chunk in self._chunks(model, first, stream):
-                last = chunk
-                if chunk.text or chunk.finish_reason:
-                    yield sse(frame(chunk.text, chunk.finish_reason))
+            async for chunk in self._chunks(model, first, stream, choices):
+                if chunk.text or chunk.finish_reason or chunk.logprobs:
+                    choice = choices.items[chunk.index]
+                    logprobs = None
+                    if sampling.logprobs is not None:
+                        logprobs = completion_logprobs(chunk.logprobs, choice.offset)
+                    choice.offset += len(chunk.text)
+                    yield sse(frame(chunk.index, chunk.text, chunk.finish_reason, logprobs))
             if include_usage:
-                yield sse(frame("", usage=usage_of(last)))
+                yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[], usage=choices.usage()))
         except OpenAIError as exc:
             yield f"data: {exc.body.model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"

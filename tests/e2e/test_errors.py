@@ -81,12 +81,19 @@ def test_unknown_model(post) -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ('{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "n": 2}' % TINY, "n"),
-        ('{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "logprobs": true}' % TINY, "logprobs"),
+        ('{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "n": 9}' % TINY, "n"),
+        ('{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", '
+         '"json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 1}}}}' % TINY, "response_format"),
     ],
 )
 def test_parameters_it_cannot_serve(post, body: str, param: str) -> None:
     assert_error(post("/v1/chat/completions", body), 400, "unsupported_parameter", param)
+
+
+def test_more_choices_than_the_replica_has_slots(post) -> None:
+    body = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 2}' % TINY
+    error = assert_error(post("/v1/chat/completions", body), 400, "invalid_request", "n")
+    assert "at most 2" in error["message"]
 
 
 def test_batched_prompts_rejected(post) -> None:

@@ -98,3 +98,8 @@ def model_states(admin: httpx.Client) -> dict[str, dict[str, Any]]:
     response = admin.get("/v1/admin/status")
     assert response.status_code == 200, response.text
     return response.json()["models"]
+
+
+def chat_text(chunks: list[Any], index: int = 0) -> str:
+    """The text a streamed chat completion gave choice `index` (the SDK's chunks)."""
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index)
