@@ -86,9 +86,19 @@ def modelserve_engine(args: argparse.Namespace) -> Backend:
     })
 
 
-def engine_backend(model: str, engine_settings: dict[str, Any]) -> Backend:
-    """The batched engine behind a small sync adapter; its event loop runs in a helper thread."""
+def greedy_completion(prompt: str, max_tokens: int) -> Any:
     from deployments.api import GenerationRequest, SamplingParams
+
+    return GenerationRequest("bench", SamplingParams(max_tokens=max_tokens, temperature=0), prompt=prompt)
+
+
+def engine_backend(
+    model: str, engine_settings: dict[str, Any], make_request: Callable[[str, int], Any] = greedy_completion
+) -> Backend:
+    """The batched engine behind a small sync adapter; its event loop runs in a helper thread.
+
+    `make_request(prompt, max_tokens)` builds each engine request (default: a greedy completion).
+    """
     from deployments.llama_cpp.engine import BatchedLlamaEngine
     from deployments.spec import ModelSpec
 
@@ -101,7 +111,7 @@ def engine_backend(model: str, engine_settings: dict[str, Any]) -> Backend:
 
     def stream(prompt: str, max_tokens: int) -> Iterator[str]:
         pieces: queue.Queue[str | None] = queue.Queue()
-        request = GenerationRequest("bench", SamplingParams(max_tokens=max_tokens, temperature=0), prompt=prompt)
+        request = make_request(prompt, max_tokens)
 
         async def pump() -> None:
             try:

@@ -17,17 +17,15 @@ Last line: json_schema/free (target >= 0.8) and json_schema/llama-server (target
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import queue
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import bench_batching
 import httpx
 import jsonschema
-from harness import Backend, Result, Stream, demo_model, free_port, run_load, summarize, wait_http
+from harness import Backend, Result, Stream, demo_model, free_port, run_load, start_server, summarize
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -47,62 +45,24 @@ def ask(prompt: str) -> str:
 
 
 def engine_backend(model: str, slots: int, threads: int, constrained: bool) -> Backend:
-    """The batched engine behind a small sync adapter; its event loop runs in a helper thread."""
+    """The batched engine answering chat requests for JSON, with the schema enforced or not."""
     from deployments.api import GenerationRequest, SamplingParams
-    from deployments.llama_cpp.engine import BatchedLlamaEngine
-    from serve_app.config import ModelSpec
 
-    spec = ModelSpec(name="bench", source=model, engine={"n_ctx": 1024, "n_threads": threads, "parallel": slots,
-                                                          "chat_format": "gemma"})
-    engine = BatchedLlamaEngine(spec)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(engine.start(), loop).result()
     response_format = RESPONSE_FORMAT if constrained else None
 
-    def stream(prompt: str, max_tokens: int) -> Iterator[str]:
-        pieces: queue.Queue[str | None] = queue.Queue()
+    def chat(prompt: str, max_tokens: int) -> GenerationRequest:
         sampling = SamplingParams(max_tokens=max_tokens, response_format=response_format, **SAMPLING)
-        request = GenerationRequest("bench", sampling, messages=({"role": "user", "content": ask(prompt)},))
+        return GenerationRequest("bench", sampling, messages=({"role": "user", "content": ask(prompt)},))
 
-        async def pump() -> None:
-            try:
-                async for chunk in engine.generate(request):
-                    pieces.put(chunk.text)
-            finally:
-                pieces.put(None)
-
-        asyncio.run_coroutine_threadsafe(pump(), loop)
-        while (piece := pieces.get()) is not None:
-            if piece:
-                yield piece
-
-    def stop() -> None:
-        asyncio.run_coroutine_threadsafe(engine.stop(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-
-    return stream, stop
+    engine = {"n_ctx": 1024, "n_threads": threads, "parallel": slots, "chat_format": "gemma"}
+    return bench_batching.engine_backend(model, engine, chat)
 
 
 def llama_server_backend(binary: str, model: str, slots: int, threads: int) -> Backend:
-    import subprocess
-
     port = free_port()
     cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-c", str(1024 * slots), "-np", str(slots),
            "--cont-batching", "-t", str(threads), "-tb", str(threads), "--no-webui"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop() -> None:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
-    except BaseException:
-        stop()
-        raise
+    stop = start_server(cmd, port)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600,
                           limits=httpx.Limits(max_keepalive_connections=0))
 

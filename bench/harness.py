@@ -147,7 +147,8 @@ def http_stream(base_url: str, model: str = "model", extra: dict[str, object] | 
     return stream
 
 
-def server_backend(cmd: list[str], port: int, extra: dict[str, object] | None = None) -> Backend:
+def start_server(cmd: list[str], port: int) -> Callable[[], None]:
+    """Start an OpenAI-style server on 127.0.0.1:`port`, wait until it answers, and return how to stop it."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop() -> None:
@@ -159,6 +160,11 @@ def server_backend(cmd: list[str], port: int, extra: dict[str, object] | None = 
     except BaseException:
         stop()
         raise
+    return stop
+
+
+def server_backend(cmd: list[str], port: int, extra: dict[str, object] | None = None) -> Backend:
+    stop = start_server(cmd, port)
     return http_stream(f"http://127.0.0.1:{port}", extra=extra), stop
 
 
