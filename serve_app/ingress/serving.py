@@ -1,0 +1,261 @@
+"""Serving one generation: an OpenAI request into a `GenerationRequest`, the model's chunks into JSON or SSE.
+
+One path for chat and text completions: `open` starts the generation on the model's deployment
+and waits for its first chunk (so early failures get a proper status), then `collect` builds the
+n choices of a whole response or `chat_events` / `completion_events` stream them. Every failure
+leaves as an OpenAI error (`model_error`); the model side is cancelled however the client leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
+from deployments.spec import model_deployment_name
+from deployments.tool_use import ToolUse
+from serve_app.access.gate import MeteredStream, RequestAccount
+from serve_app.ingress.choices import Choices, chat_logprobs, completion_logprobs
+from serve_app.ingress.errors import FAILED_MODEL_RETRY_AFTER_S, model_error
+from serve_app.ingress.generation_fields import generation_options
+from serve_app.ingress.metrics import IngressMetrics
+from serve_app.ingress.protocol import (
+    AssistantMessage,
+    ChatChunkChoice,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionResponse,
+    DeltaMessage,
+    ModelStatus,
+    OpenAIError,
+    SamplingFields,
+    now,
+)
+from serve_app.ingress.tool_calls import StreamedReply, reply
+
+
+def sampling_params(body: SamplingFields, max_tokens: int | None, cap: int | None) -> SamplingParams:
+    return SamplingParams(
+        **generation_options(body),  # type: ignore[arg-type]
+        max_tokens=max_tokens,
+        max_tokens_cap=cap,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=tuple(body.stop_list()),
+        seed=body.seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+    )
+
+
+def sse(payload: BaseModel) -> str:
+    """One server-sent event; the protocol models decide which empty fields the schema wants omitted."""
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def unavailable(model: str, status: ModelStatus) -> OpenAIError:
+    """A failed model answers at once rather than after the first-token timeout."""
+    return OpenAIError(503, f"Model '{model}' is unavailable: {status.message}", type="server_error",
+                       code="model_unavailable", headers={"Retry-After": FAILED_MODEL_RETRY_AFTER_S})
+
+
+class Serving:
+    """The ingress replica's side of every generation: model handles, the first-token timeout, TTFT metrics."""
+
+    def __init__(self, first_token_timeout_s: float, metrics: IngressMetrics) -> None:
+        self._first_token_timeout_s = first_token_timeout_s
+        self._metrics = metrics
+        self._handles: dict[str, DeploymentHandle] = {}
+
+    def handle(self, model: str) -> DeploymentHandle:
+        """The model application's deployment handle (Serve keeps it pointed at the live replicas)."""
+        if model not in self._handles:
+            self._handles[model] = serve.get_deployment_handle(model_deployment_name(model), app_name=model)
+        return self._handles[model]
+
+    async def call(self, model: str, status: ModelStatus, method: str, *args: Any) -> Any:
+        """One non-streaming call to the model's deployment (embeddings), its failures as OpenAI errors."""
+        if status.state == "failed":
+            raise unavailable(model, status)
+        try:
+            return await asyncio.wait_for(getattr(self.handle(model), method).remote(*args), self._first_token_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
+            raise model_error(exc, model) from None
+
+    async def open(
+        self, model: str, status: ModelStatus, request: GenerationRequest, account: RequestAccount
+    ) -> tuple[GenerationChunk, MeteredStream]:
+        """Start a generation and wait for its first chunk, so early failures get a proper status."""
+        if status.state == "failed":
+            raise unavailable(model, status)
+        started = time.perf_counter()
+        stream: MeteredStream | None = None
+        try:  # Serve may refuse at `.remote()` already (queue full) or at the first chunk
+            request = dataclasses.replace(request, submitted_at=time.time())
+            stream = MeteredStream(self.handle(model).options(stream=True).generate.remote(request), account)
+            first = await asyncio.wait_for(stream.__anext__(), self._first_token_timeout_s)
+        except BaseException as exc:
+            if stream is not None:
+                stream.cancel()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise model_error(exc, model) from None
+        self._metrics.record_first_token(model, time.perf_counter() - started)
+        return first, stream
+
+    @staticmethod
+    async def collect(model: str, first: GenerationChunk, stream: MeteredStream, n: int) -> Choices:
+        """Every chunk of a generation gathered into its n choices (a whole, non-streamed response)."""
+        choices = Choices(n)
+        choices.add(first)
+        try:
+            while not choices.done:
+                choices.add(await stream.__anext__())
+        except StopAsyncIteration:
+            pass
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
+            raise model_error(exc, model) from None
+        finally:
+            stream.cancel()
+        return choices
+
+
+def chat_response(rid: str, model: str, choices: Choices, sampling: SamplingParams, tools: ToolUse | None
+                  ) -> ChatCompletionResponse:
+    return ChatCompletionResponse(
+        id=rid,
+        created=now(),
+        model=model,
+        choices=[
+            ChatCompletionChoice(
+                index=index, message=AssistantMessage(content=content, tool_calls=calls), finish_reason=finish,
+                logprobs=None if sampling.logprobs is None else chat_logprobs(tuple(choice.logprobs)),
+            )
+            for index, choice in enumerate(choices.items)
+            for content, calls, finish in [reply(choice.text, choice.finish_reason, tools)]
+        ],
+        usage=choices.usage(),
+    )
+
+
+def completion_response(rid: str, model: str, prefix: str, choices: Choices, sampling: SamplingParams
+                        ) -> CompletionResponse:
+    return CompletionResponse(
+        id=rid,
+        created=now(),
+        model=model,
+        choices=[
+            CompletionChoice(
+                index=index, text=prefix + choice.text, finish_reason=choice.finish_reason,
+                logprobs=None if sampling.logprobs is None else completion_logprobs(tuple(choice.logprobs), 0),
+            )
+            for index, choice in enumerate(choices.items)
+        ],
+        usage=choices.usage(),
+    )
+
+
+async def _chunks(
+    model: str, first: GenerationChunk, stream: MeteredStream, choices: Choices
+) -> AsyncIterator[GenerationChunk]:
+    """All chunks of a started generation, added to `choices`; cancels the model side however the client leaves."""
+    try:
+        choices.add(first)
+        yield first
+        if not choices.done:
+            async for chunk in stream:
+                choices.add(chunk)
+                yield chunk
+                if choices.done:
+                    break
+    except (StopAsyncIteration, GeneratorExit, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
+        raise model_error(exc, model) from None
+    finally:
+        stream.cancel()
+
+
+async def chat_events(
+    rid: str, model: str, first: GenerationChunk, stream: MeteredStream, include_usage: bool,
+    sampling: SamplingParams, tools: ToolUse | None,
+) -> AsyncIterator[str]:
+    created, output = now(), StreamedReply(tools)
+
+    def frame(index: int, delta: DeltaMessage, finish: str | None = None, chunk: GenerationChunk | None = None
+              ) -> ChatCompletionChunk:
+        logprobs = chat_logprobs(chunk.logprobs) if chunk and sampling.logprobs is not None else None
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
+        return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
+
+    for index in range(sampling.n):
+        yield sse(frame(index, DeltaMessage(role="assistant", content="")))
+    choices = Choices(sampling.n)
+    try:
+        async for chunk in _chunks(model, first, stream, choices):
+            if tools is None:  # text as it comes, with its logprobs
+                if chunk.text or chunk.logprobs:
+                    yield sse(frame(chunk.index, DeltaMessage(content=chunk.text), chunk=chunk))
+            else:  # one choice (n > 1 is refused with tools): possible calls held back until complete
+                for delta in output.feed(chunk.text):
+                    yield sse(frame(chunk.index, delta))
+            if chunk.finish_reason:
+                finish = chunk.finish_reason
+                if tools is not None:
+                    held, finish = output.finish(finish)
+                    for delta in held:
+                        yield sse(frame(chunk.index, delta))
+                yield sse(frame(chunk.index, DeltaMessage(), finish))
+        if include_usage:
+            yield sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=choices.usage()))
+    except OpenAIError as exc:
+        yield f"data: {exc.body.model_dump_json()}\n\n"
+    yield "data: [DONE]\n\n"
+
+async def completion_events(
+    rid: str,
+    model: str,
+    prefix: str,
+    first: GenerationChunk,
+    stream: MeteredStream,
+    include_usage: bool,
+    sampling: SamplingParams,
+) -> AsyncIterator[str]:
+    created = now()
+
+    def frame(index: int, text: str, finish: str | None = None, logprobs: Any = None) -> CompletionResponse:
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)
+        return CompletionResponse(id=rid, created=created, model=model, choices=[choice])
+
+    if prefix:
+        for index in range(sampling.n):
+            yield sse(frame(index, prefix))
+    choices = Choices(sampling.n)
+    try:
+        async for chunk in _chunks(model, first, stream, choices):
+            if chunk.text or chunk.finish_reason or chunk.logprobs:
+                choice = choices.items[chunk.index]
+                logprobs = None
+                if sampling.logprobs is not None:
+                    logprobs = completion_logprobs(chunk.logprobs, choice.offset)
+                choice.offset += len(chunk.text)
+                yield sse(frame(chunk.index, chunk.text, chunk.finish_reason, logprobs))
+        if include_usage:
+            yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[], usage=choices.usage()))
+    except OpenAIError as exc:
+        yield f"data: {exc.body.model_dump_json()}\n\n"
+    yield "data: [DONE]\n\n"
