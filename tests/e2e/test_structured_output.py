@@ -81,9 +81,9 @@ def test_every_output_parses_and_validates_against_its_schema(gemma: BatchedLlam
 
     async def generate() -> list[Completion]:
         return await asyncio.gather(*(
-            drain(gemma.generate(make_request(messages=ask(name, schema), max_tokens=400, temperature=1.0,
+            drain(gemma.generate(make_request(messages=ask(name, schema), max_tokens=400, temperature=1.0, seed=seed,
                                               response_format=strict(schema))), Completion())
-            for name, schema in runs
+            for seed, (name, schema) in enumerate(runs)
         ))
 
     for (name, schema), done in zip(runs, asyncio.run(generate())):
