@@ -24,6 +24,7 @@ from serve_app.access.authn import Authenticator, AuthError, Principal
 from serve_app.access.limiter_actor import Quota
 from serve_app.access.limiter_client import Admission, LimiterUnavailable, SharedLimiter
 from serve_app.access.policy import PolicyDocument, TenantPolicy, parse_policy, policy_revision
+from serve_app.ingress.errors import RETRY_AFTER_S
 from serve_app.ingress.protocol import OpenAIError
 
 logger = logging.getLogger("ray.serve.modelserve.policy")
@@ -220,7 +221,7 @@ class AccessGate:
                 "Rate limiting is temporarily unavailable. Retry shortly.",
                 type="server_error",
                 code="rate_limiter_unavailable",
-                headers={"Retry-After": "1"},
+                headers={"Retry-After": RETRY_AFTER_S},
             ) from None
         account.hold(admission, self._limiter)
         if not admission.admitted:
