@@ -56,6 +56,18 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class Started:
+    """A replica's first stream item: it took the request into a free slot, so generation begins now.
+
+    The ingress bounds the wait for it (`max_queue_wait_s`): a request that cannot start in time is
+    refused at once instead of waiting behind a queue, so what is admitted runs at unloaded speed.
+    """
+
+
+STARTED = Started()
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     """A generated token's log probability under the model, and the most likely tokens at its position."""
 

@@ -36,6 +36,10 @@ class IngressSettings(Strict):
     first_token_timeout_s: float = Field(
         120.0, gt=0, description="How long a request may wait for a model to produce anything before 503."
     )
+    max_queue_wait_s: float = Field(
+        0.5, gt=0, description="How long a request may wait for a free slot of a running model before 503 + "
+        "Retry-After; a model scaling up from zero replicas gets `first_token_timeout_s` instead.",
+    )
     cors: CorsSettings = Field(default_factory=CorsSettings, description="Web origins allowed to call the API.")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Request header and body size limits.")
 

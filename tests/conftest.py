@@ -71,6 +71,7 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
     ingress["args"]["ingress"] = {
         "deployment": {"ray_actor_options": {"num_cpus": 0.25}},
         "cors": {"allow_origins": [WEB_ORIGIN]},
+        "max_queue_wait_s": 60,  # these tests queue on purpose; tests/e2e/test_overload.py has its own deadline
     }
     gemma = next(a for a in config["applications"] if a["name"] == GEMMA)
     defaults = gemma["args"]["model_defaults"]

@@ -109,6 +109,10 @@ class MeteredStream:
         self._account.record(chunk)
         return chunk
 
+    async def started(self) -> None:
+        """Wait for the replica's STARTED item: it took the request into a free slot."""
+        await self._stream.__anext__()
+
     def cancel(self) -> None:
         """Best effort: Serve's cancel() re-raises the call's own failure (e.g. back-pressure), already handled."""
         with contextlib.suppress(Exception):

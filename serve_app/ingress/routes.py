@@ -81,7 +81,7 @@ class OpenAIIngress:
         self._created = now()
         self._access = AccessGate(limiter_name=f"modelserve-limits:{serve.get_replica_context().app_name}")
         self._metrics = IngressMetrics()
-        self._serving = Serving(self._args.ingress.first_token_timeout_s, self._metrics)
+        self._serving = Serving(self._args.ingress, self._metrics)
         self._status = StatusCache(on_crashes=self._metrics.record_crashes)
         app.state.access_gate = self._access
         app.state.cors = self._args.ingress.cors

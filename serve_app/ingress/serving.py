@@ -23,8 +23,9 @@ from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
 from deployments.spec import model_deployment_name
 from deployments.tool_use import ToolUse
 from serve_app.access.gate import MeteredStream, RequestAccount
+from serve_app.config import IngressSettings
 from serve_app.ingress.choices import Choices, chat_logprobs, completion_logprobs
-from serve_app.ingress.errors import FAILED_MODEL_RETRY_AFTER_S, model_error
+from serve_app.ingress.errors import FAILED_MODEL_RETRY_AFTER_S, model_error, overloaded
 from serve_app.ingress.generation_fields import generation_options
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.protocol import (
@@ -74,10 +75,11 @@ def unavailable(model: str, status: ModelStatus) -> OpenAIError:
 
 
 class Serving:
-    """The ingress replica's side of every generation: model handles, the first-token timeout, TTFT metrics."""
+    """The ingress replica's side of every generation: model handles, the queue and first-token deadlines, TTFT."""
 
-    def __init__(self, first_token_timeout_s: float, metrics: IngressMetrics) -> None:
-        self._first_token_timeout_s = first_token_timeout_s
+    def __init__(self, settings: IngressSettings, metrics: IngressMetrics) -> None:
+        self._first_token_timeout_s = settings.first_token_timeout_s
+        self._max_queue_wait_s = settings.max_queue_wait_s
         self._metrics = metrics
         self._handles: dict[str, DeploymentHandle] = {}
 
@@ -107,15 +109,28 @@ class Serving:
         try:  # Serve may refuse at `.remote()` already (queue full) or at the first chunk
             request = dataclasses.replace(request, submitted_at=time.time())
             stream = MeteredStream(self.handle(model).options(stream=True).generate.remote(request), account)
+            await self._start(stream, model, status)
             first = await asyncio.wait_for(stream.__anext__(), self._first_token_timeout_s)
         except BaseException as exc:
             if stream is not None:
                 stream.cancel()
-            if isinstance(exc, asyncio.CancelledError):
+            if isinstance(exc, (asyncio.CancelledError, OpenAIError)):
                 raise
             raise model_error(exc, model) from None
         self._metrics.record_first_token(model, time.perf_counter() - started)
         return first, stream
+
+    async def _start(self, stream: MeteredStream, model: str, status: ModelStatus) -> None:
+        """Wait until a replica takes the request: up to `max_queue_wait_s` behind running replicas' busy slots
+        (then 503: the request leaves the queue, so what is admitted starts at once), longer while the
+        model scales up from zero."""
+        if status.running_replicas == 0:
+            await asyncio.wait_for(stream.started(), self._first_token_timeout_s)
+            return
+        try:
+            await asyncio.wait_for(stream.started(), self._max_queue_wait_s)
+        except TimeoutError:
+            raise overloaded(model, f"no slot freed within {self._max_queue_wait_s:g} s") from None
 
     @staticmethod
     async def collect(model: str, first: GenerationChunk, stream: MeteredStream, n: int) -> Choices:
