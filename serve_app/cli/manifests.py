@@ -15,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from deployments.strict import ConfigError, describe_validation_error
-from serve_app.access.authn import SECRET_FILE_ENV
+from serve_app.access.keys import SECRET_FILE_ENV
 from serve_app.cli.deploy_settings import (
     CPU_GROUP,
     GPU_GROUP,

@@ -19,8 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from deployments.api import SamplingParams, default_max_tokens
 from deployments.strict import ConfigError
-from serve_app.access.authn import Authenticator, AuthError, AuthSettings, Principal, api_key_hash
+from serve_app.access.authn import Authenticator, AuthError, Principal, api_key_hash
 from serve_app.access.gate import AccessGate, RequestAccount, reset_duration
+from serve_app.access.keys import AuthSettings
 from serve_app.access.policy import TenantPolicy, parse_policy
 from serve_app.cli.tokens import dev_secret, mint_token, parse_ttl, register, sync_policy
 from serve_app.ingress.protocol import OpenAIError
@@ -416,7 +417,7 @@ def test_jwks_url_is_cached_and_refetched_for_a_new_kid(keys: dict[str, Any], mo
         with pytest.raises(AuthError, match="kid"):
             authenticate(auth, bearer(new))  # within the refetch cooldown: no stampede on unknown kids
         assert server.fetches == 1
-        monkeypatch.setattr("serve_app.access.authn.JWKS_COOLDOWN_S", 0.0)
+        monkeypatch.setattr("serve_app.access.keys.JWKS_COOLDOWN_S", 0.0)
         assert authenticate(auth, bearer(new)).tenant == "team-a"
         assert server.fetches == 2
     finally:
