@@ -27,7 +27,8 @@ from serve_app.ingress.choices import Choices, chat_logprobs, completion_logprob
 from serve_app.ingress.errors import FAILED_MODEL_RETRY_AFTER_S, model_error
 from serve_app.ingress.generation_fields import generation_options
 from serve_app.ingress.metrics import IngressMetrics
-from serve_app.ingress.protocol import (
+from serve_app.ingress.protocol import OpenAIError, SamplingFields, now
+from serve_app.ingress.responses import (
     AssistantMessage,
     ChatChunkChoice,
     ChatCompletionChoice,
@@ -37,9 +38,6 @@ from serve_app.ingress.protocol import (
     CompletionResponse,
     DeltaMessage,
     ModelStatus,
-    OpenAIError,
-    SamplingFields,
-    now,
 )
 from serve_app.ingress.tool_calls import StreamedReply, reply
 
