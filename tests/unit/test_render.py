@@ -24,6 +24,7 @@ import ray
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from serve_app.cli import kube
 from serve_app.cli import manifests as render
 from serve_app.cli import render as cli_render
 from serve_app.cli.deploy_settings import GIB, DeploySettings, load_deploy_settings
@@ -204,7 +205,7 @@ def test_render_check_names_edited_missing_and_stale_files(tmp_path: Path, capsy
     edited = copy_dir / "rayservice.yaml"
     edited.write_text(edited.read_text().replace("maxReplicas: 4", "maxReplicas: 40"))
     (copy_dir / "namespace.yaml").unlink()
-    (copy_dir / "old.yaml").write_text(render.HEADER + "kind: ConfigMap\n")
+    (copy_dir / "old.yaml").write_text(kube.HEADER + "kind: ConfigMap\n")
 
     code = run_cli(
         "render", "--check", "--config", SERVE_CONFIG, "--settings", copy_dir / "deploy.yaml", "--out", copy_dir
