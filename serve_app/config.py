@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from deployments.spec import DeploymentSettings, ModelSpec
+from deployments.settings import DeploymentSettings
+from deployments.spec import ModelSpec
 from deployments.strict import ConfigError, Strict, describe_validation_error
 from serve_app.ingress.cors import CorsSettings
 from serve_app.ingress.request_limits import RequestLimits

@@ -24,6 +24,7 @@ from serve_app.cli.serve_file import use_serve_process_env
 from serve_app.cli.tokens import mint_token
 from serve_app.config import INGRESS_IMPORT_PATH
 from tests.support import openai_schema
+from tests.support.auth_helpers import write_keys
 from tests.support.cluster import (
     APP_NAME,
     BASE_URL,
@@ -97,6 +98,12 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
                   engine={"embedding": True, "pooling": "mean", "n_ctx": 512, "n_threads": 1}),
     ]
     return config
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """JWT signing material: HMAC kid files, an RSA and an EC key pair (tests.support.auth_helpers.write_keys)."""
+    return write_keys(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture(scope="session")

@@ -32,18 +32,10 @@ from serve_app.ingress.errors import (
     install_error_handlers,
 )
 from serve_app.ingress.metrics import IngressMetrics
-from serve_app.ingress.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ModelCard,
-    ModelList,
-    ModelStatus,
-    OpenAIError,
-    new_id,
-    now,
-)
+from serve_app.ingress.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, new_id, now
 from serve_app.ingress.request_fields import audit_identifiers, check_fields
 from serve_app.ingress.request_limits import SizeGate
+from serve_app.ingress.responses import ModelCard, ModelList, ModelStatus
 from serve_app.ingress.serving import (
     Serving,
     chat_events,

@@ -4,11 +4,13 @@ One path for chat and text completions: `open` starts the generation on the mode
 and waits for its first chunk (so early failures get a proper status), then `collect` builds the
 n choices of a whole response or `chat_events` / `completion_events` stream them. Every failure
 leaves as an OpenAI error (`model_error`); the model side is cancelled however the client leaves.
+The request's account meters the chunks as they pass (`MeteredStream`), for its rate-limit lease.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -17,18 +19,19 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
 from deployments.spec import model_deployment_name
 from deployments.tool_use import ToolUse
-from serve_app.access.gate import MeteredStream, RequestAccount
+from serve_app.access.gate import RequestAccount
 from serve_app.config import IngressSettings
 from serve_app.ingress.choices import Choices, chat_logprobs, completion_logprobs
 from serve_app.ingress.errors import FAILED_MODEL_RETRY_AFTER_S, model_error, overloaded
 from serve_app.ingress.generation_fields import generation_options
 from serve_app.ingress.metrics import IngressMetrics
-from serve_app.ingress.protocol import (
+from serve_app.ingress.protocol import OpenAIError, SamplingFields, now
+from serve_app.ingress.responses import (
     AssistantMessage,
     ChatChunkChoice,
     ChatCompletionChoice,
@@ -38,9 +41,6 @@ from serve_app.ingress.protocol import (
     CompletionResponse,
     DeltaMessage,
     ModelStatus,
-    OpenAIError,
-    SamplingFields,
-    now,
 )
 from serve_app.ingress.tool_calls import StreamedReply, reply
 
@@ -72,6 +72,31 @@ def unavailable(model: str, status: ModelStatus) -> OpenAIError:
     """A failed model answers at once rather than after the first-token timeout."""
     return OpenAIError(503, f"Model '{model}' is unavailable: {status.message}", type="server_error",
                        code="model_unavailable", headers={"Retry-After": FAILED_MODEL_RETRY_AFTER_S})
+
+
+class MeteredStream:
+    """A model's chunk stream that keeps the running usage on the request's account as chunks pass."""
+
+    def __init__(self, stream: DeploymentResponseGenerator, account: RequestAccount) -> None:
+        self._stream = stream
+        self._account = account
+
+    def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        chunk = await self._stream.__anext__()
+        self._account.record(chunk)
+        return chunk
+
+    async def started(self) -> None:
+        """Wait for the replica's STARTED item: it took the request into a free slot."""
+        await self._stream.__anext__()
+
+    def cancel(self) -> None:
+        """Best effort: Serve's cancel() re-raises the call's own failure (e.g. back-pressure), already handled."""
+        with contextlib.suppress(Exception):
+            self._stream.cancel()
 
 
 class Serving:
