@@ -52,6 +52,7 @@ class GenerationRequest:
     messages: tuple[dict[str, Any], ...] | None = None
     prompt: str | None = None
     tools: ToolUse | None = None
+    tenant: str = ""  # who asked (the ingress's authenticated tenant): engines keep tenants' work and caches apart
     submitted_at: float = 0.0  # wall-clock time the caller sent it: the replica measures queue wait from it
 
 
