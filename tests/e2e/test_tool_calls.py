@@ -1,7 +1,8 @@
 """Tool calls end to end through the unmodified openai SDK against the real app (issue #17).
 
 `required` and named functions are grammar-constrained, so even output sampled at temperature 1.5
-is a valid call; `auto` output is parsed and validated (an invalid call comes back as text). Every
+is a valid call, and streamed its arguments arrive in fragments as generated; `auto` output is parsed
+and validated (an invalid call comes back as text). With n > 1 each choice makes its own call. Every
 response and stream chunk is also checked against OpenAI's schema by conftest.
 """
 
