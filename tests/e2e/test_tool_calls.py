@@ -36,6 +36,16 @@ FORECAST = {
                        "required": ["unit", "days", "rain"], "additionalProperties": False},
     },
 }
+# Arguments long enough to take several of the stream's 100 ms intervals to generate (the grammar enforces minLength).
+NOTE = {
+    "type": "function",
+    "function": {
+        "name": "save_note",
+        "description": "Save a note about the weather.",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string", "minLength": 160, "maxLength": 200}},
+                       "required": ["text"], "additionalProperties": False},
+    },
+}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
@@ -91,12 +101,12 @@ def joined_arguments(deltas: list[Any]) -> str:
 
 
 def test_a_streamed_call_arrives_as_openai_deltas_with_its_arguments_in_fragments(client: openai.OpenAI) -> None:
-    params: dict[str, Any] = {"model": GEMMA, "messages": ASK, "tools": [WEATHER], "tool_choice": named(WEATHER),
-                              "temperature": 0, "max_tokens": 60}
+    params: dict[str, Any] = {"model": GEMMA, "messages": ASK, "tools": [WEATHER, NOTE], "tool_choice": named(NOTE),
+                              "temperature": 0, "max_tokens": 300}
     whole = client.chat.completions.create(**params).choices[0].message.tool_calls[0]
     chunks = list(client.chat.completions.create(**params, stream=True))
     [deltas] = streamed_calls(chunks)[0].values()
-    assert deltas[0].index == 0 and deltas[0].function.name == "get_weather"
+    assert deltas[0].index == 0 and deltas[0].function.name == "save_note"
     assert len(deltas) > 2  # id and name, then the arguments as generated: more than one fragment
     assert json.loads(joined_arguments(deltas)) == json.loads(whole.function.arguments)
     assert [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason] == ["tool_calls"]
