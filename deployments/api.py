@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from deployments.tool_use import ToolUse
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ def default_max_tokens(sampling: SamplingParams, model_default: int | None) -> i
 class GenerationRequest:
     """One generation: either chat `messages` (OpenAI message dicts, content as text) or a raw `prompt`.
 
-    `tools`: the tools the model may call (chat only); the engine renders them and, when a call is
-    required, constrains the output to one.
+    `tools`: the tools the model may call (chat only); the engine renders them, constrains the output to
+    calls when a call is required, and returns the calls it made as chunks' `tool_calls`.
     """
 
     request_id: str
@@ -77,9 +77,20 @@ class TokenLogprob:
     top: tuple[tuple[bytes, float], ...] = ()
 
 
+@dataclass(frozen=True)
+class ToolCallFragment:
+    """Part of call `index` of a choice, as OpenAI streams it: the first part has the id and name, later
+    parts continue the arguments (a JSON object's text; the parts of one call concatenate to it)."""
+
+    index: int
+    arguments: str
+    id: str | None = None
+    name: str | None = None
+
+
 @dataclass
 class GenerationChunk:
-    """Text of choice `index` produced since its previous chunk, with running token counts (of that choice)."""
+    """Text and tool calls of choice `index` produced since its previous chunk, with running token counts."""
 
     text: str
     prompt_tokens: int
@@ -87,6 +98,7 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token produced since the previous chunk, when asked for
     index: int = 0
+    tool_calls: tuple[ToolCallFragment, ...] = ()
 
     def merge(self, later: GenerationChunk) -> GenerationChunk:
         return GenerationChunk(
@@ -96,6 +108,7 @@ class GenerationChunk:
             finish_reason=later.finish_reason,
             logprobs=self.logprobs + later.logprobs,
             index=later.index,
+            tool_calls=self.tool_calls + later.tool_calls,
         )
 
 

@@ -144,6 +144,10 @@ class VllmSettings(Strict):
     accelerator_type: str | None = Field(
         None, description="Ray accelerator type of the GPUs (L4, A10G, H100, ...); must match the GPU worker group."
     )
+    tool_call_parser: str | None = Field(
+        None, pattern=r"^[a-z0-9_.-]+$", description="vLLM's parser for the model's tool call format (hermes, "
+        "llama3_json, mistral, ...): turns on `tools` (vLLM's enable_auto_tool_choice); None = `tools` refused.",
+    )
 
     @field_validator("accelerator_type")
     @classmethod
@@ -167,4 +171,7 @@ class VllmSettings(Strict):
 
     def engine_args(self) -> dict[str, Any]:
         """The vLLM engine arguments among these settings (unset ones are left to vLLM)."""
-        return self.model_dump(exclude={"accelerator_type"}, exclude_none=True)
+        args = self.model_dump(exclude={"accelerator_type", "tool_call_parser"}, exclude_none=True)
+        if self.tool_call_parser:
+            args.update(enable_auto_tool_choice=True, tool_call_parser=self.tool_call_parser)
+        return args

@@ -124,7 +124,7 @@ class ModelSpec(Strict):
         kwargs = set(self.engine.engine_kwargs)
         if owned := sorted(kwargs.intersection(VLLM_OWNED_ARGS)):
             raise ValueError(f"engine.engine_kwargs {owned} are set by modelserve from the model's name and source")
-        if typed := sorted(kwargs.intersection(VllmSettings.model_fields)):
+        if typed := sorted(kwargs.intersection({*VllmSettings.model_fields, "enable_auto_tool_choice"})):
             raise ValueError(f"engine.engine_kwargs {typed}: set these under 'vllm:' instead, where they are checked")
         actor = self.deployment.ray_actor_options
         if actor.get("num_gpus") or actor.get("accelerator_type"):

@@ -8,6 +8,7 @@ samples every request's sequence. The event loop only moves chunks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,9 @@ from deployments.llama_cpp.model import RepackChoice, choose_repack, open_model
 from deployments.llama_cpp.prompt import Prompt, prepare_prompt
 from deployments.llama_cpp.scheduler import DONE, DecodeLoop
 from deployments.llama_cpp.sequence import Submission
+from deployments.llama_cpp.tools import streams_arguments
 from deployments.spec import ModelSpec
+from deployments.tool_stream import read_tool_calls
 from deployments.weights.cache import WeightCache
 
 logger = logging.getLogger(__name__)
@@ -80,6 +83,16 @@ class BatchedLlamaEngine(Engine):
         await asyncio.to_thread(self._resources.close)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """The request's chunks; with tools, each choice's calls read out of its text (deployments.tool_stream)."""
+        generated = self._generate(request)
+        async with contextlib.aclosing(generated):  # closing it cancels the request
+            chunks = generated
+            if request.tools is not None:
+                chunks = read_tool_calls(generated, request.tools, streams_arguments(request.tools))
+            async for chunk in chunks:
+                yield chunk
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self._decode_loop is None:
             raise EngineUnavailable(f"model {self._spec.name!r} is not loaded")
         queue: asyncio.Queue[Any] = asyncio.Queue()

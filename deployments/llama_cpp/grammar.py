@@ -64,6 +64,24 @@ def check_schema(schema: Any, where: str = "schema") -> None:
         check_schema(schema["additionalProperties"], f"{where}.additionalProperties")
 
 
+def enforces(schema: Any) -> bool:
+    """Whether the grammar compiled from `schema` enforces all of it (`check_schema` would let it through)."""
+    try:
+        check_schema(schema)
+    except UnsupportedGenerationRequest:
+        return False
+    return True
+
+
+def json_strings(gbnf: str) -> str:
+    """A converted grammar whose strings hold no raw control characters, which JSON forbids.
+
+    llama-cpp-python's converter lets them in; llama.cpp's own converter (json-schema-to-grammar)
+    excludes them from its string character rule the same way.
+    """
+    return gbnf.replace(_LOOSE_CHAR, _JSON_CHAR)
+
+
 @lru_cache(maxsize=128)
 def _compile(schema_json: str, vocab: int) -> str:
     schema = json.loads(schema_json)
@@ -72,9 +90,7 @@ def _compile(schema_json: str, vocab: int) -> str:
         grammar = json_schema_to_gbnf(schema_json)
     except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise _refuse(f"the schema cannot be compiled to a grammar: {exc}") from None
-    # llama-cpp-python's converter lets raw control characters into strings, which JSON forbids; llama.cpp's
-    # own converter (json-schema-to-grammar) excludes them from its string character rule the same way.
-    grammar = grammar.replace(_LOOSE_CHAR, _JSON_CHAR)
+    grammar = json_strings(grammar)
     sampler = llama_cpp.llama_sampler_init_grammar(ctypes.c_void_p(vocab), grammar.encode(), b"root")
     if not sampler:
         raise _refuse("llama.cpp cannot parse the grammar compiled from this schema")

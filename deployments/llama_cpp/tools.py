@@ -4,7 +4,8 @@ With `tool_choice` `required` or a named function, the output must be calls: lla
 JSON-schema converter turns the call schema (`{"name": <tool>, "arguments": <its parameters>}`)
 into GBNF, and llama.cpp's grammar sampler masks every token that would leave it, so the
 arguments always validate. Several calls (parallel_tool_calls) are such objects one a line; a
-template in the Hermes style gets each wrapped in its `<tool_call>` tags.
+template in the Hermes style gets each wrapped in its `<tool_call>` tags. Where the grammar enforces
+every parameter schema, a call's arguments can stream as they are generated (`streams_arguments`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import llama_cpp
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from deployments.api import UnsupportedGenerationRequest
-from deployments.tool_use import HERMES_CLOSE, HERMES_OPEN, ToolUse, call_schema
+from deployments.llama_cpp.grammar import enforces, json_strings
+from deployments.tool_use import HERMES_CLOSE, HERMES_OPEN, ToolUse, call_schema, parameters
 
 _ROOT = re.compile(r"(?<![\w-])root(?![\w-])")
 _LITERALS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]')  # GBNF strings and character classes
@@ -42,7 +44,15 @@ def tool_grammar(tools: ToolUse, hermes: bool) -> str | None:
     if hermes:
         call = f"{_literal(HERMES_OPEN + chr(10))} {_CALL_RULE} {_literal(chr(10) + HERMES_CLOSE)}"
     root = f'root ::= {call} ("\\n" {call})*' if tools.parallel else f"root ::= {call}"
-    return _rename_root(gbnf) + "\n" + root + "\n"
+    return _rename_root(json_strings(gbnf)) + "\n" + root + "\n"
+
+
+def streams_arguments(tools: ToolUse) -> bool:
+    """Whether calls can be passed on as generated: output that is only calls, under a grammar that
+    enforces each callable function's (object) parameter schema, so whatever it generates validates."""
+    return tools.mode != "auto" and all(
+        parameters(f).get("type") == "object" and enforces(parameters(f)) for f in tools.callable()
+    )
 
 
 def _rename_root(gbnf: str) -> str:

@@ -2,7 +2,9 @@
 `LLMServer`, and its stream of OpenAI SSE lines (or error objects) turned into `GenerationChunk`s.
 
 vLLM implements the generation fields itself (`response_format` through its structured-output backend,
-`logprobs`/`top_logprobs`, `n`, `logit_bias`, `seed`); they pass through unchanged. Kept apart from
+`logprobs`/`top_logprobs`, `n`, `logit_bias`, `seed`, and `tools`/`tool_choice`/`parallel_tool_calls`
+with the model's tool parser); they pass through unchanged, and its tool call deltas come back as
+`ToolCallFragment`s. Kept apart from
 `deployments.vllm.server` so tests without the gpu extra can check both directions.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.api import (
@@ -21,15 +24,21 @@ from deployments.api import (
     GenerationRequest,
     InvalidGenerationRequest,
     TokenLogprob,
+    ToolCallFragment,
+    UnsupportedGenerationRequest,
 )
+from deployments.tool_use import ToolUse
 
 STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}  # running token counts on every chunk
-_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "stop"}
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 _CONTEXT_PARAMS = ("input_tokens", "input_text")  # what vLLM names when a prompt does not fit max_model_len
 
 
-def request_fields(model: str, request: GenerationRequest) -> dict[str, Any]:
-    """The fields of the chat or completions request LLMServer gets (without the token budget)."""
+def request_fields(model: str, request: GenerationRequest, tool_call_parser: str | None) -> dict[str, Any]:
+    """The fields of the chat or completions request LLMServer gets (without the token budget).
+
+    Tools need the model's `tool_call_parser` (vLLM reads calls back with it): without one they are refused.
+    """
     sampling = request.sampling
     fields: dict[str, Any] = {
         "model": model,
@@ -48,12 +57,27 @@ def request_fields(model: str, request: GenerationRequest) -> dict[str, Any]:
     if request.messages is not None:
         fields["messages"] = [dict(m) for m in request.messages]
         fields["response_format"] = sampling.response_format
+        if request.tools is not None:
+            if tool_call_parser is None:
+                raise UnsupportedGenerationRequest(
+                    f"Model '{model}' takes no tools: its entry sets no vllm.tool_call_parser.", param="tools"
+                )
+            fields.update(tool_fields(request.tools))
         if sampling.logprobs is not None:
             fields.update(logprobs=True, top_logprobs=sampling.logprobs)
     else:
         fields["prompt"] = request.prompt or ""
         fields["logprobs"] = sampling.logprobs
     return fields
+
+
+def tool_fields(tools: ToolUse) -> dict[str, Any]:
+    """The request's tools as vLLM takes them (OpenAI's fields; vLLM's tool parser reads the calls back)."""
+    choice: Any = tools.mode
+    if tools.mode == "function":
+        choice = {"type": "function", "function": {"name": tools.function}}
+    return {"tools": [{"type": "function", "function": f} for f in tools.functions], "tool_choice": choice,
+            "parallel_tool_calls": tools.parallel}
 
 
 def _chat_logprobs(logprobs: dict[str, Any] | None) -> list[TokenLogprob]:
@@ -77,17 +101,43 @@ def _completion_logprobs(logprobs: dict[str, Any] | None) -> list[TokenLogprob]:
     ]
 
 
+@dataclass
+class _Output:
+    """What one choice produced within a stretch of the stream."""
+
+    texts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    calls: list[ToolCallFragment] = field(default_factory=list)
+
+    def add(self, choice: dict[str, Any]) -> None:
+        delta = choice.get("delta") or {}
+        self.texts.append(choice.get("text") or delta.get("content") or "")
+        self.logprobs += (_chat_logprobs(choice.get("logprobs")) if "delta" in choice
+                          else _completion_logprobs(choice.get("logprobs")))
+        for call in delta.get("tool_calls") or ():
+            function = call.get("function") or {}
+            self.calls.append(ToolCallFragment(call["index"], function.get("arguments") or "", call.get("id"),
+                                               function.get("name")))
+
+    def __bool__(self) -> bool:
+        return any(self.texts) or bool(self.logprobs or self.calls)
+
+    def chunk(self, index: int, prompt: int, completion: int, finish: FinishReason | None) -> GenerationChunk:
+        return GenerationChunk("".join(self.texts), prompt, completion, finish, tuple(self.logprobs), index,
+                               tuple(self.calls))
+
+
 async def openai_stream_chunks(stream: AsyncIterator[Any], param: str) -> AsyncIterator[GenerationChunk]:
     """Turn LLMServer's stream (batches of OpenAI SSE lines, or an error object) into `GenerationChunk`s.
 
-    Each batch becomes one chunk per choice that got text; a choice's finishing chunk waits for the end
-    of the stream so it carries the final token counts (the total over all choices).
+    Each batch becomes one chunk per choice that got text or tool call fragments; a choice's finishing
+    chunk waits for the end of the stream so it carries the final token counts (the total over all choices).
     """
     prompt_tokens = completion_tokens = 0
     finish: dict[int, str] = {}
-    last: dict[int, tuple[list[str], list[TokenLogprob]]] = {}  # text arriving with (or after) a finish reason
+    last: dict[int, _Output] = {}  # output arriving with (or after) a finish reason
     async for batch in stream:
-        parts: dict[int, tuple[list[str], list[TokenLogprob]]] = {}
+        parts: dict[int, _Output] = {}
         for event in _events(batch):
             if "error" in event:
                 raise engine_error(event["error"], param)
@@ -96,25 +146,20 @@ async def openai_stream_chunks(stream: AsyncIterator[Any], param: str) -> AsyncI
             completion_tokens = max(completion_tokens, usage.get("completion_tokens", completion_tokens))
             for choice in event.get("choices") or []:
                 index = choice.get("index", 0)
-                texts, logprobs = (last if index in finish else parts).setdefault(index, ([], []))
-                texts.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
-                logprobs.extend(_chat_logprobs(choice.get("logprobs")) if "delta" in choice
-                                else _completion_logprobs(choice.get("logprobs")))
+                (last if index in finish else parts).setdefault(index, _Output()).add(choice)
                 if choice.get("finish_reason"):
                     finish[index] = choice["finish_reason"]
-                    last.setdefault(index, ([], []))
-                    if index in parts:
-                        moved = parts.pop(index)
-                        last[index] = (moved[0] + last[index][0], moved[1] + last[index][1])
-        for index, (texts, logprobs) in sorted(parts.items()):
-            if any(texts) or logprobs:
-                yield GenerationChunk("".join(texts), prompt_tokens, completion_tokens, None, tuple(logprobs), index)
+                    earlier, later = parts.pop(index, _Output()), last.get(index, _Output())
+                    last[index] = _Output(earlier.texts + later.texts, earlier.logprobs + later.logprobs,
+                                          earlier.calls + later.calls)
+        for index, output in sorted(parts.items()):
+            if output:
+                yield output.chunk(index, prompt_tokens, completion_tokens, None)
     if not finish or any(reason not in _FINISH for reason in finish.values()):
         reasons = ", ".join(repr(reason) for reason in finish.values()) or "None"
         raise EngineUnavailable(f"vLLM ended the generation without finishing it (finish_reason {reasons})")
     for index, reason in sorted(finish.items()):
-        texts, logprobs = last[index]
-        yield GenerationChunk("".join(texts), prompt_tokens, completion_tokens, _FINISH[reason], tuple(logprobs), index)
+        yield last[index].chunk(index, prompt_tokens, completion_tokens, _FINISH[reason])
 
 
 def _events(batch: Any) -> Iterator[dict[str, Any]]:

@@ -30,7 +30,6 @@ from deployments.api import (
     GenerationChunk,
     GenerationRequest,
     Started,
-    UnsupportedGenerationRequest,
     default_max_tokens,
 )
 from deployments.embedding import EmbeddingRequest, EmbeddingResult, WrongModelKind
@@ -115,13 +114,11 @@ class VllmModelServer(LLMServer):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Started | GenerationChunk]:
         """STARTED (vLLM queues and batches itself), then the request through vLLM's OpenAI serving layer."""
         yield STARTED
-        if request.tools is not None:
-            raise UnsupportedGenerationRequest("vLLM models do not take tools yet.", param="tools")
         sampling = request.sampling
         max_tokens = sampling.max_tokens
         if max_tokens is None:
             max_tokens = default_max_tokens(sampling, self._spec.engine.default_max_tokens)
-        fields = request_fields(self._spec.name, request)
+        fields = request_fields(self._spec.name, request, self._spec.vllm.tool_call_parser if self._spec.vllm else None)
         if request.messages is not None:
             param = "messages"
             stream = await self.chat(ChatCompletionRequest(**fields, max_completion_tokens=max_tokens))

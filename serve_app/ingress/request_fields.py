@@ -79,8 +79,9 @@ FIELDS: dict[str, FieldRule] = {
     "stream_options": FieldRule("`include_usage`; `include_obfuscation: false`", "`include_obfuscation: true`",
                                 lambda v: v is None or not v.include_obfuscation),
     "echo": FieldRule("the prompt precedes the completion", endpoints=frozenset({COMPLETIONS})),
-    "n": FieldRule("1 to 8 choices of one prompt, prefilled once (llama.cpp: at most the replica's "
-                   "`engine.parallel`, else 400 naming `n`)", "more than 8", lambda v: v is None or v <= MAX_N),
+    "n": FieldRule("1 to 8 choices of one prompt, prefilled once, each with its own tool calls (llama.cpp: at "
+                   "most the replica's `engine.parallel`, else 400 naming `n`)", "more than 8",
+                   lambda v: v is None or v <= MAX_N),
     "best_of": FieldRule("1", "any other value", _one_of(1), frozenset({COMPLETIONS})),
     "logprobs": FieldRule("chat: `true` returns each token's logprob; completions: 0-5 alternatives per token "
                           "(the model's distribution before bias, penalties, temperature and grammar)",
@@ -93,9 +94,12 @@ FIELDS: dict[str, FieldRule] = {
                                  'output)', "a schema using keywords the grammar cannot enforce (llama.cpp)",
                                  _anything, frozenset({CHAT})),
     "tools": FieldRule("`function` tools: rendered by the model's chat template if it knows tools, else by a "
-                       "generic prompt (see Tool calls)", "`custom` tools", endpoints=frozenset({CHAT})),
-    "tool_choice": FieldRule('`"auto"`, `"none"`, `"required"`, a named function (the last two grammar-constrained)',
-                             "`allowed_tools`, `custom`", endpoints=frozenset({CHAT})),
+                       "generic prompt; vLLM: passed to vLLM (see Tool calls)",
+                       "`custom` tools; any tools on a vLLM model without `vllm.tool_call_parser`",
+                       endpoints=frozenset({CHAT})),
+    "tool_choice": FieldRule('`"auto"`, `"none"`, `"required"`, a named function (the last two grammar-constrained); '
+                             "streamed calls send their arguments in fragments", "`allowed_tools`, `custom`",
+                             endpoints=frozenset({CHAT})),
     "parallel_tool_calls": FieldRule("`false`: at most one call; true/null: several (a named function: exactly one call)", endpoints=frozenset({CHAT})),
     "functions": FieldRule("`[]`", _DEPRECATED, _empty, frozenset({CHAT})),
     "function_call": FieldRule('`"none"`', _DEPRECATED, _one_of("none"), frozenset({CHAT})),

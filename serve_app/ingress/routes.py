@@ -140,18 +140,14 @@ class OpenAIIngress:
             messages=tuple(engine_message(m) for m in body.messages),
             tools=tool_use(body),
         )
-        if request.tools is not None and request.sampling.n > 1:
-            raise OpenAIError(400, "n > 1 with tools is not supported: send one request per choice.", param="n",
-                              code="unsupported_parameter")
         await self._access.admit(account, request)
         first, stream = await self._serving.open(model, status, request, account)
         sampling = request.sampling
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return sse_response(chat_events(request.request_id, model, first, stream, include_usage, sampling,
-                                            request.tools))
+            return sse_response(chat_events(request.request_id, model, first, stream, include_usage, sampling))
         choices = await self._serving.collect(model, first, stream, sampling.n)
-        return chat_response(request.request_id, model, choices, sampling, request.tools)
+        return chat_response(request.request_id, model, choices, sampling)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, account: Caller) -> Any:

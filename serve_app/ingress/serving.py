@@ -23,10 +23,9 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
 from deployments.spec import model_deployment_name
-from deployments.tool_use import ToolUse
 from serve_app.access.gate import RequestAccount
 from serve_app.config import IngressSettings
-from serve_app.ingress.choices import Choices, chat_logprobs, completion_logprobs
+from serve_app.ingress.choices import Choices, call_deltas, chat_logprobs, completion_logprobs
 from serve_app.ingress.errors import FAILED_MODEL_RETRY_AFTER_S, model_error, overloaded
 from serve_app.ingress.generation_fields import generation_options
 from serve_app.ingress.metrics import IngressMetrics
@@ -42,7 +41,6 @@ from serve_app.ingress.responses import (
     DeltaMessage,
     ModelStatus,
 )
-from serve_app.ingress.tool_calls import StreamedReply, reply
 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None, cap: int | None) -> SamplingParams:
@@ -174,19 +172,18 @@ class Serving:
         return choices
 
 
-def chat_response(rid: str, model: str, choices: Choices, sampling: SamplingParams, tools: ToolUse | None
-                  ) -> ChatCompletionResponse:
+def chat_response(rid: str, model: str, choices: Choices, sampling: SamplingParams) -> ChatCompletionResponse:
     return ChatCompletionResponse(
         id=rid,
         created=now(),
         model=model,
         choices=[
             ChatCompletionChoice(
-                index=index, message=AssistantMessage(content=content, tool_calls=calls), finish_reason=finish,
+                index=index, message=AssistantMessage(content=choice.content, tool_calls=choice.calls or None),
+                finish_reason=choice.finish_reason,
                 logprobs=None if sampling.logprobs is None else chat_logprobs(tuple(choice.logprobs)),
             )
             for index, choice in enumerate(choices.items)
-            for content, calls, finish in [reply(choice.text, choice.finish_reason, tools)]
         ],
         usage=choices.usage(),
     )
@@ -232,9 +229,9 @@ async def _chunks(
 
 async def chat_events(
     rid: str, model: str, first: GenerationChunk, stream: MeteredStream, include_usage: bool,
-    sampling: SamplingParams, tools: ToolUse | None,
+    sampling: SamplingParams,
 ) -> AsyncIterator[str]:
-    created, output = now(), StreamedReply(tools)
+    created = now()
 
     def frame(index: int, delta: DeltaMessage, finish: str | None = None, chunk: GenerationChunk | None = None
               ) -> ChatCompletionChunk:
@@ -247,24 +244,18 @@ async def chat_events(
     choices = Choices(sampling.n)
     try:
         async for chunk in _chunks(model, first, stream, choices):
-            if tools is None:  # text as it comes, with its logprobs
-                if chunk.text or chunk.logprobs:
-                    yield sse(frame(chunk.index, DeltaMessage(content=chunk.text), chunk=chunk))
-            else:  # one choice (n > 1 is refused with tools): possible calls held back until complete
-                for delta in output.feed(chunk.text):
-                    yield sse(frame(chunk.index, delta))
+            if chunk.text or chunk.logprobs or chunk.tool_calls:  # text and call fragments as they come
+                content = chunk.text if chunk.text or not chunk.tool_calls else None
+                delta = DeltaMessage(content=content, tool_calls=call_deltas(chunk.tool_calls) or None)
+                yield sse(frame(chunk.index, delta, chunk=chunk))
             if chunk.finish_reason:
-                finish = chunk.finish_reason
-                if tools is not None:
-                    held, finish = output.finish(finish)
-                    for delta in held:
-                        yield sse(frame(chunk.index, delta))
-                yield sse(frame(chunk.index, DeltaMessage(), finish))
+                yield sse(frame(chunk.index, DeltaMessage(), chunk.finish_reason))
         if include_usage:
             yield sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=choices.usage()))
     except OpenAIError as exc:
         yield f"data: {exc.body.model_dump_json()}\n\n"
     yield "data: [DONE]\n\n"
+
 
 async def completion_events(
     rid: str,

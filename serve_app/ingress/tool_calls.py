@@ -1,23 +1,18 @@
-"""Tool calls at the ingress: `tools`/`tool_choice`/`parallel_tool_calls` into a `ToolUse`, output back into calls.
+"""Tool calls at the ingress: `tools`/`tool_choice`/`parallel_tool_calls` into a `ToolUse`, history into messages.
 
-The engine renders the tools and, for `required` or a named function, samples under a grammar
-(deployments.llama_cpp.tools). Whatever the mode, the text it returns is read back here by
-`deployments.tool_use.parse_calls`: calls come back only whole and valid (`finish_reason:
-"tool_calls"`); anything else is the message's text. A stream therefore holds back output that
-may be calls until it is complete, then sends each call as OpenAI's deltas: index, id, type and
-name first, then the arguments.
+The engine does the rest: it renders the tools, constrains the output where a call is required,
+and returns the calls it made as chunk fragments (llama.cpp: deployments.tool_stream reads them
+out of the model's text; vLLM: its own tool parser), which serve_app.ingress.choices shapes.
 """
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import jsonschema
 
-from deployments.tool_use import ParsedCall, ToolUse, may_be_call, parse_calls
+from deployments.tool_use import ToolUse
 from serve_app.ingress.protocol import ChatCompletionRequest, ChatMessage, OpenAIError
-from serve_app.ingress.responses import DeltaMessage, FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
 
 
 def _invalid(param: str, message: str) -> OpenAIError:
@@ -82,53 +77,3 @@ def engine_message(message: ChatMessage) -> dict[str, Any]:
     if message.role == "tool":
         rendered["tool_call_id"] = message.tool_call_id
     return rendered
-
-
-def _call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def reply(text: str, finish_reason: str | None, tools: ToolUse | None) -> tuple[str | None, list[ToolCall] | None, str | None]:
-    """A complete output as (content, tool_calls, finish_reason): calls only if all of it is valid calls."""
-    calls = parse_calls(text, tools) if tools is not None else None
-    if not calls:
-        return text, None, finish_reason
-    return None, [ToolCall(id=_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls], \
-        "tool_calls"
-
-
-def _call_deltas(calls: list[ParsedCall]) -> list[DeltaMessage]:
-    deltas = []
-    for index, call in enumerate(calls):
-        head = ToolCallDelta(index=index, id=_call_id(), type="function",
-                             function=FunctionCallDelta(name=call.name, arguments=""))
-        deltas += [DeltaMessage(tool_calls=[head]),
-                   DeltaMessage(tool_calls=[ToolCallDelta(index=index, function=FunctionCallDelta(arguments=call.arguments))])]
-    return deltas
-
-
-class StreamedReply:
-    """Turns a stream's text into deltas: text as it comes, output that may be calls held back until complete."""
-
-    def __init__(self, tools: ToolUse | None) -> None:
-        self._tools = tools
-        self._held = ""
-        self._text = tools is None  # True once the output is known to be text
-
-    def feed(self, text: str) -> list[DeltaMessage]:
-        if self._text:
-            return [DeltaMessage(content=text)] if text else []
-        self._held += text
-        if self._tools is not None and self._tools.mode == "auto" and not may_be_call(self._held):
-            self._text, held, self._held = True, self._held, ""
-            return [DeltaMessage(content=held)]
-        return []
-
-    def finish(self, finish_reason: str | None) -> tuple[list[DeltaMessage], str | None]:
-        """The held-back output (as calls if it is valid calls) and the finish reason."""
-        if self._text or not self._held:
-            return [], finish_reason
-        calls = parse_calls(self._held, self._tools) if self._tools is not None else None
-        if calls:
-            return _call_deltas(calls), "tool_calls"
-        return [DeltaMessage(content=self._held)], finish_reason

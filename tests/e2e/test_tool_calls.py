@@ -1,7 +1,8 @@
 """Tool calls end to end through the unmodified openai SDK against the real app (issue #17).
 
 `required` and named functions are grammar-constrained, so even output sampled at temperature 1.5
-is a valid call; `auto` output is parsed and validated (an invalid call comes back as text). Every
+is a valid call, and streamed its arguments arrive in fragments as generated; `auto` output is parsed
+and validated (an invalid call comes back as text). With n > 1 each choice makes its own call. Every
 response and stream chunk is also checked against OpenAI's schema by conftest.
 """
 
@@ -33,6 +34,16 @@ FORECAST = {
         "parameters": {"type": "object",
                        "properties": {"unit": {"enum": ["c", "f"]}, "days": {"type": "integer"}, "rain": {"type": "boolean"}},
                        "required": ["unit", "days", "rain"], "additionalProperties": False},
+    },
+}
+# Arguments long enough to take several of the stream's 100 ms intervals to generate (the grammar enforces minLength).
+NOTE = {
+    "type": "function",
+    "function": {
+        "name": "save_note",
+        "description": "Save a note about the weather.",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string", "minLength": 160, "maxLength": 200}},
+                       "required": ["text"], "additionalProperties": False},
     },
 }
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -70,21 +81,56 @@ def test_required_constrains_even_wildly_sampled_output_to_a_valid_call(client: 
     check_call(call, WEATHER if call.function.name == "get_weather" else FORECAST)
 
 
-def test_a_streamed_call_arrives_as_openai_deltas(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(model=GEMMA, messages=ASK, tools=[WEATHER], tool_choice=named(WEATHER),
-                                            temperature=0, max_tokens=60, stream=True)
-    deltas, finish = [], None
+def streamed_calls(stream: Any) -> dict[int, dict[int, list[Any]]]:
+    """Each choice's tool call deltas, by choice and call index (no content may come with them)."""
+    calls: dict[int, dict[int, list[Any]]] = {}
     for chunk in stream:
-        choice = chunk.choices[0]
-        deltas += choice.delta.tool_calls or []
-        assert not choice.delta.content
-        finish = choice.finish_reason or finish
+        for choice in chunk.choices:
+            assert not choice.delta.content
+            for delta in choice.delta.tool_calls or []:
+                calls.setdefault(choice.index, {}).setdefault(delta.index, []).append(delta)
+    return calls
+
+
+def joined_arguments(deltas: list[Any]) -> str:
+    """A streamed call's arguments, checking OpenAI's delta format: index, id, type and name first, then fragments."""
     head, *fragments = deltas
-    assert (head.index, head.type, head.function.name) == (0, "function", "get_weather") and head.id.startswith("call_")
-    assert fragments and all(d.index == 0 and d.id is None and d.function.name is None for d in fragments)
-    arguments = json.loads((head.function.arguments or "") + "".join(d.function.arguments for d in fragments))
-    jsonschema.validate(arguments, WEATHER["function"]["parameters"])
-    assert finish == "tool_calls"
+    assert head.id.startswith("call_") and head.type == "function" and head.function.name
+    assert all(d.index == head.index and d.id is None and d.function.name is None for d in fragments)
+    return (head.function.arguments or "") + "".join(d.function.arguments for d in fragments)
+
+
+def test_a_streamed_call_arrives_as_openai_deltas_with_its_arguments_in_fragments(client: openai.OpenAI) -> None:
+    params: dict[str, Any] = {"model": GEMMA, "messages": ASK, "tools": [WEATHER, NOTE], "tool_choice": named(NOTE),
+                              "temperature": 0, "max_tokens": 300}
+    whole = client.chat.completions.create(**params).choices[0].message.tool_calls[0]
+    chunks = list(client.chat.completions.create(**params, stream=True))
+    [deltas] = streamed_calls(chunks)[0].values()
+    assert deltas[0].index == 0 and deltas[0].function.name == "save_note"
+    assert len(deltas) > 2  # id and name, then the arguments as generated: more than one fragment
+    assert json.loads(joined_arguments(deltas)) == json.loads(whole.function.arguments)
+    assert [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason] == ["tool_calls"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_each_make_their_own_call(client: openai.OpenAI, stream: bool) -> None:
+    params: dict[str, Any] = {"model": GEMMA, "messages": ASK, "tools": [FORECAST, WEATHER], "n": 3, "seed": 4,
+                              "tool_choice": "required", "parallel_tool_calls": False, "temperature": 1.0,
+                              "max_tokens": 60}
+    if not stream:
+        reply = client.chat.completions.create(**params)
+        assert [c.index for c in reply.choices] == [0, 1, 2]
+        for choice in reply.choices:
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None
+            [call] = choice.message.tool_calls
+            check_call(call, WEATHER if call.function.name == "get_weather" else FORECAST)
+        assert len({c.message.tool_calls[0].id for c in reply.choices}) == 3
+        return
+    calls = streamed_calls(client.chat.completions.create(**params, stream=True))
+    assert sorted(calls) == [0, 1, 2] and all(list(by_call) == [0] for by_call in calls.values())
+    for by_call in calls.values():
+        tool = WEATHER if by_call[0][0].function.name == "get_weather" else FORECAST
+        jsonschema.validate(json.loads(joined_arguments(by_call[0])), tool["function"]["parameters"])
 
 
 def test_an_agent_loop_calls_the_tool_then_answers_from_its_result(client: openai.OpenAI) -> None:

@@ -1,4 +1,4 @@
-"""Tool-call formats without a model: reading output back, the generic prompt, the grammar, stream deltas (no Ray)."""
+"""Tool-call formats without a model: reading output back, the generic prompt, the grammar (no Ray)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from llama_cpp import llama_chat_format
 from deployments.llama_cpp.chat_prompt import render_all
 from deployments.llama_cpp.tools import tool_grammar
 from deployments.tool_use import ToolUse, generic_messages, native_messages, parse_calls
-from serve_app.ingress.tool_calls import StreamedReply
 
 WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                  "required": ["city"]}}
@@ -83,22 +82,7 @@ def test_the_grammar_admits_calls_only_when_one_is_required() -> None:
     assert tool_grammar(TOOLS, hermes=False) is None
     single = tool_grammar(ToolUse(TOOLS.functions, "function", "get_weather", parallel=False), hermes=False)
     assert single.rstrip().endswith("root ::= modelserve-tool-call") and '"\\"get_weather\\""' in single
+    assert "\\x00-\\x1F]" in single  # strings hold no raw control characters: JSON forbids them
     several = tool_grammar(ToolUse((WEATHER, {"name": "root"}), "required"), hermes=True)
     assert '"\\"root\\""' in several  # a tool named like the converter's rule keeps its name
     assert several.count("\nroot ::=") == 1 and "<tool_call>" in several
-
-
-def test_a_stream_sends_text_at_once_and_holds_calls_until_they_are_whole() -> None:
-    text = StreamedReply(TOOLS)
-    assert [d.content for d in text.feed("It is ")] == ["It is "]
-    assert text.finish("stop") == ([], "stop")
-    call = StreamedReply(TOOLS)
-    assert call.feed(CALL[:10]) == [] and call.feed(CALL[10:]) == []
-    deltas, finish = call.finish("stop")
-    head, arguments = (d.tool_calls[0] for d in deltas)
-    assert finish == "tool_calls" and head.function.name == "get_weather" and head.id.startswith("call_")
-    assert json.loads(arguments.function.arguments) == {"city": "Paris"} and arguments.id is None
-    broken = StreamedReply(TOOLS)
-    broken.feed('{"name": "get_weather", "argu')
-    deltas, finish = broken.finish("length")
-    assert ([d.content for d in deltas], finish) == (['{"name": "get_weather", "argu'], "length")

