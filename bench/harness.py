@@ -7,6 +7,7 @@ re-tokenizing the generated text with the model's own tokenizer, the same way fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import statistics
@@ -125,6 +126,23 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout_s: 
     raise TimeoutError(url)
 
 
+@contextlib.contextmanager
+def retried(send: Callable[[], contextlib.AbstractContextManager[httpx.Response]], attempts: int = 30
+            ) -> Iterator[httpx.Response]:
+    """A streamed response, sent again after a 429/503 once its Retry-After has passed, as the OpenAI SDK does
+    (the caller's clock keeps running: TTFT includes the waits)."""
+    for _ in range(attempts):
+        with send() as response:
+            if response.status_code in (429, 503) and "retry-after" in response.headers:
+                wait = float(response.headers["retry-after"])
+            else:
+                response.raise_for_status()
+                yield response
+                return
+        time.sleep(wait)
+    raise RuntimeError(f"still refused after {attempts} attempts")
+
+
 def http_stream(base_url: str, model: str = "model", extra: dict[str, object] | None = None,
                 headers: dict[str, str] | None = None) -> Stream:
     """Streamed greedy /v1/completions, yielding the text of each SSE frame."""
@@ -135,8 +153,7 @@ def http_stream(base_url: str, model: str = "model", extra: dict[str, object] | 
     def stream(prompt: str, max_tokens: int) -> Iterator[str]:
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 **(extra or {})}
-        with client.stream("POST", "/v1/completions", json=body) as response:
-            response.raise_for_status()
+        with retried(lambda: client.stream("POST", "/v1/completions", json=body)) as response:
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
