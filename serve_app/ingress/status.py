@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ray import serve
 
 from deployments.spec import model_deployment_name
+from deployments.startup_notes import read_note
 from serve_app.config import INGRESS_DEPLOYMENT
 from serve_app.ingress.crash_watch import CHECK_INTERVAL_S, CrashReport, CrashWatch
 from serve_app.ingress.protocol import ModelStatus
@@ -120,6 +121,9 @@ class StatusCache:
                     ingress = status
                 elif app_name != own_app and name == model_deployment_name(app_name):
                     models[app_name] = status
+        for name, status in models.items():
+            if status.starting_replicas and (note := read_note(name)):  # e.g. waiting for an unreachable store
+                models[name] = status.model_copy(update={"message": note})
         crashes = self._read_crashes(models)
         for name, report in crashes.items():
             if report.crash_looping:  # the loop's reason says more than Serve's "health check failed"

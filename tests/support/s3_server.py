@@ -49,8 +49,8 @@ def _wait_for_port(port: int, timeout_s: float = 20.0) -> None:
 class MotoS3:
     """moto's S3 server on a free 127.0.0.1 port; `endpoint_url` is what clients use."""
 
-    def __init__(self, in_subprocess: bool = False):
-        self.port = free_port()
+    def __init__(self, in_subprocess: bool = False, port: int | None = None):
+        self.port = port or free_port()  # a stopped server's port: the same endpoint back (threaded: with its objects)
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen[bytes] | None = None
         self._server: Any = None
