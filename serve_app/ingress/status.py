@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from serve_app.ingress.protocol import ModelStatus
 logger = logging.getLogger("ray.serve.modelserve.status")
 
 _STARTING = ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")
+_QUALIFIED_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)+[A-Za-z_]\w*: ")  # `deployments.api.EngineUnavailable: `
 
 
 def classify(status: str, replica_states: dict[str, int], message: str) -> ModelStatus:
@@ -35,7 +37,8 @@ def classify(status: str, replica_states: dict[str, int], message: str) -> Model
     starting = sum(replica_states.get(s, 0) for s in _STARTING)
     if status == "DEPLOY_FAILED" or (status == "UNHEALTHY" and running == 0):
         state = "failed"
-        message = message.strip().splitlines()[-1] if message.strip() else status  # the reason, not the traceback
+        # the reason, not the traceback: its last line, without the exception's module path
+        message = _QUALIFIED_EXCEPTION.sub("", message.strip().splitlines()[-1]) if message.strip() else status
     elif status == "UNHEALTHY":  # a replica died or failed its health check; Serve routes to the healthy ones
         state = "ready"
     elif running == 0 and starting == 0:
