@@ -91,7 +91,7 @@ class ModelServer:
     async def __init__(self, spec: dict[str, Any]) -> None:
         self._spec = ModelSpec.model_validate(spec)
         self._metrics = ModelMetrics(self._spec.name)
-        note = StartupNote(self._spec.name, serve.get_replica_context().replica_id.unique_id)
+        note = StartupNote(self._spec.name)
         cache = PatientWeightCache(lambda text: _tell(note, text))
         cache.stats_listeners.append(self._metrics.record_fetch)
         self._engine = make_engine(self._spec, cache)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 
 logger = logging.getLogger("ray.serve.modelserve.status")
 
@@ -22,18 +23,22 @@ STALE_S = 60.0  # a waiting replica renews its note at least this often (its bac
 class StartupNote:
     """One replica's note about its start; `post` replaces it, `clear` removes it once started (or failed)."""
 
-    def __init__(self, model: str, replica: str) -> None:
-        self._key = f"{model}/{replica}".encode()
+    def __init__(self, model: str) -> None:
+        self._key = f"{model}/{uuid.uuid4().hex}".encode()
+        self._posted = False
 
     def post(self, text: str) -> None:
         from ray.experimental.internal_kv import _internal_kv_put
 
         _internal_kv_put(self._key, json.dumps({"text": text, "at": time.time()}).encode(), namespace=NAMESPACE)
+        self._posted = True
 
     def clear(self) -> None:
         from ray.experimental.internal_kv import _internal_kv_del
 
-        _internal_kv_del(self._key, namespace=NAMESPACE)
+        if self._posted:  # most replicas start without ever waiting: no GCS call for them
+            _internal_kv_del(self._key, namespace=NAMESPACE)
+            self._posted = False
 
 
 def read_note(model: str) -> str | None:

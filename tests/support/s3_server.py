@@ -240,6 +240,13 @@ class FaultProxy:
                 self.bytes_served += size
 
 
+def use_test_credentials(monkeypatch: Any) -> None:
+    """Give this process the test server's credentials and no endpoint of its own (a pytest MonkeyPatch)."""
+    for name, value in TEST_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+
+
 def subprocess_env(endpoint_url: str, **extra: str) -> dict[str, str]:
     """Environment for a child process talking to the test S3 server."""
     env = {**os.environ, **TEST_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint_url, **extra}

@@ -16,16 +16,14 @@ from deployments.spec import StorageSettings
 from deployments.weights.entries import WeightFetchError
 from deployments.weights.patience import PatientWeightCache
 from deployments.weights.retry import RetryPolicy
-from tests.support.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3
+from tests.support.s3_server import FaultProxy, MotoS3, use_test_credentials
 
 MB = 1024 * 1024
 
 
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in TEST_CREDENTIALS.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    use_test_credentials(monkeypatch)
 
 
 @pytest.fixture
