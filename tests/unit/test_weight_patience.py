@@ -81,7 +81,8 @@ def test_a_store_down_at_start_is_waited_for(store: MotoS3, tmp_path: Path) -> N
     store.stop()
     fetch = Fetch(tmp_path, "s3://models/tiny.gguf", store.endpoint_url)
     reason = fetch.wait_for_report(lambda r: "attempt 2" in r)
-    assert f"model 'm': cannot fetch weights from s3://models/tiny.gguf: S3 endpoint {store.endpoint_url} is unreachable" in reason
+    prefix = "model 'm': cannot fetch weights from s3://models/tiny.gguf"
+    assert f"{prefix}: S3 endpoint {store.endpoint_url} is unreachable" in reason, reason
     assert files(tmp_path) == []  # nothing in the cache while the store is away
     back = MotoS3(port=store.port)  # same endpoint, same objects (moto's state lives in this process)
     try:
