@@ -103,6 +103,6 @@ def test_the_limiter_actor_gone_is_recreated(app_url: str, auth: dict[str, str])
     assert statuses.count(503) >= 1  # fail closed
     [created] = alive("RateLimiter", LIMITER)
     assert created.actor_id != limiter.actor_id and replicas() == before
-    failures_now = lambda: limiter_metric("ray_modelserve_limiter_failures_total") or 0  # noqa: E731
+    failures_now = lambda: limiter_metric("ray_modelserve_limiter_failures_total") or 0
     wait_until(lambda: failures_now() > failures, 30, "the failure count")
     wait_until(lambda: limiter_metric("ray_modelserve_limiter_available") == 1, 30, "the availability gauge")
