@@ -19,7 +19,9 @@ from ray.serve import metrics
 from deployments.api import STARTED, Engine, GenerationChunk, GenerationRequest, Started
 from deployments.embedding import EmbeddingRequest, EmbeddingResult
 from deployments.spec import ModelSpec
+from deployments.startup_notes import StartupNote
 from deployments.weights.cache import FetchStats, WeightCache
+from deployments.weights.patience import PatientWeightCache
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,17 @@ class ModelMetrics:
             self.queue_wait.observe(max(0.0, time.time() - request.submitted_at), tags=self._tags)
 
 
+def _tell(note: StartupNote, text: str | None) -> None:
+    """Post (or, with None, clear) the replica's startup note; a note lost to a GCS hiccup must not stop the start."""
+    try:
+        if text:
+            note.post(text)
+        else:
+            note.clear()
+    except Exception as exc:  # noqa: BLE001 - the note is a courtesy to the operator
+        logger.warning("could not record the startup note %r: %s", text, exc)
+
+
 @serve.deployment(name="model")
 class ModelServer:
     """One replica of one model. Serve options (replicas, autoscaling, queue bounds) come from the app builder."""
@@ -78,7 +91,8 @@ class ModelServer:
     async def __init__(self, spec: dict[str, Any]) -> None:
         self._spec = ModelSpec.model_validate(spec)
         self._metrics = ModelMetrics(self._spec.name)
-        cache = WeightCache()
+        note = StartupNote(self._spec.name)
+        cache = PatientWeightCache(lambda text: _tell(note, text))
         cache.stats_listeners.append(self._metrics.record_fetch)
         self._engine = make_engine(self._spec, cache)
         await self._engine.start()

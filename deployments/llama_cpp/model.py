@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from deployments.weights.cache import WeightCache
 
 _llama_logger = logging.getLogger("llama_cpp")
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level (ggml.h): 3 = warn, 4 = error
+_load_errors: deque[str] = deque(maxlen=8)  # llama.cpp's error lines: why a load failed (its exception does not say)
 
 
 @llama_cpp.llama_log_callback
@@ -30,7 +32,10 @@ def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> No
     """Forward llama.cpp warnings and errors to Python logging (module-level: llama.cpp keeps the pointer)."""
     python_level = _LOG_LEVELS.get(level)
     if python_level is not None:
-        _llama_logger.log(python_level, "%s", text.decode("utf-8", "replace").rstrip())
+        line = text.decode("utf-8", "replace").rstrip()
+        _llama_logger.log(python_level, "%s", line)
+        if python_level == logging.ERROR:
+            _load_errors.append(line)
 
 
 def _scalar_fields(struct: type[ctypes.Structure]) -> set[str]:
@@ -109,10 +114,12 @@ def open_model(spec: ModelSpec, cache: WeightCache, resources: ExitStack, repack
     """
     path = cache.fetch(spec.source, spec.storage, label=spec.name)
     resources.enter_context(cache.lease(path))
+    _load_errors.clear()
     try:
         model = load_model(path, spec.engine, repack)
     except (ValueError, RuntimeError) as exc:
-        raise EngineUnavailable(f"model {spec.name!r}: llama.cpp could not load {path.name}: {exc}") from exc
+        why = "; ".join(line for line in _load_errors if "failed to load model" not in line) or str(exc)
+        raise EngineUnavailable(f"model {spec.name!r}: llama.cpp could not load {path.name}: {why}") from exc
     resources.callback(model.close)
     return model
 

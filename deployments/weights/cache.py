@@ -65,9 +65,9 @@ class _Job:
     def what(self) -> str:
         return f"model {self.label!r}" if self.label else self.source
 
-    def error(self, reason: str) -> WeightFetchError:
+    def error(self, reason: str, transient: bool = False) -> WeightFetchError:
         who = f"model {self.label!r}: " if self.label else ""
-        return WeightFetchError(f"{who}cannot fetch weights from {self.source}: {reason}")
+        return WeightFetchError(f"{who}cannot fetch weights from {self.source}: {reason}", transient)
 
 
 def entry_name(source: str) -> str:
@@ -213,7 +213,7 @@ class WeightCache:
                 logger.info("%s: %s changed while downloading; starting over", job.what, job.source)
                 return fetch(job, client, bucket, key, name)  # a second change in a row is reported
         except s3_store.StoreError as exc:
-            raise job.error(str(exc)) from None
+            raise job.error(str(exc), exc.transient) from None
 
     def _fetch_s3_file(self, job: _Job, client: Any, bucket: str, key: str, name: str) -> Path:
         from deployments.weights import download as s3_download

@@ -31,7 +31,14 @@ _META = "meta.json"
 
 
 class WeightFetchError(Exception):
-    """Weights could not be made available; the message names model and source, never secrets."""
+    """Weights could not be made available; the message names model and source, never secrets.
+
+    `transient`: the store could not be reached or was failing, so trying again later may succeed.
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class CacheFull(Exception):

@@ -24,11 +24,13 @@ WORKERS = 8
 
 
 class StoreError(Exception):
-    """An S3 failure described without secrets; `keep_partial` when a resumable partial file remains."""
+    """An S3 failure described without secrets; `keep_partial` when a resumable partial file remains,
+    `transient` when the store was unreachable or failing (worth waiting for, unlike a wrong key)."""
 
-    def __init__(self, reason: str, keep_partial: bool = False):
+    def __init__(self, reason: str, keep_partial: bool = False, transient: bool = False):
         super().__init__(reason)
         self.keep_partial = keep_partial
+        self.transient = transient or keep_partial
 
 
 class ObjectChanged(StoreError):
@@ -97,7 +99,8 @@ def make_client(storage: StorageSettings, credentials: dict[str, str] | None = N
 
 
 _NETWORK_ERRORS = (
-    boto_errors.HTTPClientError,  # connection refused/reset/closed, timeouts
+    boto_errors.HTTPClientError,  # connection reset/closed, read timeouts
+    boto_errors.ConnectionError,  # connection refused, connect timeouts: the endpoint is down
     boto_errors.ResponseStreamingError,
     boto_errors.IncompleteReadError,
     ConnectionError,
@@ -107,6 +110,12 @@ _NETWORK_ERRORS = (
 
 def describe(exc: Exception, client: Any, bucket: str, key: str = "") -> StoreError:
     """Turn a boto3 failure into a StoreError whose message says what to fix."""
+    error = _explain(exc, client, bucket, key)
+    error.transient = is_transient(exc)
+    return error
+
+
+def _explain(exc: Exception, client: Any, bucket: str, key: str) -> StoreError:
     where = f"s3://{bucket}/{key}"
     if isinstance(exc, boto_errors.ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

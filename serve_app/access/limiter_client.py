@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.serve import metrics
 
 from serve_app.access.limiter_actor import Exchange, Grant, Limits, Quota, RateLimiter
 
@@ -190,7 +191,29 @@ class Allowances:
 
 
 class LimiterUnavailable(Exception):
-    """The shared limiter did not answer; the ingress refuses rather than serve unlimited."""
+    """The shared limiter did not answer; the ingress refuses rather than serve unlimited (fail closed)."""
+
+
+class LimiterHealth:
+    """Whether the limiter answers, as metrics: while it does not, limited requests get 503 (fail closed)."""
+
+    def __init__(self, name: str) -> None:
+        self._tags = {"limiter": name}
+        self._available = metrics.Gauge(
+            "modelserve_limiter_available", tag_keys=("limiter",),
+            description="1 while the shared rate limiter answers, 0 from a failed call until the next one succeeds.",
+        )
+        self._failures = metrics.Counter(
+            "modelserve_limiter_failures", tag_keys=("limiter",),
+            description="Calls to the shared rate limiter that failed or timed out (each request refused with 503).",
+        )
+
+    def up(self) -> None:
+        self._available.set(1, tags=self._tags)
+
+    def failed(self) -> None:
+        self._available.set(0, tags=self._tags)
+        self._failures.inc(tags=self._tags)
 
 
 class SharedLimiter:
@@ -201,10 +224,12 @@ class SharedLimiter:
         self._actor: ray.actor.ActorHandle | None = None
         self._allowances = Allowances(uuid.uuid4().hex, self._send, self._post)
         self._flusher: asyncio.Task[None] | None = None
+        self._health = LimiterHealth(name)
 
     def connect(self) -> None:
         """Look up (or create) the actor now, so its process is up before the first limited request."""
         self._handle()
+        self._health.up()
 
     async def acquire(self, tenant: str, limits: Limits, reserve_tokens: float) -> Admission:
         if self._flusher is None:
@@ -212,7 +237,8 @@ class SharedLimiter:
         try:
             return await self._allowances.acquire(tenant, limits, reserve_tokens)
         except (RayActorError, GetTimeoutError, asyncio.TimeoutError) as exc:
-            self._actor = None
+            self._actor = None  # the next call looks the actor up again (Ray restarts it, or it is created anew)
+            self._health.failed()
             raise LimiterUnavailable(str(exc)) from None
 
     def release(self, lease: Lease, used_tokens: int) -> None:
@@ -226,7 +252,9 @@ class SharedLimiter:
         return self._actor
 
     async def _send(self, holder: str, tenant: str, limits: Limits, ask: Exchange) -> Grant:
-        return await asyncio.wait_for(self._submit(holder, tenant, limits, ask), CALL_TIMEOUT_S)
+        grant = await asyncio.wait_for(self._submit(holder, tenant, limits, ask), CALL_TIMEOUT_S)
+        self._health.up()
+        return grant
 
     def _post(self, holder: str, tenant: str, limits: Limits, ask: Exchange) -> None:
         """Fire-and-forget: handing credit back never delays a response (a lost message only under-admits)."""

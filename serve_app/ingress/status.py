@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from ray import serve
 
 from deployments.spec import model_deployment_name
+from deployments.startup_notes import read_note
 from serve_app.config import INGRESS_DEPLOYMENT
 from serve_app.ingress.crash_watch import CHECK_INTERVAL_S, CrashReport, CrashWatch
 from serve_app.ingress.responses import ModelStatus
@@ -26,17 +28,21 @@ from serve_app.ingress.responses import ModelStatus
 logger = logging.getLogger("ray.serve.modelserve.status")
 
 _STARTING = ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")
+_QUALIFIED_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)+[A-Za-z_]\w*: ")  # `deployments.api.EngineUnavailable: `
 
 
-def classify(status: str, replica_states: dict[str, int], message: str) -> ModelStatus:
+def classify(status: str, replica_states: dict[str, int], message: str, trigger: str = "") -> ModelStatus:
     """Turn one Serve deployment overview into the state users care about."""
     running = replica_states.get("RUNNING", 0)
     starting = sum(replica_states.get(s, 0) for s in _STARTING)
-    if status == "DEPLOY_FAILED" or (status == "UNHEALTHY" and running == 0):
+    # A replica died and Serve is starting its replacement: recovering, not failed (crash_watch catches a loop).
+    replacing = status == "UNHEALTHY" and trigger == "HEALTH_CHECK_FAILED" and starting > 0
+    if status == "DEPLOY_FAILED" or (status == "UNHEALTHY" and running == 0 and not replacing):
         state = "failed"
-        message = message.strip().splitlines()[-1] if message.strip() else status  # the reason, not the traceback
+        # the reason, not the traceback: its last line, without the exception's module path
+        message = _QUALIFIED_EXCEPTION.sub("", message.strip().splitlines()[-1]) if message.strip() else status
     elif status == "UNHEALTHY":  # a replica died or failed its health check; Serve routes to the healthy ones
-        state = "ready"
+        state = "ready" if running else "starting"
     elif running == 0 and starting == 0:
         state = "at_zero"
     elif status in ("UPSCALING", "DOWNSCALING"):
@@ -114,12 +120,15 @@ class StatusCache:
             for name, overview in app.deployments.items():
                 status = classify(
                     _name(overview.status), {_name(k): v for k, v in overview.replica_states.items()},
-                    overview.message,
+                    overview.message, _name(overview.status_trigger),
                 )
                 if app_name == own_app and name == INGRESS_DEPLOYMENT:
                     ingress = status
                 elif app_name != own_app and name == model_deployment_name(app_name):
                     models[app_name] = status
+        for name, status in models.items():
+            if status.starting_replicas and (note := read_note(name)):  # e.g. waiting for an unreachable store
+                models[name] = status.model_copy(update={"message": note})
         crashes = self._read_crashes(models)
         for name, report in crashes.items():
             if report.crash_looping:  # the loop's reason says more than Serve's "health check failed"

@@ -72,16 +72,19 @@ def wait_for_apps(timeout_s: float = 300) -> dict[str, Any]:
     raise AssertionError(f"applications not running after {timeout_s}s: {status}")
 
 
-def deploy_with(config_path: Path, tmp_path: Path, extra_app: dict[str, Any] | None) -> None:
-    """`serve deploy` the session's config plus one application (None: the config as it is), and wait."""
+def deploy_with(
+    config_path: Path, tmp_path: Path, extra_app: dict[str, Any] | list[dict[str, Any]] | None, wait: bool = True
+) -> None:
+    """`serve deploy` the session's config plus applications (None: the config as it is), and wait
+    for every application to run (`wait=False`: for a deploy meant to fail)."""
     config = yaml.safe_load(config_path.read_text())
-    if extra_app:
-        config["applications"].append(extra_app)
+    config["applications"] += extra_app if isinstance(extra_app, list) else [extra_app] if extra_app else []
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     serve_cli("deploy", str(path))
     time.sleep(2)  # let the controller take the new config before polling its status
-    wait_for_apps()
+    if wait:
+        wait_for_apps()
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:

@@ -49,8 +49,8 @@ def _wait_for_port(port: int, timeout_s: float = 20.0) -> None:
 class MotoS3:
     """moto's S3 server on a free 127.0.0.1 port; `endpoint_url` is what clients use."""
 
-    def __init__(self, in_subprocess: bool = False):
-        self.port = free_port()
+    def __init__(self, in_subprocess: bool = False, port: int | None = None):
+        self.port = port or free_port()  # a stopped server's port: the same endpoint back (threaded: with its objects)
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen[bytes] | None = None
         self._server: Any = None
@@ -238,6 +238,13 @@ class FaultProxy:
         if is_response:
             with self._lock:
                 self.bytes_served += size
+
+
+def use_test_credentials(monkeypatch: Any) -> None:
+    """Give this process the test server's credentials and no endpoint of its own (a pytest MonkeyPatch)."""
+    for name, value in TEST_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
 
 
 def subprocess_env(endpoint_url: str, **extra: str) -> dict[str, str]:

@@ -155,3 +155,25 @@ def write_tiny_llama_gguf(path: str | Path, *, seed: int = 0, n_ctx_train: int =
         Path(temp_name).unlink(missing_ok=True)
         raise
     return target
+
+
+def broken_ggufs(good: bytes, seed: int = 0) -> dict[str, bytes]:
+    """Weights llama.cpp must refuse, by kind: a GGUF cut in half, random bytes after a valid GGUF
+    header, and a well-formed GGUF of an architecture llama.cpp does not know."""
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, "unknown-arch.gguf")
+        writer = gguf.GGUFWriter(path, arch="tinyfoo")
+        writer.add_context_length(64)
+        writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        unknown_arch = Path(path).read_bytes()
+    header = 24  # magic, version, tensor count, metadata count
+    return {
+        "truncated": good[: len(good) // 2],
+        "garbage": good[:header] + rng.integers(0, 256, len(good) - header, dtype=np.uint8).tobytes(),
+        "unknown-arch": unknown_arch,
+    }

@@ -18,7 +18,14 @@ from deployments.weights.cache import WeightCache, WeightFetchError
 from deployments.weights.retry import RetryPolicy
 from deployments.weights.source import StorageSettings
 from serve_app.cli import weights as cli_weights
-from tests.support.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3, free_port, subprocess_env
+from tests.support.s3_server import (
+    TEST_CREDENTIALS,
+    FaultProxy,
+    MotoS3,
+    free_port,
+    subprocess_env,
+    use_test_credentials,
+)
 
 MB = 1024 * 1024
 FETCH_IN_CHILD = """
@@ -44,9 +51,7 @@ def moto() -> MotoS3:
 
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in TEST_CREDENTIALS.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    use_test_credentials(monkeypatch)
 
 
 @pytest.fixture
