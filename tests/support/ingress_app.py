@@ -172,6 +172,7 @@ def ingress_in_process(monkeypatch: pytest.MonkeyPatch, **ingress: Any) -> Itera
     monkeypatch.setattr(serve, "get_deployment_handle", lambda _deployment, app_name: models[app_name])
     # Serve froze a copy of the routes module's globals (and of its app) with the class: patch that copy.
     monkeypatch.setitem(wrapper.__mro__[1].__init__.__globals__, "StatusCache", StandInStatus)
+    saved_state = dict(wrapper_state := replica_app_state(wrapper))  # an outer in-process ingress's, if any
     loop = asyncio.new_event_loop()  # the replica's own, for its start and its shutdown
     loop.run_until_complete(replica.__init__({"ingress": ingress}))
     loop.run_until_complete(replica._run_asgi_lifespan_startup())
@@ -182,5 +183,10 @@ def ingress_in_process(monkeypatch: pytest.MonkeyPatch, **ingress: Any) -> Itera
     finally:
         loop.run_until_complete(replica.__del__())  # Serve's wrapper shuts the app's lifespan down
         loop.close()
-        for name in ("access_gate", "cors", "request_limits", "metrics"):
-            replica.app.state._state.pop(name, None)
+        wrapper_state.clear()
+        wrapper_state.update(saved_state)
+
+
+def replica_app_state(wrapper: type) -> dict[str, Any]:
+    """The state of the app Serve froze with the class: one per process, shared by nested in-process ingresses."""
+    return wrapper.__mro__[1].__init__.__globals__["app"].state._state
