@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.server
 import json
 import stat
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from serve_app.access.gate import AccessGate, RequestAccount, reset_duration
 from serve_app.access.policy import TenantPolicy, parse_policy
 from serve_app.cli.tokens import dev_secret, mint_token, parse_ttl, register, sync_policy
 from serve_app.ingress.protocol import OpenAIError
-from tests.support.auth_helpers import SECRET_1, SECRET_2, b64url, claims, forged, write_keys
+from tests.support.auth_helpers import SECRET_1, SECRET_2, JwksServer, b64url, claims, forged, write_keys
 
 
 @pytest.fixture(scope="module")
@@ -376,32 +374,6 @@ def test_cli_policy_sync_check_exit_codes(tmp_path: Path, capsys: pytest.Capture
     assert broken.func(broken) == 1 and "error:" in capsys.readouterr().err
 
 
-class JwksServer:
-    """A JWKS endpoint on 127.0.0.1 whose key set the test can rotate; counts fetches."""
-
-    def __init__(self) -> None:
-        self.document: dict[str, Any] = {"keys": []}
-        self.fetches = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.fetches += 1
-                body = json.dumps(outer.document).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def test_jwks_url_is_cached_and_refetched_for_a_new_kid(keys: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     server = JwksServer()
     try:
@@ -420,5 +392,4 @@ def test_jwks_url_is_cached_and_refetched_for_a_new_kid(keys: dict[str, Any], mo
         assert authenticate(auth, bearer(new)).tenant == "team-a"
         assert server.fetches == 2
     finally:
-        server.server.shutdown()
-        server.server.server_close()
+        server.stop()
