@@ -1,16 +1,13 @@
 """Every route fuzzed from the app's own OpenAPI document, in-process: no 5xx, every error OpenAI-shaped.
 
-schemathesis generates valid and invalid requests (bodies, path parameters, wrong types) for each
-operation of the real ingress app (tests/support/ingress_app.py: stand-in models, no Ray); each is
-sent as generated and, when it names a model, again naming a model that exists, so it gets past
-the 404 into validation, admission and serving. Every answer must be a 2xx matching the
-document, or an error status the document lists carrying an OpenAI error object; every stream the
-app opened must be finished or cancelled; and a normal chat still works afterwards.
+schemathesis generates valid and invalid requests (bodies, path parameters, wrong types, methods) for
+each operation of the real ingress app (tests/support/ingress_app.py: stand-in models, no Ray), checked
+as tests/support/fuzzing.py says; every stream the app opened must be finished or cancelled, and a
+normal chat still works afterwards.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +18,7 @@ from schemathesis import GenerationMode
 from schemathesis.python import asgi
 from starlette.testclient import TestClient
 
+from tests.support.fuzzing import check_case
 from tests.support.ingress_app import CHAT_MODEL, EMBED_MODEL, InProcessIngress, ingress_in_process
 
 # Serve's replica wrapper has an async __del__ that Python's own finalizer cannot await (Serve awaits it; we do too).
@@ -52,39 +50,12 @@ def app_schema(ingress: InProcessIngress) -> Any:
 schema = schemathesis.pytest.from_fixture("app_schema")
 
 
-def assert_openai_answer(response: Any, documented: set[str], what: str) -> None:
-    """A 2xx, or a documented error status with `{"error": {"message", "type", "param", "code"}}`."""
-    assert response.status_code < 500, f"{what}: {response.status_code} {response.text[:500]}"
-    if response.status_code >= 400:
-        assert str(response.status_code) in documented, f"{what}: undocumented {response.status_code}"
-        error = json.loads(response.content)["error"]
-        assert set(error) == {"message", "type", "param", "code"}, f"{what}: {error}"
-        assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)
-
-
-def existing_model(path: str) -> str:
-    return EMBED_MODEL if path == "/v1/embeddings" else CHAT_MODEL
-
-
 @schema.parametrize()
 @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck))
 def test_every_operation_answers_fuzzed_input_without_a_server_error(
     case: Any, ingress: InProcessIngress, session: Any
 ) -> None:
-    documented = set(case.operation.definition.raw["responses"])
-    if case.method.lower() != case.operation.method.lower():  # schemathesis tries the methods a path lacks
-        documented.add("405")
-    cases = [case]
-    if isinstance(case.body, dict) and "model" in case.body:
-        cases.append(case.operation.Case(body={**case.body, "model": existing_model(case.path)},
-                                         media_type=case.media_type, path_parameters=case.path_parameters))
-    if case.path_parameters and "model_id" in case.path_parameters:
-        cases.append(case.operation.Case(path_parameters={"model_id": CHAT_MODEL}))
-    for sent in cases:
-        response = sent.call(session=session, headers=ingress.auth)
-        assert_openai_answer(response, documented, f"{case.method} {case.path} {sent.body!r:.300}")
-        if response.status_code < 300 and "json" in response.headers.get("content-type", ""):
-            case.operation.validate_response(response)
+    check_case(case, lambda sent: sent.call(session=session, headers=ingress.auth), CHAT_MODEL, EMBED_MODEL)
     assert ingress.open_streams() == 0
 
 
