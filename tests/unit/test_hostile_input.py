@@ -75,8 +75,10 @@ BODIES: dict[str, tuple[bytes, int, str | None]] = {
     "empty model": (json.dumps({"model": "", "messages": HELLO}).encode(), 404, "model"),
     "no messages": (chat(messages=[]), 400, "messages"),
     "5,000 messages": (chat(messages=HELLO * 5000), 400, "messages"),
-    "7 MB of content (over the model's context)": (chat(messages=[{"role": "user", "content": "x" * 7_000_000}]),
-                                                  400, "messages"),
+    "5,000 characters (over the model's context)": (chat(messages=[{"role": "user", "content": "x" * 5000}]), 400,
+                                                    "messages"),
+    "7 MB of content (over max_prompt_chars)": (chat(messages=[{"role": "user", "content": "x" * 7_000_000}]), 400,
+                                                "messages"),
     "9 MB body": (chat(messages=[{"role": "user", "content": "x" * 9_000_000}]), 413, None),
     "stream_options a string": (chat(stream=True, stream_options="x"), 400, "stream_options"),
 }
@@ -123,6 +125,24 @@ def test_lone_surrogates_are_refused_on_every_generation_route(ingress: InProces
                        ("/v1/embeddings", b'{"model": "stand-in-embed", "input": ["ok", "\\udc00"]}')):
         error = assert_error(http.post(path, content=body, headers=headers), 400)
         assert "surrogate" in error["message"]
+
+
+def test_a_prompt_over_max_prompt_chars_is_refused_before_a_model_sees_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with ingress_in_process(monkeypatch, limits={"max_prompt_chars": 1024}) as small, TestClient(small.app) as client:
+        headers = {**small.auth, **JSON}
+        for path, body, param in (
+            ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "x" * 600}] * 2), "messages"),
+            ("/v1/completions", json.dumps({"model": CHAT_MODEL, "prompt": "x" * 1025}).encode(), "prompt"),
+            ("/v1/embeddings", json.dumps({"model": "stand-in-embed", "input": ["x" * 1000, "y" * 25]}).encode(),
+             "input"),
+        ):
+            error = assert_error(client.post(path, content=body, headers=headers), 400, param)
+            assert error["code"] == "context_length_exceeded" and "1024" in error["message"]
+        assert not any(model.calls for model in small.models.values())
+        assert client.post("/v1/completions", content=json.dumps({"model": CHAT_MODEL, "prompt": "x" * 1024}).encode(),
+                           headers=headers).status_code == 200
 
 
 @pytest.mark.parametrize("headers, status", [
