@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from boto3.s3.transfer import TransferConfig
 
-from deployments.spec import StorageSettings
 from deployments.weights.cache import WeightCache
 from deployments.weights.s3 import CHUNK_BYTES, WORKERS
+from deployments.weights.source import StorageSettings
 from serve_app.cli.weights import push_path
 from tests.support.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3
 

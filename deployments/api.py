@@ -52,7 +52,20 @@ class GenerationRequest:
     messages: tuple[dict[str, Any], ...] | None = None
     prompt: str | None = None
     tools: ToolUse | None = None
+    tenant: str = ""  # who asked (the ingress's authenticated tenant): engines keep tenants' work and caches apart
     submitted_at: float = 0.0  # wall-clock time the caller sent it: the replica measures queue wait from it
+
+
+@dataclass(frozen=True)
+class Started:
+    """A replica's first stream item: it took the request into a free slot, so generation begins now.
+
+    The ingress bounds the wait for it (`max_queue_wait_s`): a request that cannot start in time is
+    refused at once instead of waiting behind a queue, so what is admitted runs at unloaded speed.
+    """
+
+
+STARTED = Started()
 
 
 @dataclass(frozen=True)

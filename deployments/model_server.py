@@ -16,7 +16,7 @@ from typing import Any
 from ray import serve
 from ray.serve import metrics
 
-from deployments.api import Engine, GenerationChunk, GenerationRequest
+from deployments.api import STARTED, Engine, GenerationChunk, GenerationRequest, Started
 from deployments.embedding import EmbeddingRequest, EmbeddingResult
 from deployments.spec import ModelSpec
 from deployments.weights.cache import FetchStats, WeightCache
@@ -83,8 +83,10 @@ class ModelServer:
         self._engine = make_engine(self._spec, cache)
         await self._engine.start()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Started | GenerationChunk]:
+        """STARTED, then the engine's chunks. Serve assigns a request only below `parallel` ongoing, so a slot is free."""
         self._metrics.record_queue_wait(request)
+        yield STARTED
         async with contextlib.aclosing(self._engine.generate(request)) as chunks:  # closing it cancels the request
             async for chunk in chunks:
                 yield chunk

@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from deployments.spec import DeploymentSettings, ModelSpec
+from deployments.settings import DeploymentSettings
+from deployments.spec import ModelSpec
 from deployments.strict import ConfigError, Strict, describe_validation_error
 from serve_app.ingress.cors import CorsSettings
 from serve_app.ingress.request_limits import RequestLimits
@@ -35,6 +36,10 @@ class IngressSettings(Strict):
     deployment: IngressDeploymentSettings = Field(default_factory=IngressDeploymentSettings)
     first_token_timeout_s: float = Field(
         120.0, gt=0, description="How long a request may wait for a model to produce anything before 503."
+    )
+    max_queue_wait_s: float = Field(
+        0.5, gt=0, description="How long a request may wait for a free slot of a running model before 503 + "
+        "Retry-After; a model scaling up from zero replicas gets `first_token_timeout_s` instead.",
     )
     cors: CorsSettings = Field(default_factory=CorsSettings, description="Web origins allowed to call the API.")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Request header and body size limits.")

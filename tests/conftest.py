@@ -24,6 +24,7 @@ from serve_app.cli.serve_file import use_serve_process_env
 from serve_app.cli.tokens import mint_token
 from serve_app.config import INGRESS_IMPORT_PATH
 from tests.support import openai_schema
+from tests.support.auth_helpers import write_keys
 from tests.support.cluster import (
     APP_NAME,
     BASE_URL,
@@ -71,6 +72,7 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
     ingress["args"]["ingress"] = {
         "deployment": {"ray_actor_options": {"num_cpus": 0.25}},
         "cors": {"allow_origins": [WEB_ORIGIN]},
+        "max_queue_wait_s": 60,  # these tests queue on purpose; tests/e2e/test_overload.py has its own deadline
     }
     gemma = next(a for a in config["applications"] if a["name"] == GEMMA)
     defaults = gemma["args"]["model_defaults"]
@@ -96,6 +98,12 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
                   engine={"embedding": True, "pooling": "mean", "n_ctx": 512, "n_threads": 1}),
     ]
     return config
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """JWT signing material: HMAC kid files, an RSA and an EC key pair (tests.support.auth_helpers.write_keys)."""
+    return write_keys(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,9 @@ from contextlib import ExitStack
 from typing import Any
 
 from deployments.api import Engine, EngineUnavailable, GenerationChunk, GenerationRequest
-from deployments.llama_cpp.model import ChatTemplate, Prompt, RepackChoice, choose_repack, open_model, prepare_prompt
+from deployments.llama_cpp.chat_prompt import ChatTemplate
+from deployments.llama_cpp.model import RepackChoice, choose_repack, open_model
+from deployments.llama_cpp.prompt import Prompt, prepare_prompt
 from deployments.llama_cpp.scheduler import DONE, DecodeLoop
 from deployments.llama_cpp.sequence import Submission
 from deployments.spec import ModelSpec

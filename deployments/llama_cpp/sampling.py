@@ -11,6 +11,7 @@ rejected. So a rejected draw is a top-k draw (k = 256) among allowed tokens; a g
 from __future__ import annotations
 
 import ctypes
+import random
 from typing import Any
 
 import llama_cpp
@@ -18,10 +19,38 @@ import numpy as np
 
 from deployments.api import SamplingParams
 from deployments.llama_cpp.grammar import Grammar
-from deployments.llama_cpp.model import sampler_chain
 
 REDRAW_TOP_K = 256
+_PENALTY_LAST_N = 64  # generated tokens the presence/frequency penalties look back over (llama-cpp-python's)
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+
+
+def sampler_chain(sampling: SamplingParams, n_vocab: int) -> Any:
+    """A request's own llama.cpp sampler chain (free it with llama_sampler_free).
+
+    Same stages as llama-cpp-python's `Llama.generate` uses, after the request's logit bias: penalties
+    on the generated tokens, then greedy at temperature 0, else top-p, temperature and a seeded draw.
+    """
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    stages = []
+    if sampling.logit_bias:
+        biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))(*sampling.logit_bias)
+        stages.append(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(sampling.logit_bias), biases))
+    if sampling.presence_penalty or sampling.frequency_penalty:
+        stages.append(llama_cpp.llama_sampler_init_penalties(
+            n_vocab, _PENALTY_LAST_N, 1.0, sampling.frequency_penalty, sampling.presence_penalty
+        ))
+    if sampling.temperature <= 0:
+        stages.append(llama_cpp.llama_sampler_init_greedy())
+    else:
+        if sampling.top_p < 1.0:
+            stages.append(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
+        stages.append(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        stages.append(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+    for stage in stages:
+        llama_cpp.llama_sampler_chain_add(chain, stage)
+    return chain
 
 
 class GrammarDeadEnd(RuntimeError):

@@ -22,7 +22,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import llama_cpp
 import numpy as np
 
 from deployments.api import (
@@ -31,14 +30,15 @@ from deployments.api import (
     GenerationChunk,
     GenerationRequest,
     InvalidGenerationRequest,
-    TokenLogprob,
 )
+from deployments.llama_cpp.context import DecodeContext
 from deployments.llama_cpp.grammar import Grammar
 from deployments.llama_cpp.logprobs import token_logprob
-from deployments.llama_cpp.model import Prompt, TokenPieces, context_params
+from deployments.llama_cpp.model import TokenPieces
+from deployments.llama_cpp.prompt import Prompt
 from deployments.llama_cpp.sampling import Candidates, GrammarDeadEnd, SequenceSampler
 from deployments.llama_cpp.sequence import Feed, Group, Sequence, Slot, Submission
-from deployments.spec import EngineSettings
+from deployments.settings import EngineSettings
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +58,9 @@ class DecodeLoop:
         self._name, self._prepare, self._pieces, self._vocab = name, prepare, TokenPieces(model.vocab), model.vocab
         self._prefill_chunk, self._prefix_reuse = settings.prefill_chunk, settings.prefix_reuse
         self._capacity = max(settings.n_batch, settings.parallel + settings.prefill_chunk)
-        params = context_params(settings, n_seq=settings.parallel, n_batch=self._capacity)
-        self._ctx = llama_cpp.llama_init_from_model(model.model, params)
-        if self._ctx is None:
-            raise ValueError(f"llama.cpp could not create a context of {settings.parallel} x {settings.n_ctx} tokens")
-        self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
+        self._context = DecodeContext(model, settings, self._capacity)
         self._n_vocab = model.n_vocab()
-        self._vocab = model.vocab
         self._candidates = Candidates(self._n_vocab)
-        self._n_swa = llama_cpp.llama_model_n_swa(model.model)
         self._slots = [Slot(seq_id) for seq_id in range(settings.parallel)]
         self._waiting: deque[Submission] = deque()
         self._active: list[Sequence] = []  # admission order: prompts are fed first come, first served
@@ -118,8 +111,7 @@ class DecodeLoop:
             submission.emit(EngineUnavailable(message))
             submission.emit(DONE)
         self._waiting.clear()
-        llama_cpp.llama_batch_free(self._batch)
-        llama_cpp.llama_free(self._ctx)
+        self._context.close()
 
     # Everything below runs on the decode thread.
 
@@ -186,14 +178,7 @@ class DecodeLoop:
     def _start(self, sequence: Sequence) -> None:
         slot, tokens = sequence.slot, sequence.prompt.tokens
         keep = min(_common_prefix(slot.cached, tokens), len(tokens) - 1) if self._prefix_reuse else 0
-        # Sliding-window layers may have dropped cells the kept prefix needs; then recompute everything.
-        if keep and llama_cpp.llama_memory_seq_pos_min(self._memory, slot.seq_id) > max(0, keep - self._n_swa):
-            keep = 0
-        if not (keep and llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)):
-            keep = 0
-            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-        del slot.cached[keep:]
-        sequence.n_fed = keep
+        sequence.n_fed = self._context.keep_prefix(slot, keep)
         sampling = sequence.submission.request.sampling
         for member in sequence.group.sequences:  # each choice its own draws: seed, seed + 1, ...
             seed = None if sampling.seed is None else sampling.seed + member.index
@@ -218,37 +203,19 @@ class DecodeLoop:
             feeds.append(Feed(sequence, chunk, start + len(chunk) == len(sequence.prompt.tokens)))
             room -= len(chunk)
         feeds.sort(key=lambda feed: feed.sequence.slot.seq_id)  # llama.cpp takes sequences in id order
-        status = self._decode(feeds)
+        status = self._context.decode(feeds)
         if status == 0:
             self._absorb(feeds)
             return
         # Roll back what the failed call left, then retry each sequence alone so only the one at fault fails.
-        for feed in feeds:
-            llama_cpp.llama_memory_seq_rm(self._memory, feed.sequence.slot.seq_id, len(feed.sequence.slot.cached), -1)
+        self._context.roll_back(feeds)
         for feed in feeds:
             if len(feeds) > 1:
-                status = self._decode([feed])
+                status = self._context.decode([feed])
             if status == 0:
                 self._absorb([feed])
             else:
                 self._fail(feed.sequence, f"model {self._name!r}: llama.cpp could not decode (status {status})")
-
-    def _decode(self, feeds: list[Feed]) -> int:
-        batch = self._batch
-        token, pos, n_seq_id, seq_id, logits = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
-        n = 0
-        for feed in feeds:
-            slot = feed.sequence.slot
-            first = len(slot.cached)
-            for offset, value in enumerate(feed.tokens):
-                token[n], pos[n], n_seq_id[n], logits[n] = value, first + offset, 1, False
-                seq_id[n][0] = slot.seq_id
-                n += 1
-            if feed.sample:
-                logits[n - 1] = True
-                feed.row = n - 1
-        batch.n_tokens = n
-        return llama_cpp.llama_decode(self._ctx, batch)
 
     def _absorb(self, feeds: list[Feed]) -> None:
         """Record what the decode put in the KV cache, then sample the sequences that asked for logits."""
@@ -266,9 +233,7 @@ class DecodeLoop:
         cells (llama.cpp copies across KV streams at the next decode) and sample from the same logits."""
         others = first.waiting
         for other in others:
-            llama_cpp.llama_memory_seq_rm(self._memory, other.slot.seq_id, -1, -1)
-            llama_cpp.llama_memory_seq_cp(self._memory, first.slot.seq_id, other.slot.seq_id, -1, -1)
-            other.slot.cached[:] = first.slot.cached
+            self._context.copy(first.slot, other.slot)
             other.n_fed = len(other.prompt.tokens)
             self._active.append(other)
         return others
@@ -276,7 +241,7 @@ class DecodeLoop:
     def _sample(self, sequence: Sequence, row: int) -> None:
         assert sequence.sampler is not None
         try:
-            token, logits = sequence.sampler.sample(self._ctx, row)
+            token, logits = sequence.sampler.sample(self._context.ctx, row)
         except GrammarDeadEnd as exc:
             self._fail(sequence, f"model {self._name!r}: {exc}")
             return
@@ -300,7 +265,7 @@ class DecodeLoop:
         else:
             if text:
                 sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.group.produced,
-                                              logprobs=self._take_logprobs(sequence), index=sequence.index))
+                                              logprobs=sequence.take_logprobs(), index=sequence.index))
             sequence.next_token = token
 
     def _finish(self, sequence: Sequence, text: str, reason: str, hit: bool) -> None:
@@ -309,17 +274,11 @@ class DecodeLoop:
             text += tail if hit else tail + sequence.stops.flush()
             reason = "stop" if hit else reason
         sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.group.produced, reason,  # type: ignore[arg-type]
-                                      logprobs=self._take_logprobs(sequence), index=sequence.index))
+                                      logprobs=sequence.take_logprobs(), index=sequence.index))
         sequence.group.open -= 1
         if not sequence.group.open:
             sequence.emit(DONE)
         self._release(sequence)
-
-    @staticmethod
-    def _take_logprobs(sequence: Sequence) -> tuple[TokenLogprob, ...]:
-        taken = tuple(sequence.logprobs)
-        sequence.logprobs.clear()
-        return taken
 
     def _fail(self, sequence: Sequence, message: str) -> None:
         """Fail the whole request: every choice of it still holding a slot goes."""
@@ -342,8 +301,6 @@ class DecodeLoop:
         if sequence.sampler is not None:
             sequence.sampler.free()
             sequence.sampler = None
-        slot = sequence.slot
-        slot.sequence = None
+        sequence.slot.sequence = None
         if not (keep_cache and self._prefix_reuse):
-            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-            slot.cached.clear()
+            self._context.clear(sequence.slot)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.api import GenerationRequest, TokenLogprob
-from deployments.llama_cpp.model import Prompt
+from deployments.llama_cpp.prompt import Prompt
 from deployments.llama_cpp.sampling import SequenceSampler
 from deployments.llama_cpp.text import StopMatcher, Utf8Stream
 
@@ -58,6 +58,12 @@ class Sequence:
     @property
     def streaming(self) -> bool:
         return self.n_fed == len(self.prompt.tokens)
+
+    def take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """The logprobs of the tokens in the chunk about to go out (they leave with it)."""
+        taken = tuple(self.logprobs)
+        self.logprobs.clear()
+        return taken
 
     @property
     def waiting(self) -> list[Sequence]:

@@ -25,9 +25,11 @@ from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from deployments.api import (
+    STARTED,
     EngineUnavailable,
     GenerationChunk,
     GenerationRequest,
+    Started,
     UnsupportedGenerationRequest,
     default_max_tokens,
 )
@@ -110,8 +112,9 @@ class VllmModelServer(LLMServer):
             self._lease.close()
             raise
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream the request through vLLM's OpenAI serving layer as engine-neutral chunks."""
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Started | GenerationChunk]:
+        """STARTED (vLLM queues and batches itself), then the request through vLLM's OpenAI serving layer."""
+        yield STARTED
         if request.tools is not None:
             raise UnsupportedGenerationRequest("vLLM models do not take tools yet.", param="tools")
         sampling = request.sampling

@@ -26,7 +26,6 @@ from typing import Any
 
 import platformdirs
 
-from deployments.spec import StorageSettings
 from deployments.weights.entries import (
     CacheEntries,
     CacheEntry,
@@ -36,7 +35,7 @@ from deployments.weights.entries import (
     write_json,
 )
 from deployments.weights.retry import RetryPolicy
-from deployments.weights.source import Source, SourceError, parse_source
+from deployments.weights.source import Source, SourceError, StorageSettings, parse_source
 
 logger = logging.getLogger("modelserve.weights")
 

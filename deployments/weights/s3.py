@@ -17,8 +17,7 @@ import boto3
 import botocore.exceptions as boto_errors
 from botocore.config import Config
 
-from deployments.spec import StorageSettings
-from deployments.weights.source import SourceError, parse_source
+from deployments.weights.source import SourceError, StorageSettings, parse_source
 
 CHUNK_BYTES = 16 * 1024 * 1024
 WORKERS = 8

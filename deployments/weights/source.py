@@ -1,4 +1,5 @@
-"""The one parser of weight sources: a path, `file://`, `package://module` or `s3://bucket/key`.
+"""The one parser of weight sources: a path, `file://`, `package://module` or `s3://bucket/key`;
+and how to reach the S3 store that `s3://` sources name.
 
 The model spec checks a source with it before deploying and the cache fetches by what it
 returns, so a source the config accepts is one the cache knows how to fetch.
@@ -10,6 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlparse
+
+from pydantic import Field
+
+from deployments.strict import Strict
 
 Scheme = Literal["file", "package", "s3"]
 SCHEMES: tuple[Scheme, ...] = ("file", "package", "s3")
@@ -53,3 +58,11 @@ def parse_source(uri: str) -> Source:
             raise SourceError(f"not an s3://bucket/key URI: {uri!r}")
         return Source(uri, "s3", parsed.netloc, parsed.path.lstrip("/"))
     raise SourceError(f"unsupported source scheme {scheme!r} (use a path, file://, s3:// or package://)")
+
+
+class StorageSettings(Strict):
+    """How to reach the S3 API (MinIO) holding `s3://` sources; credentials come from the environment."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint; None = AWS_ENDPOINT_URL or AWS default.")
+    region: str | None = Field(None, description="Region; None = AWS_REGION / AWS_DEFAULT_REGION or us-east-1.")
+    addressing_style: Literal["path", "virtual", "auto"] = "path"

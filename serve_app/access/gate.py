@@ -8,15 +8,13 @@ response ends and AccessMiddleware settles it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from ray.serve.handle import DeploymentResponseGenerator
 
 from deployments.api import GenerationChunk, GenerationRequest
 from deployments.strict import ConfigError
@@ -92,27 +90,6 @@ class RequestAccount:
         if self._limiter is not None and self.admission is not None and self.admission.lease is not None:
             self._limiter.release(self.admission.lease, self.prompt_tokens + self.completion_tokens)
         self._limiter = None
-
-
-class MeteredStream:
-    """A model's chunk stream that keeps the running usage on the request's account as chunks pass."""
-
-    def __init__(self, stream: DeploymentResponseGenerator, account: RequestAccount) -> None:
-        self._stream = stream
-        self._account = account
-
-    def __aiter__(self) -> AsyncIterator[GenerationChunk]:
-        return self
-
-    async def __anext__(self) -> GenerationChunk:
-        chunk = await self._stream.__anext__()
-        self._account.record(chunk)
-        return chunk
-
-    def cancel(self) -> None:
-        """Best effort: Serve's cancel() re-raises the call's own failure (e.g. back-pressure), already handled."""
-        with contextlib.suppress(Exception):
-            self._stream.cancel()
 
 
 async def authenticated(request: Request) -> RequestAccount:

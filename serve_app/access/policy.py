@@ -19,7 +19,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from deployments.strict import ConfigError, Strict, describe_validation_error
-from serve_app.access.authn import AuthSettings, Principal
+from serve_app.access.authn import Principal
+from serve_app.access.keys import AuthSettings
 from serve_app.access.limiter_actor import Limits
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")

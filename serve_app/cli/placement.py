@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from deployments.spec import DeploymentSettings, VllmSettings
+from deployments.settings import DeploymentSettings, VllmSettings
 from serve_app.cli.deploy_settings import (
     CPU_GROUP,
     GIB,

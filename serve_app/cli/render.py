@@ -16,7 +16,8 @@ import yaml
 
 from deployments.strict import ConfigError
 from serve_app.cli.deploy_settings import load_deploy_settings
-from serve_app.cli.manifests import HEADER, deployable_serve_config, render_manifests
+from serve_app.cli.kube import HEADER
+from serve_app.cli.manifests import deployable_serve_config, render_manifests
 from serve_app.cli.placement import plan_placement
 from serve_app.cli.serve_file import load_serve_config
 

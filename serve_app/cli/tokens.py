@@ -25,7 +25,8 @@ import platformdirs
 import yaml
 
 from deployments.strict import ConfigError
-from serve_app.access.authn import SECRET_ENV, SECRET_FILE_ENV, AuthSettings, api_key_hash
+from serve_app.access.authn import api_key_hash
+from serve_app.access.keys import SECRET_ENV, SECRET_FILE_ENV, AuthSettings
 from serve_app.access.policy import load_policy_file, parse_policy
 from serve_app.cli.serve_file import ingress_applications, load_serve_config
 from serve_app.config import INGRESS_DEPLOYMENT

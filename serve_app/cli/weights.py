@@ -20,8 +20,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from deployments.spec import StorageSettings
 from deployments.weights.cache import WeightCache, WeightFetchError
+from deployments.weights.source import StorageSettings
 
 _DST_ENV = {
     "aws_access_key_id": "MODELSERVE_DST_AWS_ACCESS_KEY_ID",

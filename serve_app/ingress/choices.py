@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from deployments.api import GenerationChunk, TokenLogprob
-from serve_app.ingress.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprobEntry, TopLogprob, Usage
+from serve_app.ingress.responses import ChatLogprobs, CompletionLogprobs, TokenLogprobEntry, TopLogprob, Usage
 
 
 def _text(token: bytes) -> str:

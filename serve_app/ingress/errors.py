@@ -74,6 +74,11 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
+def overloaded(model: str, why: str) -> OpenAIError:
+    message = f"Model '{model}' is overloaded: {why}. Retry shortly."
+    return OpenAIError(503, message, type="server_error", code="model_overloaded", headers={"Retry-After": RETRY_AFTER_S})
+
+
 def model_error(exc: BaseException, model: str) -> OpenAIError:
     """Map a failure from a model deployment (possibly wrapped by Ray) to an OpenAI error."""
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
@@ -85,8 +90,7 @@ def model_error(exc: BaseException, model: str) -> OpenAIError:
     if isinstance(cause, EngineError):
         return OpenAIError(400, cause.message, param=cause.param, code=cause.code)
     if isinstance(cause, BackPressureError):
-        message = f"Model '{model}' is overloaded: too many requests are queued. Retry shortly."
-        return OpenAIError(503, message, type="server_error", code="model_overloaded", headers=retry)
+        return overloaded(model, "too many requests are queued")
     if isinstance(cause, TimeoutError):
         message = f"Model '{model}' is not ready (no replica answered in time). Retry shortly."
         return OpenAIError(503, message, type="server_error", code="model_not_ready", headers=retry)

@@ -32,18 +32,10 @@ from serve_app.ingress.errors import (
     install_error_handlers,
 )
 from serve_app.ingress.metrics import IngressMetrics
-from serve_app.ingress.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ModelCard,
-    ModelList,
-    ModelStatus,
-    OpenAIError,
-    new_id,
-    now,
-)
+from serve_app.ingress.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, new_id, now
 from serve_app.ingress.request_fields import audit_identifiers, check_fields
 from serve_app.ingress.request_limits import SizeGate, check_prompt_size
+from serve_app.ingress.responses import ModelCard, ModelList, ModelStatus
 from serve_app.ingress.serving import (
     Serving,
     chat_events,
@@ -81,7 +73,7 @@ class OpenAIIngress:
         self._created = now()
         self._access = AccessGate(limiter_name=f"modelserve-limits:{serve.get_replica_context().app_name}")
         self._metrics = IngressMetrics()
-        self._serving = Serving(self._args.ingress.first_token_timeout_s, self._metrics)
+        self._serving = Serving(self._args.ingress, self._metrics)
         self._status = StatusCache(on_crashes=self._metrics.record_crashes)
         app.state.access_gate = self._access
         app.state.cors = self._args.ingress.cors

@@ -4,11 +4,13 @@ One path for chat and text completions: `open` starts the generation on the mode
 and waits for its first chunk (so early failures get a proper status), then `collect` builds the
 n choices of a whole response or `chat_events` / `completion_events` stream them. Every failure
 leaves as an OpenAI error (`model_error`); the model side is cancelled however the client leaves.
+The request's account meters the chunks as they pass (`MeteredStream`), for its rate-limit lease.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -17,17 +19,19 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
 from deployments.spec import model_deployment_name
 from deployments.tool_use import ToolUse
-from serve_app.access.gate import MeteredStream, RequestAccount
+from serve_app.access.gate import RequestAccount
+from serve_app.config import IngressSettings
 from serve_app.ingress.choices import Choices, chat_logprobs, completion_logprobs
-from serve_app.ingress.errors import FAILED_MODEL_RETRY_AFTER_S, model_error
+from serve_app.ingress.errors import FAILED_MODEL_RETRY_AFTER_S, model_error, overloaded
 from serve_app.ingress.generation_fields import generation_options
 from serve_app.ingress.metrics import IngressMetrics
-from serve_app.ingress.protocol import (
+from serve_app.ingress.protocol import OpenAIError, SamplingFields, now
+from serve_app.ingress.responses import (
     AssistantMessage,
     ChatChunkChoice,
     ChatCompletionChoice,
@@ -37,9 +41,6 @@ from serve_app.ingress.protocol import (
     CompletionResponse,
     DeltaMessage,
     ModelStatus,
-    OpenAIError,
-    SamplingFields,
-    now,
 )
 from serve_app.ingress.tool_calls import StreamedReply, reply
 
@@ -73,11 +74,37 @@ def unavailable(model: str, status: ModelStatus) -> OpenAIError:
                        code="model_unavailable", headers={"Retry-After": FAILED_MODEL_RETRY_AFTER_S})
 
 
-class Serving:
-    """The ingress replica's side of every generation: model handles, the first-token timeout, TTFT metrics."""
+class MeteredStream:
+    """A model's chunk stream that keeps the running usage on the request's account as chunks pass."""
 
-    def __init__(self, first_token_timeout_s: float, metrics: IngressMetrics) -> None:
-        self._first_token_timeout_s = first_token_timeout_s
+    def __init__(self, stream: DeploymentResponseGenerator, account: RequestAccount) -> None:
+        self._stream = stream
+        self._account = account
+
+    def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        chunk = await self._stream.__anext__()
+        self._account.record(chunk)
+        return chunk
+
+    async def started(self) -> None:
+        """Wait for the replica's STARTED item: it took the request into a free slot."""
+        await self._stream.__anext__()
+
+    def cancel(self) -> None:
+        """Best effort: Serve's cancel() re-raises the call's own failure (e.g. back-pressure), already handled."""
+        with contextlib.suppress(Exception):
+            self._stream.cancel()
+
+
+class Serving:
+    """The ingress replica's side of every generation: model handles, the queue and first-token deadlines, TTFT."""
+
+    def __init__(self, settings: IngressSettings, metrics: IngressMetrics) -> None:
+        self._first_token_timeout_s = settings.first_token_timeout_s
+        self._max_queue_wait_s = settings.max_queue_wait_s
         self._metrics = metrics
         self._handles: dict[str, DeploymentHandle] = {}
 
@@ -105,17 +132,30 @@ class Serving:
         started = time.perf_counter()
         stream: MeteredStream | None = None
         try:  # Serve may refuse at `.remote()` already (queue full) or at the first chunk
-            request = dataclasses.replace(request, submitted_at=time.time())
+            request = dataclasses.replace(request, submitted_at=time.time(), tenant=account.principal.tenant)
             stream = MeteredStream(self.handle(model).options(stream=True).generate.remote(request), account)
+            await self._start(stream, model, status)
             first = await asyncio.wait_for(stream.__anext__(), self._first_token_timeout_s)
         except BaseException as exc:
             if stream is not None:
                 stream.cancel()
-            if isinstance(exc, asyncio.CancelledError):
+            if isinstance(exc, (asyncio.CancelledError, OpenAIError)):
                 raise
             raise model_error(exc, model) from None
         self._metrics.record_first_token(model, time.perf_counter() - started)
         return first, stream
+
+    async def _start(self, stream: MeteredStream, model: str, status: ModelStatus) -> None:
+        """Wait until a replica takes the request: up to `max_queue_wait_s` behind running replicas' busy slots
+        (then 503: the request leaves the queue, so what is admitted starts at once), longer while the
+        model scales up from zero."""
+        if status.running_replicas == 0:
+            await asyncio.wait_for(stream.started(), self._first_token_timeout_s)
+            return
+        try:
+            await asyncio.wait_for(stream.started(), self._max_queue_wait_s)
+        except TimeoutError:
+            raise overloaded(model, f"no slot freed within {self._max_queue_wait_s:g} s") from None
 
     @staticmethod
     async def collect(model: str, first: GenerationChunk, stream: MeteredStream, n: int) -> Choices:

@@ -21,7 +21,7 @@ from ray import serve
 from deployments.spec import model_deployment_name
 from serve_app.config import INGRESS_DEPLOYMENT
 from serve_app.ingress.crash_watch import CHECK_INTERVAL_S, CrashReport, CrashWatch
-from serve_app.ingress.protocol import ModelStatus
+from serve_app.ingress.responses import ModelStatus
 
 logger = logging.getLogger("ray.serve.modelserve.status")
 

@@ -16,16 +16,8 @@ from typing import Any
 import jsonschema
 
 from deployments.tool_use import ParsedCall, ToolUse, may_be_call, parse_calls
-from serve_app.ingress.protocol import (
-    ChatCompletionRequest,
-    ChatMessage,
-    DeltaMessage,
-    FunctionCall,
-    FunctionCallDelta,
-    OpenAIError,
-    ToolCall,
-    ToolCallDelta,
-)
+from serve_app.ingress.protocol import ChatCompletionRequest, ChatMessage, OpenAIError
+from serve_app.ingress.responses import DeltaMessage, FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
 
 
 def _invalid(param: str, message: str) -> OpenAIError:

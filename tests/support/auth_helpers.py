@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -15,6 +16,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from serve_app.access.authn import Authenticator, Principal
+from serve_app.access.keys import AuthSettings
 
 SECRET_1 = "k1-" + "a" * 40
 SECRET_2 = "k2-" + "b" * 40
@@ -59,6 +63,26 @@ def write_keys(root: Path) -> dict[str, Any]:
         "rsa_path": root / "rsa.pem",
         "ec_path": root / "ec.pem",
     }
+
+
+def authenticator(keys: dict[str, Any], api_keys: dict[str, Principal] | None = None, **auth: Any) -> Authenticator:
+    """An authenticator that knows the keys of `write_keys` (HS256 kid files, RS256 and ES256 PEMs)."""
+    settings = AuthSettings.model_validate(
+        {
+            "algorithms": ["HS256", "RS256", "ES256"],
+            "public_key_files": {"rsa-1": str(keys["rsa_path"]), "ec-1": str(keys["ec_path"])},
+            **auth,
+        }
+    )
+    return Authenticator(settings, api_keys or {}, environ={"MODELSERVE_JWT_SECRET_FILE": str(keys["secret_dir"])})
+
+
+def authenticate(auth: Authenticator, header: str | None) -> Principal:
+    return asyncio.run(auth.authenticate(header))
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
 
 
 class JwksServer:

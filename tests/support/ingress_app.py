@@ -22,11 +22,18 @@ from typing import Any
 import pytest
 from ray import serve
 
-from deployments.api import ContextLengthExceeded, GenerationChunk, GenerationRequest, InvalidGenerationRequest
+from deployments.api import (
+    STARTED,
+    ContextLengthExceeded,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidGenerationRequest,
+    Started,
+)
 from deployments.embedding import EmbeddingRequest, EmbeddingResult, WrongModelKind
 from serve_app.cli.tokens import mint_token
 from serve_app.ingress import routes
-from serve_app.ingress.protocol import ModelStatus
+from serve_app.ingress.responses import ModelStatus
 from serve_app.ingress.status import ServeSnapshot
 
 CHAT_MODEL, EMBED_MODEL = "stand-in", "stand-in-embed"
@@ -42,7 +49,7 @@ POLICY = {
 
 
 class StandInStream:
-    """What `handle.options(stream=True).generate.remote(request)` gives: chunks of every choice, then the end."""
+    """What `handle.options(stream=True).generate.remote(request)` gives: STARTED, chunks of every choice, the end."""
 
     def __init__(self, request: GenerationRequest, model: StandInModel) -> None:
         self._chunks = self._generate(request)
@@ -50,7 +57,8 @@ class StandInStream:
         self.closed = False
         model.open_streams += 1
 
-    def _generate(self, request: GenerationRequest) -> Iterator[GenerationChunk]:
+    def _generate(self, request: GenerationRequest) -> Iterator[GenerationChunk | Started]:
+        yield STARTED  # as ModelServer does: the request has a slot; the engine's chunks or its error follow
         sampling = request.sampling
         text = request.prompt if request.messages is None else "".join(str(m.get("content")) for m in request.messages)
         param = "prompt" if request.messages is None else "messages"
@@ -68,7 +76,7 @@ class StandInStream:
     def __aiter__(self) -> StandInStream:
         return self
 
-    async def __anext__(self) -> GenerationChunk:
+    async def __anext__(self) -> GenerationChunk | Started:
         await asyncio.sleep(0)
         if self.closed:
             raise StopAsyncIteration

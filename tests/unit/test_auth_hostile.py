@@ -13,7 +13,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from serve_app.access.authn import Authenticator, AuthError, AuthSettings
+from serve_app.access.authn import Authenticator, AuthError
+from serve_app.access.keys import AuthSettings
 from tests.support.auth_helpers import JwksServer, claims
 
 BOUND_S = 0.5  # auth.jwks_timeout_s in these tests
@@ -107,7 +108,7 @@ def test_cached_keys_keep_working_while_the_jwks_endpoint_misbehaves(
         principal, _ = await timed(auth, token(key, "k1"))
         assert principal.tenant == "team-a"
         misbehave(server, how)
-        monkeypatch.setattr("serve_app.access.authn.JWKS_COOLDOWN_S", 0.0)
+        monkeypatch.setattr("serve_app.access.keys.JWKS_COOLDOWN_S", 0.0)
         await asyncio.sleep(0.1)  # the keys are stale now: each request refreshes them in the background
         for _ in range(2):
             principal, waited = await timed(auth, token(key, "k1"))

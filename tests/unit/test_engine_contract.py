@@ -12,6 +12,7 @@ and a CUDA GPU is present. Sampling is greedy wherever outputs are compared.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib.util
 import pickle
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from deployments.api import ContextLengthExceeded, EngineError, GenerationChunk
+from deployments.api import ContextLengthExceeded, EngineError, GenerationChunk, Started
 from deployments.spec import ModelSpec
 from tests.support.engine_streams import Completion, drain, make_request
 from tests.support.tiny_gguf import write_tiny_llama_gguf
@@ -49,10 +50,18 @@ class Backend:
         return self.loop.run_until_complete(coroutine)
 
     def stream(self, prompt: str | None = None, **kwargs: Any) -> AsyncIterator[GenerationChunk]:
-        return self.server.generate(make_request(prompt, **kwargs))
+        return after_started(self.server.generate(make_request(prompt, **kwargs)))
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
         return self.run(drain(self.stream(prompt, **kwargs), Completion()))
+
+
+async def after_started(stream: AsyncIterator[Any]) -> AsyncIterator[GenerationChunk]:
+    """A replica's chunks, checking that its first item is STARTED (the ingress's queue deadline waits for it)."""
+    async with contextlib.aclosing(stream):  # type: ignore[type-var]
+        assert isinstance(await stream.__anext__(), Started)
+        async for chunk in stream:
+            yield chunk
 
 
 async def construct(cls: type[T], *args: Any, **kwargs: Any) -> T:
@@ -200,7 +209,7 @@ def test_a_prompt_longer_than_the_context_fails_before_any_chunk(backend: Backen
     }
     stream = backend.stream(**request, max_tokens=4)
     with pytest.raises(ContextLengthExceeded) as raised:
-        backend.run(stream.__anext__())  # the very first item is the error
+        backend.run(stream.__anext__())  # the first item after STARTED is the error
     error = raised.value
     assert (error.code, error.param) == ("context_length_exceeded", kind)
     assert str(WINDOW) in error.message

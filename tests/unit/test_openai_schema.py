@@ -7,7 +7,8 @@ import json
 import httpx
 import pytest
 
-from serve_app.ingress.protocol import (
+from serve_app.ingress.protocol import OpenAIError
+from serve_app.ingress.responses import (
     AssistantMessage,
     ChatChunkChoice,
     ChatCompletionChoice,
@@ -19,7 +20,6 @@ from serve_app.ingress.protocol import (
     ModelCard,
     ModelList,
     ModelStatus,
-    OpenAIError,
     Usage,
 )
 from tests.support import openai_schema

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments.spec import VLLM_MAX_ONGOING_REQUESTS, ModelSpec
+from deployments.settings import VLLM_MAX_ONGOING_REQUESTS
+from deployments.spec import ModelSpec
 from deployments.strict import ConfigError
 from serve_app.cli.serve_file import application_entries
 from serve_app.config import ModelAppArgs, parse_model_args

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from deployments.spec import StorageSettings
 from deployments.weights.cache import WeightCache, WeightFetchError
 from deployments.weights.retry import RetryPolicy
+from deployments.weights.source import StorageSettings
 from serve_app.cli import weights as cli_weights
 from tests.support.s3_server import TEST_CREDENTIALS, FaultProxy, MotoS3, free_port, subprocess_env
 
@@ -25,7 +25,7 @@ FETCH_IN_CHILD = """
 import json, logging, pathlib, sys, time
 logging.basicConfig(level=logging.INFO)
 from deployments.weights.cache import WeightCache
-from deployments.spec import StorageSettings
+from deployments.weights.source import StorageSettings
 root, source, endpoint, go = sys.argv[1:5]
 print("ready", flush=True)
 while not pathlib.Path(go).exists():
