@@ -225,7 +225,7 @@ class KeyRing:
         try:
             document = await asyncio.to_thread(client.fetch_data)
             if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-                raise ValueError("the answer is not a JWKS document (an object with a 'keys' list)")
+                raise TypeError("the answer is not a JWKS document (an object with a 'keys' list)")
             keys = jwks_keys(document)
             if document["keys"] and not keys:
                 raise ValueError("no usable key in the JWKS document")  # garbage; `{"keys": []}` revokes them all

@@ -20,8 +20,6 @@ from starlette.testclient import TestClient
 from serve_app.cli.tokens import mint_token
 from tests.support.ingress_app import CHAT_MODEL, InProcessIngress, ingress_in_process
 
-pytestmark = pytest.mark.filterwarnings("ignore:coroutine .*ASGIIngressWrapper.__del__:RuntimeWarning")
-
 HELLO = [{"role": "user", "content": "Hello"}]
 JSON = {"Content-Type": "application/json"}
 
@@ -82,12 +80,6 @@ BODIES: dict[str, tuple[bytes, int, str | None]] = {
     "9 MB body": (chat(messages=[{"role": "user", "content": "x" * 9_000_000}]), 413, None),
     "stream_options a string": (chat(stream=True, stream_options="x"), 400, "stream_options"),
 }
-
-
-@pytest.fixture(scope="module")
-def ingress() -> Iterator[InProcessIngress]:
-    with pytest.MonkeyPatch.context() as monkeypatch, ingress_in_process(monkeypatch) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
