@@ -25,7 +25,7 @@ from serve_app.access.limiter_client import LIMITER_NAMESPACE
 from tests.support.cluster import APP_NAME, EMBED, TINY, model_states, wait_until
 from tests.support.fuzzing import check_case
 
-EXAMPLES_PER_OPERATION = 25  # with both modes and the model-swapped twins: ~400 requests in about a minute
+EXAMPLES_PER_OPERATION = 25  # with both modes and the model-swapped twins: ~200 requests, ~10 s
 STORM = 200
 STORM_CONCURRENCY = 4  # within the tiny model's ongoing + queued requests, so no stream is refused
 REQUEST_TIMEOUT_S = 60.0
