@@ -68,6 +68,7 @@ class BatchedLlamaEngine(Engine):
         return {
             "backend": "llama_cpp",
             "slots": settings.parallel,
+            "busy_slots": self._decode_loop.busy_slots if self._decode_loop else 0,  # leaks show as a count stuck > 0
             "threads": settings.n_threads,
             "ray_cpus_per_replica": self._spec.deployment.ray_actor_options.get("num_cpus"),
             "weight_repack": self._repack.describe() if self._repack else None,

@@ -74,6 +74,11 @@ class DecodeLoop:
         """Sequences admitted and not finished (read on the decode thread)."""
         return len(self._active)
 
+    @property
+    def busy_slots(self) -> int:
+        """Slots holding a sequence now; from any thread (a slot's sequence is set and cleared atomically)."""
+        return sum(slot.sequence is not None for slot in self._slots)
+
     def submit(self, submission: Submission) -> None:
         n = submission.request.sampling.n
         if n > len(self._slots):

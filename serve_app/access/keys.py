@@ -10,6 +10,8 @@ HS256 is only ever checked against HMAC secrets: an RSA public key can never act
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -73,7 +75,11 @@ class AuthSettings(Strict):
     public_key_files: dict[str, str] = Field(default_factory=dict, description="kid -> PEM public key file.")
     jwks_file: str | None = None
     jwks_url: str | None = None
-    jwks_cache_s: float = Field(300.0, gt=0)
+    jwks_cache_s: float = Field(300.0, gt=0, description="Keys older than this are refreshed in the background.")
+    jwks_timeout_s: float = Field(
+        3.0, gt=0, le=30, description="Longest a request waits for the JWKS endpoint (only one with an unknown kid "
+        "does, or the first ever); slow, down or garbage: the cached keys stay, and a kid they lack is a 401.",
+    )
     keys_reload_s: float = Field(60.0, ge=0, description="How often secret/key files are re-read (rotation).")
 
     @field_validator("audience", mode="before")
@@ -145,10 +151,10 @@ def jwks_keys(document: Mapping[str, Any]) -> list[VerificationKey]:
             continue
         try:
             jwk = jwt.PyJWK(entry)
-        except jwt.PyJWTError as exc:
+            family = public_key_family(jwk.key)
+        except (jwt.PyJWTError, ValueError) as exc:
             logger.warning("skipping unusable JWKS key %r: %s", entry.get("kid"), exc)
             continue
-        family = public_key_family(jwk.key)
         keys.append(VerificationKey(jwk.key_id, family, jwk.key, entry.get("alg")))
     return keys
 
@@ -164,7 +170,7 @@ class KeyRing:
         self._loaded_at = float("-inf")
         self._remote: list[VerificationKey] = []
         self._fetched_at = float("-inf")
-        self._fetch_lock = asyncio.Lock()
+        self._fetch: asyncio.Task[None] | None = None
         self.reload()
         if not self._static and not settings.jwks_url:
             raise ValueError(
@@ -193,10 +199,13 @@ class KeyRing:
                 self._loaded_at = now  # keep serving with the keys we have; retry after the next interval
                 logger.error("key reload failed, keeping the previous keys: %s", exc)
         if self._settings.jwks_url:
-            known = any(k.kid == kid for k in self._remote)
+            known = any(k.kid == kid for k in self._remote) if kid else bool(self._remote)
             age = now - self._fetched_at
-            if age > self._settings.jwks_cache_s or (kid and not known and age > JWKS_COOLDOWN_S):
-                await self._fetch_jwks()
+            if not known and age > JWKS_COOLDOWN_S:  # a new kid (rotation) or nothing fetched yet: wait, bounded
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._refresh()), self._settings.jwks_timeout_s)
+            elif age > self._settings.jwks_cache_s:
+                self._refresh()  # the cached keys serve meanwhile
         family = algorithm_family(algorithm)
         return [
             key
@@ -204,13 +213,23 @@ class KeyRing:
             if key.family == family and (kid is None or key.kid == kid) and key.algorithm in (None, algorithm)
         ]
 
+    def _refresh(self) -> asyncio.Task[None]:
+        """One JWKS fetch at a time, shared by the requests waiting for it, outside any request's context."""
+        if self._fetch is None or self._fetch.done():
+            self._fetch = asyncio.get_running_loop().create_task(self._fetch_jwks(), context=contextvars.Context())
+        return self._fetch
+
     async def _fetch_jwks(self) -> None:
-        async with self._fetch_lock:
-            if time.monotonic() - self._fetched_at <= JWKS_COOLDOWN_S:
-                return  # another request refreshed while we waited
-            client = jwt.PyJWKClient(self._settings.jwks_url or "", cache_jwk_set=False, timeout=5)
-            try:
-                self._remote = jwks_keys(await asyncio.to_thread(client.fetch_data))
-            except jwt.PyJWKClientError as exc:
-                logger.warning("JWKS fetch from %s failed, keeping cached keys: %s", self._settings.jwks_url, exc)
-            self._fetched_at = time.monotonic()
+        settings = self._settings
+        client = jwt.PyJWKClient(settings.jwks_url or "", cache_jwk_set=False, timeout=settings.jwks_timeout_s)
+        try:
+            document = await asyncio.to_thread(client.fetch_data)
+            if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+                raise TypeError("the answer is not a JWKS document (an object with a 'keys' list)")
+            keys = jwks_keys(document)
+            if document["keys"] and not keys:
+                raise ValueError("no usable key in the JWKS document")  # garbage; `{"keys": []}` revokes them all
+            self._remote = keys
+        except Exception as exc:  # noqa: BLE001 - down, slow, or garbage of any kind: keep the keys we have
+            logger.warning("JWKS fetch from %s failed, keeping cached keys: %s", self._settings.jwks_url, exc)
+        self._fetched_at = time.monotonic()

@@ -41,10 +41,13 @@ from serve_app.config import (
 #   never block their loop: weight fetches, model loads and Serve status reads go to threads.
 # Measured on 2 vCPUs (bench_serving.py, c=1): idle Ray CPU 10.8% -> 7% of a core; decode tokens/s
 # +4% (intervals), +5% (gRPC) and +3-8% (one loop); time to first token -10 ms.
+# - That gRPC plane refuses messages over 4 MiB by default: a request the ingress admits (a body up to
+#   ingress.limits.max_body_bytes, 8 MiB) or a batch of embeddings failed between replicas with a 500.
 SERVE_PROCESS_ENV = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(64 * 1024 * 1024),
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
 

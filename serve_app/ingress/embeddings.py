@@ -12,11 +12,11 @@ import base64
 import struct
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StrictInt, StrictStr
+from pydantic import BaseModel, Field, StrictInt, StrictStr, model_validator
 
 from deployments.api import GenerationChunk, GenerationRequest
 from deployments.embedding import EmbeddingRequest, EmbeddingResult
-from serve_app.ingress.protocol import OpenAIError, OpenAIRequest
+from serve_app.ingress.protocol import OpenAIError, OpenAIRequest, refuse_lone_surrogates
 from serve_app.ingress.request_fields import FieldRule, unsupported
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs in one request
@@ -31,6 +31,8 @@ class EmbeddingsRequest(OpenAIRequest):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = Field(None, ge=1)
     user: StrictStr | None = None
+
+    _unicode = model_validator(mode="before")(refuse_lone_surrogates)
 
     def inputs(self) -> tuple[str | tuple[int, ...], ...]:
         """The inputs one by one: a string, strings, one token-id list, or token-id lists."""

@@ -61,7 +61,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kinds = {404: "not_found", 405: "method_not_allowed"}
+        kinds = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}  # 400: a body that is no JSON
         return error_response(
             OpenAIError(exc.status_code, str(exc.detail), code=kinds.get(exc.status_code), headers=exc.headers)
         )

@@ -15,6 +15,12 @@ from serve_app.ingress.crash_watch import CRASH_WINDOW_S, CrashReport
 LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 
 _REJECTIONS = {401: "unauthenticated", 403: "forbidden", 429: "rate_limited"}
+MAX_TAG_CHARS = 128
+
+
+def tag(value: str) -> str:
+    """Ray encodes metric tags as ASCII (anything else raises): a tenant named in a token may not be."""
+    return value.encode("ascii", "backslashreplace").decode("ascii")[:MAX_TAG_CHARS]
 
 
 class IngressMetrics:
@@ -56,8 +62,12 @@ class IngressMetrics:
         self.crash_looping.set(int(report.crash_looping), tags={"model": model})
 
     def record_request(self, record: dict[str, Any]) -> None:
-        """Count one finished request from its audit record."""
-        model, tenant, status = record.get("model") or "", record.get("tenant") or "", int(record["status"])
+        """Count one finished request from its audit record.
+
+        A 404's model is whatever the caller typed: no series of its own, or any client could mint them without end.
+        """
+        status = int(record["status"])
+        model, tenant = tag(record.get("model") or "") if status != 404 else "", tag(record.get("tenant") or "")
         self.requests.inc(tags={"model": model, "tenant": tenant, "status": str(status)})
         self.latency.observe(record["latency_ms"] / 1000, tags={"model": model})
         if record.get("prompt_tokens"):

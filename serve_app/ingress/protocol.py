@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 Number = Annotated[float, Field(strict=True)]
 MAX_MESSAGES = 4096  # messages in one chat request: more is no conversation a context window holds
@@ -20,6 +20,25 @@ MAX_MESSAGES = 4096  # messages in one chat request: more is no conversation a c
 
 class OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def refuse_lone_surrogates(body: Any) -> Any:
+    """JSON may escape half a UTF-16 pair (`\\ud800`); such text has no UTF-8 form to tokenize or to echo back."""
+    pending = [body]
+    while pending:  # a loop, not recursion: the body may be nested as deep as the JSON parser allows
+        value = pending.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("the request holds text that is not valid Unicode (a lone surrogate)") from None
+        elif isinstance(value, dict):
+            pending.extend(value)
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return body
 
 
 class StreamOptions(OpenAIRequest):
@@ -96,6 +115,8 @@ class SamplingFields(OpenAIRequest):
     user: StrictStr | None = None
     logprobs: Any = None
     logit_bias: dict[StrictStr, Number] | None = None
+
+    _unicode = model_validator(mode="before")(refuse_lone_surrogates)
 
     @field_validator("stop")
     @classmethod

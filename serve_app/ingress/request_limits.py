@@ -2,7 +2,8 @@
 
 Headers over `max_header_bytes` get 431 and a body over `max_body_bytes` 413, as OpenAI error
 objects: a declared Content-Length is refused before a byte is read, and a chunked body as soon as
-it passes the limit. The number of chat messages is bounded in the protocol models.
+it passes the limit. The number of chat messages is bounded in the protocol models, and the prompt's
+text by `max_prompt_chars` (400 `context_length_exceeded`) before a model replica spends any time on it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ class RequestLimits(Strict):
 
     max_body_bytes: int = Field(8 * MIB, ge=KIB, description="Request body; over it: 413.")
     max_header_bytes: int = Field(32 * KIB, ge=KIB, description="All header names and values together; over: 431.")
+    max_prompt_chars: int = Field(
+        2 * MIB, ge=KIB, description="Characters of prompt text (chat messages, a prompt, embedding inputs); over it: "
+        "400 context_length_exceeded at once, where a replica would tokenize it all to say the same.",
+    )
+
+
+def check_prompt_size(limits: RequestLimits, chars: int, param: str) -> None:
+    """Refuse a prompt no model's context holds before it costs a replica any tokenizing."""
+    if chars > limits.max_prompt_chars:
+        message = (f"The prompt is {chars} characters; this server accepts at most {limits.max_prompt_chars} "
+                   "per request, far more than a model's context holds.")
+        raise OpenAIError(400, message, param=param, code="context_length_exceeded")
 
 
 class SizeGate:

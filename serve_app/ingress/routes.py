@@ -34,7 +34,7 @@ from serve_app.ingress.errors import (
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, new_id, now
 from serve_app.ingress.request_fields import audit_identifiers, check_fields
-from serve_app.ingress.request_limits import SizeGate
+from serve_app.ingress.request_limits import SizeGate, check_prompt_size
 from serve_app.ingress.responses import ModelCard, ModelList, ModelStatus
 from serve_app.ingress.serving import (
     Serving,
@@ -130,6 +130,7 @@ class OpenAIIngress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, account: Caller) -> Any:
         check_fields(body)
+        check_prompt_size(self._args.ingress.limits, sum(len(m.text()) for m in body.messages), "messages")
         account.client_ids = audit_identifiers(body)
         model, status = await self._model(body.model, account)
         request = GenerationRequest(
@@ -155,6 +156,7 @@ class OpenAIIngress:
         account.client_ids = audit_identifiers(body)
         model, status = await self._model(body.model, account)
         prompt = body.prompt if isinstance(body.prompt, str) else str(body.prompt[0])  # one string: checked
+        check_prompt_size(self._args.ingress.limits, len(prompt), "prompt")
         request = GenerationRequest(
             request_id=new_id("cmpl"),
             sampling=sampling_params(
@@ -177,6 +179,7 @@ class OpenAIIngress:
         account.client_ids = audit_identifiers(body)
         model, status = await self._model(body.model, account)
         request = engine_request(body, new_id("embd"))
+        check_prompt_size(self._args.ingress.limits, sum(len(item) for item in request.inputs), "input")
         await self._access.admit(account, admission_estimate(request))
         result = await self._serving.call(model, status, "embed", request)
         account.record(usage_chunk(result))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
+import http.server
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -80,3 +83,52 @@ def authenticate(auth: Authenticator, header: str | None) -> Principal:
 
 def bearer(token: str) -> str:
     return f"Bearer {token}"
+
+
+class JwksServer:
+    """A JWKS endpoint on 127.0.0.1 whose key set the test can rotate, or that misbehaves; counts fetches.
+
+    `delay_s` holds each answer back; `raw` replaces the document with any bytes; `trickle_s` sends the
+    body a byte at a time with that pause (each read within a socket timeout, the whole far longer).
+    """
+
+    def __init__(self) -> None:
+        self.document: dict[str, Any] = {"keys": []}
+        self.fetches = 0
+        self.delay_s = self.trickle_s = 0.0
+        self.raw: bytes | None = None
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.fetches += 1
+                time.sleep(outer.delay_s)
+                body = json.dumps(outer.document).encode() if outer.raw is None else outer.raw
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not outer.trickle_s:
+                    self.wfile.write(body)
+                    return
+                with contextlib.suppress(OSError):  # the client gave up
+                    for byte in body:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(outer.trickle_s)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
+        self.running = True
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def stop(self) -> None:
+        """The endpoint goes down: connections are refused from now on."""
+        if self.running:
+            self.running = False
+            self.server.shutdown()
+            self.server.server_close()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,17 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from serve_app.access.authn import Authenticator, AuthError, Principal, api_key_hash
 from serve_app.access.keys import AuthSettings
-from tests.support.auth_helpers import SECRET_1, SECRET_2, authenticate, authenticator, b64url, bearer, claims, forged
+from tests.support.auth_helpers import (
+    SECRET_1,
+    SECRET_2,
+    JwksServer,
+    authenticate,
+    authenticator,
+    b64url,
+    bearer,
+    claims,
+    forged,
+)
 
 # --- token verification matrix -------------------------------------------------------------------------
 
@@ -154,32 +162,6 @@ def test_settings_refuse_none_and_keys_in_config_text(keys: dict[str, Any]) -> N
         Authenticator(AuthSettings(), {}, environ={"MODELSERVE_JWT_SECRET": "short"})
 
 
-class JwksServer:
-    """A JWKS endpoint on 127.0.0.1 whose key set the test can rotate; counts fetches."""
-
-    def __init__(self) -> None:
-        self.document: dict[str, Any] = {"keys": []}
-        self.fetches = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.fetches += 1
-                body = json.dumps(outer.document).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def test_jwks_url_is_cached_and_refetched_for_a_new_kid(keys: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     server = JwksServer()
     try:
@@ -198,5 +180,4 @@ def test_jwks_url_is_cached_and_refetched_for_a_new_kid(keys: dict[str, Any], mo
         assert authenticate(auth, bearer(new)).tenant == "team-a"
         assert server.fetches == 2
     finally:
-        server.server.shutdown()
-        server.server.server_close()
+        server.stop()
