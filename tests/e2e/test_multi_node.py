@@ -48,14 +48,22 @@ class ObjectGets(logging.Handler):
 class TwoNodes:
     """The private cluster, its worker node, the S3 store's GET count and an admin client per proxy."""
 
-    def __init__(self, cluster: PrivateCluster, worker: RayNode, caches: dict[str, Path], ports: list[int],
-                 secret: str, gets: ObjectGets) -> None:
+    def __init__(
+        self,
+        cluster: PrivateCluster,
+        worker: RayNode,
+        caches: dict[str, Path],
+        ports: list[int],
+        secret: str,
+        gets: ObjectGets,
+    ) -> None:
         self.cluster, self.worker, self.caches, self.ports, self.gets = cluster, worker, caches, ports, gets
         self.token = mint_token(secret, "ops", ["admin"], 3600)
 
     def client(self, port: int, timeout_s: float = 60) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=self.token, max_retries=0,
-                             timeout=timeout_s)
+        return openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=self.token, max_retries=0, timeout=timeout_s
+        )
 
 
 def serve_config(http_port: int, endpoint_url: str) -> dict[str, Any]:
@@ -71,8 +79,11 @@ def serve_config(http_port: int, endpoint_url: str) -> dict[str, Any]:
     ingress_app["deployments"] = [{"name": "ingress", "max_replicas_per_node": 1}]
     model_app["deployments"] = [{"name": f"model-{MODEL}", "max_replicas_per_node": 2}]
     model_app["runtime_env"] = {"env_vars": {**TEST_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint_url}}
-    return {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": http_port},
-            "applications": [ingress_app, model_app]}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "127.0.0.1", "port": http_port},
+        "applications": [ingress_app, model_app],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +97,25 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     with MotoS3() as store:
         store.client().create_bucket(Bucket="models")
         tiny = write_tiny_llama_gguf(root / "tiny.gguf", n_ctx_train=4096)
-        pushed = subprocess.run([sys.executable, "-m", "serve_app.cli", "push", str(tiny), SOURCE], text=True,
-                                capture_output=True, timeout=120, env=subprocess_env(store.endpoint_url))
+        pushed = subprocess.run(
+            [sys.executable, "-m", "serve_app.cli", "push", str(tiny), SOURCE],
+            check=False,
+            text=True,
+            capture_output=True,
+            timeout=120,
+            env=subprocess_env(store.endpoint_url),
+        )
         assert pushed.returncode == 0, pushed.stderr
         env = cluster_env(MODELSERVE_JWT_SECRET=secret)
         cluster = PrivateCluster(root, env | {"MODELSERVE_CACHE_DIR": str(caches["head"])}, num_cpus=3)
         try:
             cluster.wait_ready()
-            worker = cluster.add_worker("worker", env | {"MODELSERVE_CACHE_DIR": str(caches["worker"]),
-                                                         "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_port)}, 3)
+            worker = cluster.add_worker(
+                "worker",
+                env
+                | {"MODELSERVE_CACHE_DIR": str(caches["worker"]), "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_port)},
+                3,
+            )
             cluster.wait_ready(nodes=2)
             cluster.deploy(serve_config(head_port, store.endpoint_url))
             cluster.wait_running({APP, MODEL})
@@ -136,8 +157,11 @@ def test_replicas_spread_and_each_node_downloads_once(nodes: TwoNodes) -> None:
     assert nodes.gets.count == 2  # the S3 server served the object twice: once a node
     # Two replicas a node, one download a node: the second replica waited for the first's and reused it.
     for node in (nodes.cluster.head, nodes.worker):
-        assert wait_for(lambda n=node: fetches(n.metrics_url) == {"download": 1, "hit": 1} or None, 30,
-                        f"{node.name}'s fetch metrics"), fetches(node.metrics_url)
+        assert wait_for(
+            lambda n=node: fetches(n.metrics_url) == {"download": 1, "hit": 1} or None,
+            30,
+            f"{node.name}'s fetch metrics",
+        ), fetches(node.metrics_url)
     for cache in nodes.caches.values():
         weights = [p for p in cache.rglob("*") if p.is_file() and p.suffix == ".gguf"]
         assert len(weights) == 1, sorted(cache.rglob("*"))  # one complete copy, no temporary left behind
@@ -156,8 +180,14 @@ def held_stream(client: openai.OpenAI) -> tuple[str, float]:
     (error type, when) if the client was told of an error (an SSE error event, an HTTP or connection error)."""
     tokens, finish = 0, None
     try:
-        for chunk in client.completions.create(model=MODEL, prompt="hello there", max_tokens=HELD, temperature=0,
-                                               stream=True, stream_options={"include_usage": True}):
+        for chunk in client.completions.create(
+            model=MODEL,
+            prompt="hello there",
+            max_tokens=HELD,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
             if chunk.choices:
                 finish = chunk.choices[0].finish_reason or finish
             if chunk.usage:
@@ -192,5 +222,7 @@ def test_stopping_a_node_fails_only_its_in_flight_requests(nodes: TwoNodes) -> N
     assert [r.usage.completion_tokens for r in after] == [8] * 6  # new work runs on the head's replicas
     head_id = nodes.cluster.alive_nodes()[0]["node_id"]
     wait_for(lambda: running_nodes(nodes.cluster) == {head_id}, 60, "Serve to see the worker's replicas gone")
-    print(f"stop: {len(failed)}/{len(outcomes)} in-flight streams failed ({failed}); the last error "
-          f"reached its client {errors_in:.1f}s after the stop")
+    print(
+        f"stop: {len(failed)}/{len(outcomes)} in-flight streams failed ({failed}); the last error "
+        f"reached its client {errors_in:.1f}s after the stop"
+    )

@@ -52,25 +52,55 @@ class RayNode:
     """One `ray start --block` process: the head (with the dashboard) or a worker joining `head_address`."""
 
     def __init__(
-        self, name: str, root: Path, temp_dir: Path, env: dict[str, str], num_cpus: float,
+        self,
+        name: str,
+        root: Path,
+        temp_dir: Path,
+        env: dict[str, str],
+        num_cpus: float,
         head_address: str | None = None,
     ) -> None:
         self.name, self.env, self.log = name, env, root / f"ray-start-{name}.log"
         agent, metrics = free_ports(2)
         self.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
-        args = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--temp-dir", str(temp_dir),
-                "--dashboard-agent-listen-port", str(agent), "--metrics-export-port", str(metrics),
-                "--disable-usage-stats", "--block"]
+        args = [
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            str(num_cpus),
+            "--temp-dir",
+            str(temp_dir),
+            "--dashboard-agent-listen-port",
+            str(agent),
+            "--metrics-export-port",
+            str(metrics),
+            "--disable-usage-stats",
+            "--block",
+        ]
         if head_address is None:
             gcs, dashboard, client = free_ports(3)
             self.address, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
-            args += ["--head", "--port", str(gcs), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                     "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client)]
+            args += [
+                "--head",
+                "--port",
+                str(gcs),
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(dashboard),
+                "--ray-client-server-port",
+                str(client),
+            ]
         else:
             self.address, self.dashboard = head_address, ""
             args += ["--address", head_address]
         self.process = subprocess.Popen(
-            ["ray", "start", *args], env=env, stdout=subprocess.DEVNULL, stderr=self.log.open("w"),
+            ["ray", "start", *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("w"),
             start_new_session=True,
         )
 
@@ -123,8 +153,12 @@ class PrivateCluster:
     def serve(self, *argv: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
         """Run the `serve` CLI against this cluster; fail with its output if it fails."""
         result = subprocess.run(
-            ["serve", *argv, "--address", self.dashboard], check=False, text=True, capture_output=True,
-            env={**self.head.env, "RAY_ADDRESS": self.head.address}, timeout=timeout_s,
+            ["serve", *argv, "--address", self.dashboard],
+            check=False,
+            text=True,
+            capture_output=True,
+            env={**self.head.env, "RAY_ADDRESS": self.head.address},
+            timeout=timeout_s,
         )
         assert result.returncode == 0, f"serve {' '.join(argv)}: {result.stdout}\n{result.stderr}"
         return result
