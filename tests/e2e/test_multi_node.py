@@ -26,6 +26,7 @@ import pytest
 
 from serve_app.cli.serve_file import application_entries
 from serve_app.cli.tokens import mint_token
+from tests.support.cluster import wait_until
 from tests.support.ray_nodes import PrivateCluster, RayNode, cluster_env, free_ports
 from tests.support.s3_server import TEST_CREDENTIALS, MotoS3, subprocess_env
 from tests.support.tiny_gguf import write_tiny_llama_gguf
@@ -136,15 +137,6 @@ def fetches(metrics_url: str) -> dict[str, float]:
     return counts
 
 
-def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 def test_replicas_spread_and_each_node_downloads_once(nodes: TwoNodes) -> None:
     replicas = nodes.cluster.replicas(MODEL, f"model-{MODEL}")
     by_node: dict[str, int] = {}
@@ -157,7 +149,7 @@ def test_replicas_spread_and_each_node_downloads_once(nodes: TwoNodes) -> None:
     assert nodes.gets.count == 2  # the S3 server served the object twice: once a node
     # Two replicas a node, one download a node: the second replica waited for the first's and reused it.
     for node in (nodes.cluster.head, nodes.worker):
-        assert wait_for(
+        assert wait_until(
             lambda n=node: fetches(n.metrics_url) == {"download": 1, "hit": 1} or None,
             30,
             f"{node.name}'s fetch metrics",
@@ -217,11 +209,11 @@ def test_stopping_a_node_fails_only_its_in_flight_requests(nodes: TwoNodes) -> N
     assert 0 < len(failed) < len(outcomes), outcomes  # the worker's share failed, the head's finished
     errors_in = max(when for outcome, when in ended if outcome != "completed") - stopped_at
 
-    wait_for(lambda: len(nodes.cluster.alive_nodes()) == 1, 60, "the worker node to be dead")
+    wait_until(lambda: len(nodes.cluster.alive_nodes()) == 1, 60, "the worker node to be dead")
     after = [client.completions.create(model=MODEL, prompt="hi", max_tokens=8, temperature=0) for _ in range(6)]
     assert [r.usage.completion_tokens for r in after] == [8] * 6  # new work runs on the head's replicas
     head_id = nodes.cluster.alive_nodes()[0]["node_id"]
-    wait_for(lambda: running_nodes(nodes.cluster) == {head_id}, 60, "Serve to see the worker's replicas gone")
+    wait_until(lambda: running_nodes(nodes.cluster) == {head_id}, 60, "Serve to see the worker's replicas gone")
     print(
         f"stop: {len(failed)}/{len(outcomes)} in-flight streams failed ({failed}); the last error "
         f"reached its client {errors_in:.1f}s after the stop"

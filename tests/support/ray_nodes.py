@@ -190,20 +190,31 @@ class PrivateCluster:
         return self.details()["applications"][app]["deployments"][deployment]["replicas"]
 
     def stop(self) -> None:
-        """Stop the workers, then the head, then SIGKILL anything left carrying the temp dir; keep Serve's logs."""
+        """Stop the workers, then the head, then sweep what is left."""
         for node in (*self.workers, self.head):
             node.stop()
-        for pid in self.leftover_pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for logs in self.temp_dir.glob("session_*/logs/serve"):  # kept in the caller's dir for post-mortems
-            shutil.copytree(logs, self.root / "serve-logs" / logs.parent.parent.name, dirs_exist_ok=True)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        sweep(self.temp_dir, self.root)
 
     def leftover_pids(self) -> list[int]:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            with contextlib.suppress(OSError):
-                if proc.name.isdigit() and str(self.temp_dir).encode() in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
-        return pids
+        return processes_carrying(self.temp_dir)
+
+
+def processes_carrying(temp_dir: Path) -> list[int]:
+    """Processes whose command line names this cluster's temp dir (Ray's own daemons, and workers before setproctitle)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and str(temp_dir).encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+    return pids
+
+
+def sweep(temp_dir: Path, root: Path) -> None:
+    """After `ray start` stopped: SIGKILL anything left carrying the temp dir, keep Serve's logs in `root`, remove it."""
+    for pid in processes_carrying(temp_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    serve_logs = temp_dir / "session_latest" / "logs" / "serve"
+    if serve_logs.is_dir():  # kept in the caller's dir for post-mortems
+        shutil.copytree(serve_logs, root / "serve-logs", dirs_exist_ok=True)
+    shutil.rmtree(temp_dir, ignore_errors=True)
