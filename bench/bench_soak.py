@@ -158,9 +158,8 @@ def process_stats(root_pid: int) -> dict[int, dict[str, Any]]:
             status = dict(
                 line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
             )
-            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             stats[pid] = {
-                "name": Path(name).name[:60],
+                "name": process_name(Path(f"/proc/{pid}/cmdline").read_bytes()),
                 "rss_mb": round(int(status.get("VmRSS", "0 kB").split()[0]) / 1024, 1),
                 "threads": int(status["Threads"]),
                 "fds": len(os.listdir(f"/proc/{pid}/fd")),
@@ -168,6 +167,19 @@ def process_stats(root_pid: int) -> dict[int, dict[str, Any]]:
         except (OSError, KeyError, ValueError):
             continue
     return stats
+
+
+def process_name(cmdline: bytes) -> str:
+    """Ray's process title (ray::...), else the program, or the Python script or module it runs."""
+    args = [a.decode(errors="replace") for a in cmdline.split(b"\0") if a]
+    if not args or not Path(args[0]).name.startswith("python"):
+        return Path(args[0]).name[:60] if args else "?"
+    for i, arg in enumerate(args[1:], 1):
+        if arg.endswith(".py"):
+            return Path(arg).name
+        if arg in ("-m", "-c") and i + 1 < len(args):
+            return f"python {arg} {args[i + 1][:40]}"
+    return Path(args[0]).name
 
 
 def kill_a_replica(cluster: PrivateCluster, ledger: Ledger) -> float:
