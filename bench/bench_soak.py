@@ -285,6 +285,7 @@ def main() -> None:
         "policy_reloads_s": [round(r, 1) for r in reloads],
         "warm_up": dict(warm.outcomes),
         "processes": compare(start_stats, end_stats),
+        "logs": str(root),  # ray start and Serve logs, the config deployed last
     }
     print(json.dumps(report, indent=1))
     ok = accounted == ledger.sent and not outside and not hung and killed
