@@ -7,12 +7,9 @@ that `ray start` process, which takes down what it started, then sweeps anything
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +24,7 @@ import yaml
 from serve_app.access.authn import api_key_hash
 from serve_app.cli.serve_file import application_entries, use_serve_process_env
 from tests.support.auth_helpers import SECRET_1, claims
+from tests.support.ray_nodes import free_ports, processes_carrying, sweep
 
 ISSUER, AUDIENCE = "https://idp.test/", "modelserve-test"
 API_KEY = "msk-test-service-account-key"
@@ -37,16 +35,6 @@ ALLOWED, HIDDEN = "tiny-chat", "secret-model"
 LONG = {"model": ALLOWED, "prompt": "hello there", "max_tokens": 1500, "temperature": 0}
 # The tiny model makes ~2000 tokens/s: a stream that must still be running when the test acts next.
 HELD = {**LONG, "max_tokens": 7000}
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def e2e_policy(keys: dict[str, Any]) -> dict[str, Any]:
@@ -155,21 +143,10 @@ class Cluster:
                 self.head.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.head.kill()
-        for pid in self.leftover_pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        serve_logs = self.temp_dir / "session_latest" / "logs" / "serve"
-        if serve_logs.is_dir():  # kept in pytest's tmp dir for post-mortems
-            shutil.copytree(serve_logs, self.root / "serve-logs", dirs_exist_ok=True)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        sweep(self.temp_dir, self.root)
 
     def leftover_pids(self) -> list[int]:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            with contextlib.suppress(OSError):
-                if proc.name.isdigit() and str(self.temp_dir).encode() in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
-        return pids
+        return processes_carrying(self.temp_dir)
 
     def config(self, policy: dict[str, Any]) -> dict[str, Any]:
         model = {
