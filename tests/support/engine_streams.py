@@ -8,17 +8,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
+from deployments.api import GenerationChunk, GenerationRequest, SamplingParams, Started
 
 _ids = itertools.count()
 
 
 @dataclass
 class Completion:
-    """Every chunk of one stream, with the time each arrived."""
+    """Every chunk of one stream, with the time each arrived, and when the engine admitted it (its STARTED)."""
 
     chunks: list[GenerationChunk] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)
+    started_at: float | None = None
 
     @property
     def text(self) -> str:
@@ -35,8 +36,12 @@ def make_request(
     return GenerationRequest(f"req-{next(_ids)}", SamplingParams(**sampling), messages=messages, prompt=prompt)
 
 
-async def drain(stream: AsyncIterator[GenerationChunk], into: Completion) -> Completion:
+async def drain(stream: AsyncIterator[Started | GenerationChunk], into: Completion) -> Completion:
     async for chunk in stream:
+        if isinstance(chunk, Started):
+            assert into.started_at is None and not into.chunks, "STARTED comes once, first"
+            into.started_at = time.perf_counter()
+            continue
         into.chunks.append(chunk)
         into.arrivals.append(time.perf_counter())
     return into

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from llama_cpp import Llama
 
-from deployments.api import ContextLengthExceeded
+from deployments.api import ContextLengthExceeded, Started
 from deployments.llama_cpp.engine import BatchedLlamaEngine
 from deployments.spec import ModelSpec
 from deployments.strict import ConfigError
@@ -170,6 +170,7 @@ def test_long_prompt_is_fed_in_chunks_between_decode_steps(gemma: BatchedLlamaEn
         await wait_for_chunks(hogs, 3)
         submitted = time.perf_counter()
         long_stream = gemma.generate(make_request(long_prompt, max_tokens=2, temperature=0))
+        assert isinstance(await long_stream.__anext__(), Started)  # a slot was free
         first = await long_stream.__anext__()
         first_at = time.perf_counter()
         await long_stream.aclose()
@@ -265,22 +266,19 @@ def _model(**overrides: Any) -> dict[str, Any]:
     return {"name": "m", "source": "/models/m.gguf", **overrides}
 
 
-def test_max_ongoing_requests_follows_the_slot_count() -> None:
-    slots_given = parse_model_args({"model": _model(engine={"parallel": 8})})
-    assert slots_given.deployment.max_ongoing_requests == 8
-    ongoing_given = parse_model_args({"model": _model(deployment={"max_ongoing_requests": 3})})
-    assert ongoing_given.engine.parallel == 3
+def test_max_ongoing_requests_is_the_slots_and_the_waiting_room() -> None:
+    given = parse_model_args({"model": _model(engine={"parallel": 8, "max_waiting": 5})})
+    assert given.deployment.max_ongoing_requests == 13
     defaults = parse_model_args({"model": _model()})
-    assert defaults.engine.parallel == defaults.deployment.max_ongoing_requests
-    # The model's own setting wins over the defaults' way of saying the same thing, either way round.
-    own_ongoing = parse_model_args({"model_defaults": {"engine": {"parallel": 4}},
-                                    "model": _model(deployment={"max_ongoing_requests": 2})})
-    assert own_ongoing.engine.parallel == own_ongoing.deployment.max_ongoing_requests == 2
-    own_slots = parse_model_args({"model_defaults": {"deployment": {"max_ongoing_requests": 4}},
-                                  "model": _model(engine={"parallel": 8})})
-    assert own_slots.engine.parallel == own_slots.deployment.max_ongoing_requests == 8
-    assert ModelSpec.model_validate(slots_given.model_dump(mode="json")) == slots_given  # survives the trip to replicas
-    with pytest.raises(ConfigError, match=r"engine.parallel \(8\) and deployment.max_ongoing_requests \(2\) differ"):
-        parse_model_args({"model": _model(engine={"parallel": 8}, deployment={"max_ongoing_requests": 2})})
-    with pytest.raises(ConfigError, match="at most 256"):
-        parse_model_args({"model": _model(deployment={"max_ongoing_requests": 300})})
+    assert defaults.deployment.max_ongoing_requests == defaults.engine.parallel + defaults.engine.max_waiting
+    from_defaults = parse_model_args({"model_defaults": {"engine": {"parallel": 2, "max_waiting": 0}}, "model": _model()})
+    assert from_defaults.deployment.max_ongoing_requests == 2
+    assert ModelSpec.model_validate(given.model_dump(mode="json")) == given  # survives the trip to replicas
+    consistent = parse_model_args({"model": _model(engine={"parallel": 8, "max_waiting": 5},
+                                                   deployment={"max_ongoing_requests": 13})})
+    assert consistent == given
+    with pytest.raises(ConfigError, match=r"max_ongoing_requests \(2\) is not engine.parallel \(8\) \+ "
+                                          r"engine.max_waiting \(5\)"):
+        parse_model_args({"model": _model(engine={"parallel": 8, "max_waiting": 5}, deployment={"max_ongoing_requests": 2})})
+    with pytest.raises(ConfigError, match="max_waiting"):
+        parse_model_args({"model": _model(engine={"max_waiting": -1})})
