@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from deployments.api import GenerationChunk, GenerationRequest, SamplingParams, Started
 
 _ids = itertools.count()
+
+
+@contextmanager
+def running(path: Path, **engine_settings: Any) -> Iterator[Any]:
+    """A started llama.cpp engine (deployments.llama_cpp.engine.BatchedLlamaEngine) on the GGUF at `path`."""
+    from deployments.llama_cpp.engine import BatchedLlamaEngine  # llama.cpp loads only for the tests using it
+    from deployments.spec import ModelSpec
+
+    engine = BatchedLlamaEngine(ModelSpec(name="test-model", source=str(path), engine=engine_settings))
+    asyncio.run(engine.start())
+    try:
+        yield engine
+    finally:
+        asyncio.run(engine.stop())
 
 
 @dataclass

@@ -15,7 +15,6 @@ import asyncio
 import itertools
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from deployments.spec import ModelSpec
 from deployments.strict import ConfigError
 from deployments.weights.cache import WeightCache
 from serve_app.config import parse_model_args
-from tests.support.engine_streams import Completion, drain, make_request
+from tests.support.engine_streams import Completion, drain, make_request, running
 from tests.support.tiny_gguf import write_tiny_llama_gguf
 
 TINY_PROMPTS = ["Hello the quick brown fox", "Once upon a time there was a dog", "The house near the big port"]
@@ -48,16 +47,6 @@ async def together(engine: BatchedLlamaEngine, prompts: list[str], **sampling: A
 async def wait_for_chunks(completions: list[Completion], count: int) -> None:
     while min(len(c.chunks) for c in completions) < count:
         await asyncio.sleep(0.01)
-
-
-@contextmanager
-def running(path: Path, **engine_settings: Any) -> Iterator[BatchedLlamaEngine]:
-    engine = BatchedLlamaEngine(ModelSpec(name="test-model", source=str(path), engine=engine_settings))
-    asyncio.run(engine.start())
-    try:
-        yield engine
-    finally:
-        asyncio.run(engine.stop())
 
 
 @pytest.fixture(scope="module")
