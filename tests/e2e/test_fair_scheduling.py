@@ -47,12 +47,19 @@ def ttft(client: openai.OpenAI) -> float:
 
 
 def flood(client: openai.OpenAI, stop: threading.Event) -> int:
-    """One of tenant A's workers: streams back to back until told to stop; returns how many finished."""
+    """One of tenant A's workers: streams back to back until told to stop; returns how many finished.
+
+    Serve's router may refuse one while its probes of the busy replica lag (503 `model_overloaded`): the
+    worker sends again, as a client honouring Retry-After would, only sooner."""
     finished = 0
     while not stop.is_set():
-        for _ in client.completions.create(**FLOOD):
-            pass
-        finished += 1
+        try:
+            for _ in client.completions.create(**FLOOD):
+                pass
+            finished += 1
+        except openai.InternalServerError as exc:
+            assert exc.status_code == 503 and exc.body["code"] == "model_overloaded", exc
+            time.sleep(0.05)
     return finished
 
 
