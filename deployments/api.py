@@ -54,11 +54,16 @@ class GenerationRequest:
     tools: ToolUse | None = None
     tenant: str = ""  # who asked (the ingress's authenticated tenant): engines keep tenants' work and caches apart
     submitted_at: float = 0.0  # wall-clock time the caller sent it: the replica measures queue wait from it
+    weight: float = 1.0  # the tenant's share of a replica's slots against other waiting tenants (its policy's weight)
+    priority: int = 0  # order among the tenant's own waiting requests: lower first (as vLLM's `priority`)
 
 
 @dataclass(frozen=True)
 class Started:
     """A replica's first stream item: it took the request into a free slot, so generation begins now.
+
+    A replica holds more requests than slots and admits the waiting ones by fair share across tenants,
+    so engines that queue send it when they admit the request, not when it arrives.
 
     The ingress bounds the wait for it (`max_queue_wait_s`): a request that cannot start in time is
     refused at once instead of waiting behind a queue, so what is admitted runs at unloaded speed.
@@ -144,6 +149,21 @@ class EngineUnavailable(EngineError):
     code = "model_unavailable"
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """What an engine is doing now (gauges) and has done since it started (running totals), for its metrics."""
+
+    slots_busy: int
+    slots_total: int
+    waiting: int
+    kv_cells_used: int
+    kv_cells_total: int
+    prompt_tokens_reused: int  # prompt tokens whose KV cells were kept from an earlier request instead of computed
+    prompt_tokens_computed: int
+    generated_tokens: int
+    steps: tuple[tuple[str, float], ...] = ()  # (prefill | decode | mixed, seconds) of each step since the last stats
+
+
 class Engine(abc.ABC):
     """A loaded model that turns requests into streams of chunks."""
 
@@ -152,8 +172,9 @@ class Engine(abc.ABC):
         """Load weights; raise on failure so the replica fails its start-up instead of serving."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream chunks; closing the iterator early cancels the generation and frees its slot."""
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Started | GenerationChunk]:
+        """STARTED once the request has a slot, then chunks; closing the iterator early cancels the generation
+        (and a waiting request leaves the queue)."""
 
     @abc.abstractmethod
     async def check_health(self) -> None:
@@ -162,6 +183,10 @@ class Engine(abc.ABC):
     def placement(self) -> dict[str, Any]:
         """How the loaded engine uses its replica's hardware (slots, threads, buffer choices), for operators."""
         return {}
+
+    def stats(self) -> EngineStats | None:
+        """Its metrics' readings (None: an engine without them); the steps are handed over once."""
+        return None
 
     async def embed(self, request: Any) -> Any:
         """Embed `request` (a deployments.embedding.EmbeddingRequest); only embedding models do."""

@@ -7,6 +7,7 @@ Ray Serve LLM for vLLM.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -16,8 +17,9 @@ from typing import Any
 from ray import serve
 from ray.serve import metrics
 
-from deployments.api import STARTED, Engine, GenerationChunk, GenerationRequest, Started
+from deployments.api import Engine, GenerationChunk, GenerationRequest, Started
 from deployments.embedding import EmbeddingRequest, EmbeddingResult
+from deployments.engine_metrics import EngineMetrics
 from deployments.spec import ModelSpec
 from deployments.startup_notes import StartupNote
 from deployments.weights.cache import FetchStats, WeightCache
@@ -45,7 +47,7 @@ class ModelMetrics:
     def __init__(self, model: str) -> None:
         self._tags = {"model": model}
         self.queue_wait = metrics.Histogram(
-            "modelserve_queue_wait_seconds", description="From the ingress sending a request to a replica taking it.",
+            "modelserve_queue_wait_seconds", description="From the ingress sending a request to a slot taking it.",
             boundaries=[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0], tag_keys=("model",),
         )
         self.fetches = metrics.Counter(
@@ -96,13 +98,15 @@ class ModelServer:
         cache.stats_listeners.append(self._metrics.record_fetch)
         self._engine = make_engine(self._spec, cache)
         await self._engine.start()
+        self._engine_metrics = asyncio.create_task(EngineMetrics(self._spec.name).run(self._engine))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Started | GenerationChunk]:
-        """STARTED, then the engine's chunks. Serve assigns a request only below `parallel` ongoing, so a slot is free."""
-        self._metrics.record_queue_wait(request)
-        yield STARTED
+        """The engine's STARTED once the request has a slot (the replica holds up to `max_waiting` more requests than
+        slots, admitted by fair share), then its chunks."""
         async with contextlib.aclosing(self._engine.generate(request)) as chunks:  # closing it cancels the request
             async for chunk in chunks:
+                if isinstance(chunk, Started):
+                    self._metrics.record_queue_wait(request)
                 yield chunk
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
@@ -116,4 +120,5 @@ class ModelServer:
         return self._engine.placement()
 
     async def __del__(self) -> None:
+        self._engine_metrics.cancel()
         await self._engine.stop()

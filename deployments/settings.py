@@ -29,7 +29,12 @@ class EngineSettings(Strict):
         ge=1,
         le=MAX_PARALLEL,
         description="Sequence slots one llama.cpp replica decodes together (continuous batching); "
-        "the deployment's max_ongoing_requests follows it.",
+        "the deployment's max_ongoing_requests is parallel + max_waiting.",
+    )
+    max_waiting: int = Field(
+        32, ge=0, le=1024, description="llama.cpp: requests one replica holds beyond its slots, admitted into free "
+        "slots by fair share across tenants (policy `weight`, request `priority`); more wait in Serve's queue, "
+        "first come first served (deployment.max_queued_requests).",
     )
     prefill_chunk: int = Field(
         64,

@@ -13,7 +13,6 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from deployments.settings import (
-    MAX_PARALLEL,
     VLLM_MAX_ONGOING_REQUESTS,
     VLLM_OWNED_ARGS,
     DeploymentSettings,
@@ -54,29 +53,19 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _slots_match_ongoing_requests(self) -> ModelSpec:
-        """A llama.cpp replica serves exactly `parallel` requests at once, so Serve sends it that many.
-
-        Whichever of engine.parallel and deployment.max_ongoing_requests is given sets the other;
-        giving both with different values is an error.
-        """
+        """A llama.cpp replica decodes `parallel` requests and holds `max_waiting` more for fair admission, so Serve
+        sends it that many: max_ongoing_requests follows them (giving it with another value is an error)."""
         if self.backend != "llama_cpp":
             return self
         engine, deployment = self.engine, self.deployment
-        slots_given = "parallel" in engine.model_fields_set
-        ongoing_given = "max_ongoing_requests" in deployment.model_fields_set
-        if slots_given and ongoing_given and engine.parallel != deployment.max_ongoing_requests:
+        ongoing = engine.parallel + engine.max_waiting
+        if "max_ongoing_requests" in deployment.model_fields_set and deployment.max_ongoing_requests != ongoing:
             raise ValueError(
-                f"engine.parallel ({engine.parallel}) and deployment.max_ongoing_requests "
-                f"({deployment.max_ongoing_requests}) differ: a llama.cpp replica decodes `parallel` requests "
-                "at once, so set one of them (the other follows)"
+                f"deployment.max_ongoing_requests ({deployment.max_ongoing_requests}) is not engine.parallel "
+                f"({engine.parallel}) + engine.max_waiting ({engine.max_waiting}): a llama.cpp replica decodes "
+                "`parallel` requests and holds `max_waiting` more, so set those two (max_ongoing_requests follows)"
             )
-        if ongoing_given:
-            if deployment.max_ongoing_requests > MAX_PARALLEL:
-                raise ValueError(f"a llama.cpp replica decodes at most {MAX_PARALLEL} requests at once; "
-                                 f"max_ongoing_requests is {deployment.max_ongoing_requests}")
-            engine.parallel = deployment.max_ongoing_requests
-        else:
-            deployment.max_ongoing_requests = engine.parallel
+        deployment.max_ongoing_requests = ongoing
         return self
 
     @model_validator(mode="after")

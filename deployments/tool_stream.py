@@ -21,7 +21,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 
-from deployments.api import GenerationChunk, ToolCallFragment
+from deployments.api import GenerationChunk, Started, ToolCallFragment
 from deployments.tool_use import ToolUse, may_be_call, parse_calls
 
 _HEAD = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:')
@@ -114,11 +114,14 @@ class BufferedCalls:
 
 
 async def read_tool_calls(
-    chunks: AsyncIterator[GenerationChunk], tools: ToolUse, constrained: bool
-) -> AsyncIterator[GenerationChunk]:
+    chunks: AsyncIterator[Started | GenerationChunk], tools: ToolUse, constrained: bool
+) -> AsyncIterator[Started | GenerationChunk]:
     """The chunks of a text engine with each choice's calls as `tool_calls` (finish_reason `tool_calls`)."""
     readers: dict[int, ConstrainedCalls | BufferedCalls] = {}
     async for chunk in chunks:
+        if isinstance(chunk, Started):
+            yield chunk
+            continue
         reader = readers.setdefault(chunk.index, ConstrainedCalls() if constrained else BufferedCalls(tools))
         text, calls = reader.feed(chunk.text)
         finish = chunk.finish_reason

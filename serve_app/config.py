@@ -84,7 +84,6 @@ class ModelAppArgs(Strict):
 # Settings that say the same thing two ways: a model giving one overrides the defaults' other.
 _ALTERNATIVES = (
     (("deployment", "num_replicas"), ("deployment", "autoscaling_config")),
-    (("engine", "parallel"), ("deployment", "max_ongoing_requests")),
     (("engine", "n_threads"), ("deployment", "ray_actor_options", "num_cpus")),
 )
 
@@ -92,9 +91,8 @@ _ALTERNATIVES = (
 def _without_overridden_alternatives(defaults: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
     """Drop from the defaults each setting whose alternative the model sets itself.
 
-    A model choosing `num_replicas` overrides the defaults' `autoscaling_config`, one choosing
-    `max_ongoing_requests` the defaults' `engine.parallel`, and one choosing `engine.n_threads` the
-    defaults' `ray_actor_options.num_cpus` (each also the other way round).
+    A model choosing `num_replicas` overrides the defaults' `autoscaling_config`, and one choosing
+    `engine.n_threads` the defaults' `ray_actor_options.num_cpus` (each also the other way round).
     """
     result = copy.deepcopy(defaults)
     for pair in _ALTERNATIVES:

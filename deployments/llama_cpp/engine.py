@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
 from typing import Any
 
-from deployments.api import Engine, EngineUnavailable, GenerationChunk, GenerationRequest
+from deployments.api import Engine, EngineStats, EngineUnavailable, GenerationChunk, GenerationRequest, Started
 from deployments.llama_cpp.chat_prompt import ChatTemplate
 from deployments.llama_cpp.model import RepackChoice, choose_repack, open_model
 from deployments.llama_cpp.prompt import Prompt, prepare_prompt
@@ -83,8 +83,12 @@ class BatchedLlamaEngine(Engine):
     async def stop(self) -> None:
         await asyncio.to_thread(self._resources.close)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """The request's chunks; with tools, each choice's calls read out of its text (deployments.tool_stream)."""
+    def stats(self) -> EngineStats | None:
+        return self._decode_loop.stats() if self._decode_loop is not None else None
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Started | GenerationChunk]:
+        """STARTED once a slot takes the request, then its chunks; with tools, each choice's calls read out of its
+        text (deployments.tool_stream)."""
         generated = self._generate(request)
         async with contextlib.aclosing(generated):  # closing it cancels the request
             chunks = generated
@@ -93,7 +97,7 @@ class BatchedLlamaEngine(Engine):
             async for chunk in chunks:
                 yield chunk
 
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[Started | GenerationChunk]:
         if self._decode_loop is None:
             raise EngineUnavailable(f"model {self._spec.name!r} is not loaded")
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -139,7 +143,7 @@ class Outbox:
         self._sent_at: float | None = None  # None until the first chunk went out
 
     def put(self, item: Any) -> None:
-        """Called on the decode thread with a GenerationChunk, an exception or DONE."""
+        """Called on the decode thread with STARTED, a GenerationChunk, an exception or DONE."""
         if isinstance(item, GenerationChunk):
             pending = self._pending.pop(item.index, None)
             item = pending.merge(item) if pending is not None else item

@@ -6,7 +6,8 @@ last sampled token, fills the rest of the step with prompt chunks of newly admit
 (chunked prefill: at most `prefill_chunk` prompt tokens while others stream, so a long prompt
 never pauses them for more than one step), decodes all of it in one `llama_decode` with logits
 only for the rows that sample, and samples each of those rows with the sequence's own sampler
-chain. Requests wait in FIFO order for a free slot and are admitted at the next step; a finished
+chain. Requests wait for a free slot in a fair queue (`deployments.llama_cpp.fair_queue`: by tenant share,
+each charged the tokens its sequences feed) and are admitted at the next step; a finished
 or cancelled sequence gives its slot (and, unless prefix reuse keeps them, its KV cells) back at
 once. Prompts are rendered and tokenized on the decode thread at admission, so requests that
 arrive together are admitted in the same step. The replica's event loop only moves chunks.
@@ -18,26 +19,30 @@ import dataclasses
 import logging
 import os
 import threading
-from collections import deque
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from deployments.api import (
+    STARTED,
     EngineError,
+    EngineStats,
     EngineUnavailable,
     GenerationChunk,
     GenerationRequest,
     InvalidGenerationRequest,
 )
 from deployments.llama_cpp.context import DecodeContext
+from deployments.llama_cpp.fair_queue import FairQueue
 from deployments.llama_cpp.grammar import Grammar
 from deployments.llama_cpp.logprobs import token_logprob
 from deployments.llama_cpp.model import TokenPieces
 from deployments.llama_cpp.prompt import Prompt
 from deployments.llama_cpp.sampling import Candidates, GrammarDeadEnd, SequenceSampler
 from deployments.llama_cpp.sequence import Feed, Group, Sequence, Slot, Submission
+from deployments.llama_cpp.step_stats import StepStats
 from deployments.settings import EngineSettings
 
 logger = logging.getLogger(__name__)
@@ -62,7 +67,9 @@ class DecodeLoop:
         self._n_vocab = model.n_vocab()
         self._candidates = Candidates(self._n_vocab)
         self._slots = [Slot(seq_id) for seq_id in range(settings.parallel)]
-        self._waiting: deque[Submission] = deque()
+        self._kv_cells = settings.parallel * settings.n_ctx
+        self._waiting = FairQueue()  # guarded by _wake
+        self.step_stats = StepStats()
         self._active: list[Sequence] = []  # admission order: prompts are fed first come, first served
         self._wake = threading.Condition()
         self._stopping = False
@@ -89,14 +96,21 @@ class DecodeLoop:
         with self._wake:
             if self._stopping:
                 raise EngineUnavailable(f"model {self._name!r} is shutting down")
-            self._waiting.append(submission)
+            self._waiting.push(submission)
             self._wake.notify()
 
     def cancel(self, submission: Submission) -> None:
-        """Called when the request's stream closes; the decode thread frees the slot before its next step."""
+        """Called when the request's stream closes: it leaves the queue now, or its slot frees before the next step."""
         submission.cancelled = True
         with self._wake:
+            self._waiting.remove(submission)
             self._wake.notify()
+
+    def stats(self) -> EngineStats:
+        """Slots, queue and KV use now, token totals so far, and the steps decoded since the last call."""
+        with self._wake:
+            waiting = len(self._waiting)
+        return self.step_stats.snapshot(self._slots, waiting, self._kv_cells)
 
     def close(self) -> None:
         """Stop the thread, fail what is left and free llama.cpp memory (only once the thread is gone)."""
@@ -110,7 +124,7 @@ class DecodeLoop:
         for submission in self._waiting:
             submission.emit(EngineUnavailable(message))
             submission.emit(DONE)
-        self._waiting.clear()
+        self._waiting = FairQueue()
         self._context.close()
 
     # Everything below runs on the decode thread.
@@ -123,12 +137,7 @@ class DecodeLoop:
                 if self._stopping:
                     return
                 free = [slot for slot in self._slots if slot.sequence is None]
-                arrivals, room = [], len(free)  # first come, first served: a request needs a slot per choice
-                while self._waiting and (self._waiting[0].cancelled or self._waiting[0].request.sampling.n <= room):
-                    submission = self._waiting.popleft()
-                    if not submission.cancelled:
-                        arrivals.append(submission)
-                        room -= submission.request.sampling.n
+                arrivals = self._waiting.take(len(free))
             try:
                 for submission in arrivals:
                     self._admit(submission, free)
@@ -143,11 +152,12 @@ class DecodeLoop:
 
     def _admit(self, submission: Submission, free: list[Slot]) -> None:
         """Tokenize and check the prompt, then give it the free slot caching most of it, else the lowest one
-        (and its other choices the lowest free ones).
+        (and its other choices the lowest free ones). STARTED goes first: the caller's wait for a slot is over.
 
         Low ids keep the active sequence ids contiguous: with one KV stream per sequence, llama.cpp
         decodes a run of consecutive ids as one micro-batch and splits the batch at every gap.
         """
+        submission.emit(STARTED)
         try:
             prompt = self._prepare(submission.request)
         except EngineError as exc:
@@ -179,6 +189,7 @@ class DecodeLoop:
         slot, tokens = sequence.slot, sequence.prompt.tokens
         keep = min(_common_prefix(slot.cached, tokens), len(tokens) - 1) if self._prefix_reuse else 0
         sequence.n_fed = self._context.keep_prefix(slot, keep)
+        self.step_stats.prompt_tokens_reused += sequence.n_fed
         sampling = sequence.submission.request.sampling
         for member in sequence.group.sequences:  # each choice its own draws: seed, seed + 1, ...
             seed = None if sampling.seed is None else sampling.seed + member.index
@@ -203,8 +214,10 @@ class DecodeLoop:
             feeds.append(Feed(sequence, chunk, start + len(chunk) == len(sequence.prompt.tokens)))
             room -= len(chunk)
         feeds.sort(key=lambda feed: feed.sequence.slot.seq_id)  # llama.cpp takes sequences in id order
+        started = time.perf_counter()
         status = self._context.decode(feeds)
         if status == 0:
+            self._account(feeds, time.perf_counter() - started)
             self._absorb(feeds)
             return
         # Roll back what the failed call left, then retry each sequence alone so only the one at fault fails.
@@ -216,6 +229,12 @@ class DecodeLoop:
                 self._absorb([feed])
             else:
                 self._fail(feed.sequence, f"model {self._name!r}: llama.cpp could not decode (status {status})")
+
+    def _account(self, feeds: list[Feed], seconds: float) -> None:
+        """A decoded step's metrics, and its tokens charged to their tenants' fair shares."""
+        self.step_stats.record(feeds, seconds)
+        with self._wake:
+            self._waiting.charge(feeds)
 
     def _absorb(self, feeds: list[Feed]) -> None:
         """Record what the decode put in the KV cache, then sample the sequences that asked for logits."""

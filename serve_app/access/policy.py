@@ -37,6 +37,10 @@ class TenantPolicy(Strict):
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1, description="Prompt + completion tokens.")
     max_concurrent_requests: int | None = Field(None, ge=1)
+    weight: float = Field(
+        1.0, gt=0, le=1000, description="Share of a replica's slots against other tenants waiting for them: a tenant "
+        "of weight 2 is admitted twice the tokens of one of weight 1 (fair scheduling)."
+    )
 
     @field_validator("models")
     @classmethod

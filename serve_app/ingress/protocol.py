@@ -115,6 +115,7 @@ class SamplingFields(OpenAIRequest):
     user: StrictStr | None = None
     logprobs: Any = None
     logit_bias: dict[StrictStr, Number] | None = None
+    priority: StrictInt | None = Field(None, ge=-(2**31), le=2**31 - 1)  # an extension (as vLLM's): not OpenAI's
 
     _unicode = model_validator(mode="before")(refuse_lone_surrogates)
 

@@ -122,6 +122,13 @@ FIELDS: dict[str, FieldRule] = {
     "prompt_cache_options": FieldRule("accepted, no effect (as `prompt_cache_key`)", endpoints=frozenset({CHAT})),
 }
 
+# Fields beyond OpenAI's (as vLLM's server takes them).
+EXTENSION_FIELDS: dict[str, FieldRule] = {
+    "priority": FieldRule("an integer, default 0: among the caller's tenant's own requests waiting for a slot, "
+                          "lower goes first (vLLM's meaning); tenants share slots by their policy `weight` whatever "
+                          "it says"),
+}
+
 # Rows for the parts of a chat message (checked by `check_messages`).
 MESSAGE_FIELDS: dict[str, FieldRule] = {
     "messages[].role": FieldRule("`system`, `developer` (as system), `user`, `assistant`, `tool` (a call's result)",
@@ -191,9 +198,9 @@ def audit_identifiers(body: BaseModel) -> dict[str, str]:
 
 
 def markdown_table(rules: dict[str, FieldRule] | None = None) -> str:
-    """A README table of request fields: by default FIELDS and MESSAGE_FIELDS (chat and completions)."""
+    """A README table of request fields: by default FIELDS, EXTENSION_FIELDS and MESSAGE_FIELDS (chat and completions)."""
     rows = ["| field | honoured | refused (400 `unsupported_parameter`) |", "| --- | --- | --- |"]
-    for name, rule in (rules or {**FIELDS, **MESSAGE_FIELDS}).items():
+    for name, rule in (rules or {**FIELDS, **EXTENSION_FIELDS, **MESSAGE_FIELDS}).items():
         where = "" if rule.endpoints == BOTH else f" ({', '.join(sorted(rule.endpoints))})"
         rows.append(f"| `{name}`{where} | {rule.honoured} | {rule.refused or '—'} |")
     return "\n".join(rows)

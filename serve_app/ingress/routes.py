@@ -140,6 +140,7 @@ class OpenAIIngress:
             ),
             messages=tuple(engine_message(m) for m in body.messages),
             tools=tool_use(body),
+            priority=body.priority or 0,
         )
         await self._access.admit(account, request)
         first, stream = await self._serving.open(model, status, request, account)
@@ -163,6 +164,7 @@ class OpenAIIngress:
                 body, self._access.max_tokens(account, body.token_limit()), account.policy.max_tokens
             ),
             prompt=prompt,
+            priority=body.priority or 0,
         )
         await self._access.admit(account, request)
         first, stream = await self._serving.open(model, status, request, account)

@@ -130,7 +130,8 @@ class Serving:
         started = time.perf_counter()
         stream: MeteredStream | None = None
         try:  # Serve may refuse at `.remote()` already (queue full) or at the first chunk
-            request = dataclasses.replace(request, submitted_at=time.time(), tenant=account.principal.tenant)
+            request = dataclasses.replace(request, submitted_at=time.time(), tenant=account.principal.tenant,
+                                          weight=account.policy.weight)
             stream = MeteredStream(self.handle(model).options(stream=True).generate.remote(request), account)
             await self._start(stream, model, status)
             first = await asyncio.wait_for(stream.__anext__(), self._first_token_timeout_s)

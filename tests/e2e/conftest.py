@@ -37,8 +37,8 @@ def s3_model(config_path: Path, tiny_path: Path, tmp_path: Path) -> Iterator[str
         )
         assert pushed.returncode == 0, pushed.stderr
         app = model_app(TINY_S3, TINY_S3_SOURCE, model_defaults(config_path),
-                        engine={"n_ctx": 256, "n_threads": 1},
-                        deployment={"max_ongoing_requests": 2, "max_queued_requests": 4})
+                        engine={"n_ctx": 256, "n_threads": 1, "parallel": 2},
+                        deployment={"max_queued_requests": 4})
         app["runtime_env"] = {"env_vars": {**TEST_CREDENTIALS, "AWS_ENDPOINT_URL": store.endpoint_url}}
         deploy_with(config_path, tmp_path, app)
         try:

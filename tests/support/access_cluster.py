@@ -151,8 +151,8 @@ class Cluster:
     def config(self, policy: dict[str, Any]) -> dict[str, Any]:
         model = {
             "source": str(self.model_path),
-            "engine": {"n_ctx": 8192, "n_threads": 1, "stream_interval_ms": 20},
-            "deployment": {"num_replicas": 1, "max_ongoing_requests": 8},
+            "engine": {"n_ctx": 8192, "n_threads": 1, "stream_interval_ms": 20, "parallel": 8},
+            "deployment": {"num_replicas": 1},
         }
         ingress = {
             "deployment": {"num_replicas": 2, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}}

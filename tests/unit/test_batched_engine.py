@@ -15,20 +15,19 @@ import asyncio
 import itertools
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from llama_cpp import Llama
 
-from deployments.api import ContextLengthExceeded
+from deployments.api import ContextLengthExceeded, Started
 from deployments.llama_cpp.engine import BatchedLlamaEngine
 from deployments.spec import ModelSpec
 from deployments.strict import ConfigError
 from deployments.weights.cache import WeightCache
 from serve_app.config import parse_model_args
-from tests.support.engine_streams import Completion, drain, make_request
+from tests.support.engine_streams import Completion, drain, make_request, running
 from tests.support.tiny_gguf import write_tiny_llama_gguf
 
 TINY_PROMPTS = ["Hello the quick brown fox", "Once upon a time there was a dog", "The house near the big port"]
@@ -48,16 +47,6 @@ async def together(engine: BatchedLlamaEngine, prompts: list[str], **sampling: A
 async def wait_for_chunks(completions: list[Completion], count: int) -> None:
     while min(len(c.chunks) for c in completions) < count:
         await asyncio.sleep(0.01)
-
-
-@contextmanager
-def running(path: Path, **engine_settings: Any) -> Iterator[BatchedLlamaEngine]:
-    engine = BatchedLlamaEngine(ModelSpec(name="test-model", source=str(path), engine=engine_settings))
-    asyncio.run(engine.start())
-    try:
-        yield engine
-    finally:
-        asyncio.run(engine.stop())
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +159,7 @@ def test_long_prompt_is_fed_in_chunks_between_decode_steps(gemma: BatchedLlamaEn
         await wait_for_chunks(hogs, 3)
         submitted = time.perf_counter()
         long_stream = gemma.generate(make_request(long_prompt, max_tokens=2, temperature=0))
+        assert isinstance(await long_stream.__anext__(), Started)  # a slot was free
         first = await long_stream.__anext__()
         first_at = time.perf_counter()
         await long_stream.aclose()
@@ -265,22 +255,19 @@ def _model(**overrides: Any) -> dict[str, Any]:
     return {"name": "m", "source": "/models/m.gguf", **overrides}
 
 
-def test_max_ongoing_requests_follows_the_slot_count() -> None:
-    slots_given = parse_model_args({"model": _model(engine={"parallel": 8})})
-    assert slots_given.deployment.max_ongoing_requests == 8
-    ongoing_given = parse_model_args({"model": _model(deployment={"max_ongoing_requests": 3})})
-    assert ongoing_given.engine.parallel == 3
+def test_max_ongoing_requests_is_the_slots_and_the_waiting_room() -> None:
+    given = parse_model_args({"model": _model(engine={"parallel": 8, "max_waiting": 5})})
+    assert given.deployment.max_ongoing_requests == 13
     defaults = parse_model_args({"model": _model()})
-    assert defaults.engine.parallel == defaults.deployment.max_ongoing_requests
-    # The model's own setting wins over the defaults' way of saying the same thing, either way round.
-    own_ongoing = parse_model_args({"model_defaults": {"engine": {"parallel": 4}},
-                                    "model": _model(deployment={"max_ongoing_requests": 2})})
-    assert own_ongoing.engine.parallel == own_ongoing.deployment.max_ongoing_requests == 2
-    own_slots = parse_model_args({"model_defaults": {"deployment": {"max_ongoing_requests": 4}},
-                                  "model": _model(engine={"parallel": 8})})
-    assert own_slots.engine.parallel == own_slots.deployment.max_ongoing_requests == 8
-    assert ModelSpec.model_validate(slots_given.model_dump(mode="json")) == slots_given  # survives the trip to replicas
-    with pytest.raises(ConfigError, match=r"engine.parallel \(8\) and deployment.max_ongoing_requests \(2\) differ"):
-        parse_model_args({"model": _model(engine={"parallel": 8}, deployment={"max_ongoing_requests": 2})})
-    with pytest.raises(ConfigError, match="at most 256"):
-        parse_model_args({"model": _model(deployment={"max_ongoing_requests": 300})})
+    assert defaults.deployment.max_ongoing_requests == defaults.engine.parallel + defaults.engine.max_waiting
+    from_defaults = parse_model_args({"model_defaults": {"engine": {"parallel": 2, "max_waiting": 0}}, "model": _model()})
+    assert from_defaults.deployment.max_ongoing_requests == 2
+    assert ModelSpec.model_validate(given.model_dump(mode="json")) == given  # survives the trip to replicas
+    consistent = parse_model_args({"model": _model(engine={"parallel": 8, "max_waiting": 5},
+                                                   deployment={"max_ongoing_requests": 13})})
+    assert consistent == given
+    with pytest.raises(ConfigError, match=r"max_ongoing_requests \(2\) is not engine.parallel \(8\) \+ "
+                                          r"engine.max_waiting \(5\)"):
+        parse_model_args({"model": _model(engine={"parallel": 8, "max_waiting": 5}, deployment={"max_ongoing_requests": 2})})
+    with pytest.raises(ConfigError, match="max_waiting"):
+        parse_model_args({"model": _model(engine={"max_waiting": -1})})
