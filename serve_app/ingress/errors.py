@@ -107,12 +107,15 @@ _AUTHENTICATED = {401: "Missing, malformed, expired or wrongly signed credential
                   413: "Request body too large.", 431: "Request headers too large."}
 _GENERATION = {400: "Invalid or unsupported request field (`param` names it), or prompt over the context.",
                404: "Unknown model, or one outside the caller's allowlist.",
-               429: "Over a tenant's rate, token or concurrency limit (`Retry-After`).",
+               429: "Over a tenant's rate, token or concurrency limit, or a token quota (`quota_exceeded`; "
+                    "`Retry-After` until it resets).",
                503: "Model overloaded, not ready, or failed (`Retry-After`)."}
 _EXTRA = {("post", "/v1/chat/completions"): _GENERATION, ("post", "/v1/completions"): _GENERATION,
           ("post", "/v1/embeddings"): _GENERATION,
           ("get", "/v1/models/{model_id}"): {404: _GENERATION[404]},
-          ("get", "/v1/admin/status"): {403: "The caller lacks the admin role."}}
+          ("get", "/v1/admin/status"): {403: "The caller lacks the admin role."},
+          ("get", "/v1/admin/usage"): {400: "Invalid filter (`param` names it).", 403: "The caller lacks the admin role.",
+                                       503: "Usage accounting unavailable (`Retry-After`)."}}
 
 
 def document_errors(app: FastAPI) -> None:
