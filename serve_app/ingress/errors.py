@@ -32,7 +32,8 @@ def error_response(exc: OpenAIError) -> JSONResponse:
 def validation_error(exc: RequestValidationError) -> OpenAIError:
     """FastAPI answers 422; OpenAI clients expect 400 invalid_request_error naming the field."""
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [part for part in first.get("loc", ()) if part != "body" and not _union_member(part)]
+    where = list(first.get("loc", ()))
+    loc = [part for part in where[where[:1] in (["body"], ["query"]):] if not _union_member(part)]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
     if first.get("type") == "json_invalid":
         message, param = "We could not parse the JSON body of your request: " + first.get("msg", ""), None
