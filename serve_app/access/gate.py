@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -22,6 +22,8 @@ from serve_app.access.authn import Authenticator, AuthError, Principal
 from serve_app.access.limiter_actor import Quota
 from serve_app.access.limiter_client import Admission, LimiterUnavailable, SharedLimiter
 from serve_app.access.policy import PolicyDocument, TenantPolicy, parse_policy, policy_revision
+from serve_app.access.quotas import QuotaGate
+from serve_app.access.usage_client import UsageBook
 from serve_app.ingress.errors import RETRY_AFTER_S
 from serve_app.ingress.protocol import OpenAIError
 
@@ -68,6 +70,7 @@ class RequestAccount:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.admission: Admission | None = None
+        self.settlers: list[Callable[[], None]] = []  # more end-of-request bookkeeping (quotas.py)
         self._limiter: SharedLimiter | None = None
 
     def hold(self, admission: Admission, limiter: SharedLimiter) -> None:
@@ -90,6 +93,9 @@ class RequestAccount:
         if self._limiter is not None and self.admission is not None and self.admission.lease is not None:
             self._limiter.release(self.admission.lease, self.prompt_tokens + self.completion_tokens)
         self._limiter = None
+        settlers, self.settlers = self.settlers, []
+        for settle in settlers:
+            settle()
 
 
 async def authenticated(request: Request) -> RequestAccount:
@@ -117,8 +123,9 @@ def unauthorized(message: str) -> OpenAIError:
 class AccessGate:
     """The ingress's access checks, against the policy of the latest `configure` (swapped atomically)."""
 
-    def __init__(self, limiter_name: str) -> None:
+    def __init__(self, limiter_name: str, usage: UsageBook) -> None:
         self._limiter = SharedLimiter(limiter_name)
+        self._quotas = QuotaGate(usage)
         self._active: ActivePolicy | None = None
 
     def configure(self, user_config: Mapping[str, Any] | None) -> None:
@@ -185,7 +192,12 @@ class AccessGate:
         return cap
 
     async def admit(self, account: RequestAccount, request: GenerationRequest) -> None:
-        """Take the tenant's request/token/concurrency allowance in the shared limiter, or answer 429."""
+        """Reserve the tenant's and key's token quotas, take the tenant's request/token/concurrency allowance in
+        the shared limiter, or answer 429."""
+        active = self._active
+        if active is not None and active.document.enabled:
+            scopes = active.document.quota_scopes(account.principal)
+            await self._quotas.admit(account, scopes, estimated_tokens(request))
         limits = account.policy.limits()
         if limits.unlimited or self._active is None or not self._active.document.enabled:
             return

@@ -22,6 +22,7 @@ from deployments.strict import ConfigError, Strict, describe_validation_error
 from serve_app.access.authn import Principal
 from serve_app.access.keys import AuthSettings
 from serve_app.access.limiter_actor import Limits
+from serve_app.access.usage import QuotaLimits, QuotaScope
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -41,6 +42,8 @@ class TenantPolicy(Strict):
         1.0, gt=0, le=1000, description="Share of a replica's slots against other tenants waiting for them: a tenant "
         "of weight 2 is admitted twice the tokens of one of weight 1 (fair scheduling)."
     )
+    tokens_per_day: int | None = Field(None, ge=1, description="Quota: prompt + completion tokens per UTC day.")
+    tokens_per_month: int | None = Field(None, ge=1, description="Quota: tokens per calendar month (UTC).")
 
     @field_validator("models")
     @classmethod
@@ -56,6 +59,9 @@ class TenantPolicy(Strict):
     def limits(self) -> Limits:
         return Limits(self.requests_per_minute, self.tokens_per_minute, self.max_concurrent_requests)
 
+    def quota(self) -> QuotaLimits:
+        return QuotaLimits(self.tokens_per_day, self.tokens_per_month)
+
 
 class ApiKeyEntry(Strict):
     """A static API key for a service account; only its SHA-256 is stored (`modelserve api-key` makes one)."""
@@ -64,6 +70,12 @@ class ApiKeyEntry(Strict):
     sha256: str
     tenant: str = Field(min_length=1)
     roles: list[str] = Field(default_factory=list)
+    tokens_per_day: int | None = Field(None, ge=1, description="This key's own quota, within its tenant's.")
+    tokens_per_month: int | None = Field(None, ge=1)
+
+    @property
+    def subject(self) -> str:
+        return f"api-key:{self.name}"
 
     @field_validator("sha256")
     @classmethod
@@ -94,8 +106,15 @@ class PolicyDocument(Strict):
     def tenant(self, name: str) -> TenantPolicy:
         return self.tenants.get(name, self.default)
 
+    def quota_scopes(self, principal: Principal) -> list[QuotaScope]:
+        """The token quotas a caller's requests count against: its tenant's and, for an API key, the key's."""
+        keys = {k.subject: QuotaLimits(k.tokens_per_day, k.tokens_per_month) for k in self.api_keys}
+        scopes = [QuotaScope(f"tenant:{principal.tenant}", self.tenant(principal.tenant).quota()),
+                  QuotaScope(f"key:{principal.subject}", keys.get(principal.subject, QuotaLimits()))]
+        return [scope for scope in scopes if not scope.limits.unlimited]
+
     def api_key_principals(self) -> dict[str, Principal]:
-        return {k.sha256: Principal(k.tenant, frozenset(k.roles), f"api-key:{k.name}") for k in self.api_keys}
+        return {k.sha256: Principal(k.tenant, frozenset(k.roles), k.subject) for k in self.api_keys}
 
 
 def parse_policy(data: Any, source: str = "policy") -> PolicyDocument:

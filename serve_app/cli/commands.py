@@ -20,7 +20,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     # The subcommand modules are imported here, not at the top: `import serve_app.cli` stays cheap.
-    from serve_app.cli import local, render, tokens, weights
+    from serve_app.cli import local, render, tokens, usage, weights
 
     parser = argparse.ArgumentParser(prog="modelserve", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = subparsers.add_parser("validate", help="check a Serve config without deploying it")
     validate.add_argument("config", nargs="?", default="serve_config.yaml")
     validate.set_defaults(func=cmd_validate)
-    for module in (tokens, weights, render):
+    for module in (tokens, weights, render, usage):
         module.register(subparsers)
     return parser
 

@@ -133,7 +133,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _call(url: str, token: str, body: dict[str, Any] | None, timeout_s: float) -> tuple[int, dict[str, Any]]:
+def call_api(url: str, token: str, body: dict[str, Any] | None, timeout_s: float) -> tuple[int, dict[str, Any]]:
     """One JSON call to the app (GET without a body); (status, parsed body)."""
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
@@ -158,11 +158,11 @@ def probe_model(base: str, token: str, model: str, attempts: int = 4, pause_s: f
     """
     message = ""
     for attempt in range(attempts):
-        status, body = _call(f"{base}/v1/completions", token, {"model": model, "prompt": "Hi", "max_tokens": 1}, 120)
+        status, body = call_api(f"{base}/v1/completions", token, {"model": model, "prompt": "Hi", "max_tokens": 1}, 120)
         if status == 200:
             return None
         message = f"HTTP {status}: {(body.get('error') or {}).get('message', body)}"
-        _, admin = _call(f"{base}/v1/admin/status", token, None, 30)
+        _, admin = call_api(f"{base}/v1/admin/status", token, None, 30)
         state = ((admin.get("models") or {}).get(model) or {})
         if state.get("state") == "failed":
             return f"{model}: failed: {state.get('message')}"

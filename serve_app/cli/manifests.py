@@ -25,7 +25,7 @@ from serve_app.cli.deploy_settings import (
     WorkerGroupSettings,
 )
 from serve_app.cli.minio import minio_objects
-from serve_app.cli.serve_file import SERVE_PROCESS_ENV, parse_serve_config
+from serve_app.cli.serve_file import SERVE_PROCESS_ENV, ingress_applications, parse_serve_config
 
 SERVE_PORT = 8000
 METRICS_PORT = 8080
@@ -176,9 +176,27 @@ def _env_example(secret: str, keys: dict[str, str]) -> str:
     return kube.HEADER + "\n".join(lines + [f"{key}={value}" for key, value in keys.items()]) + "\n"
 
 
-def render_manifests(serve_config: dict[str, Any], settings: DeploySettings) -> dict[str, str]:
-    """All files of kuberay/ that are derived from the two configs: file name -> text."""
-    config = deployable_serve_config(serve_config)
+def with_usage_bucket(serve_config: dict[str, Any], bucket: str) -> dict[str, Any]:
+    """Ingress applications keep usage in the deployment's bucket unless the Serve config names one."""
+    config = copy.deepcopy(serve_config)
+    for application in ingress_applications(config):
+        usage = application.setdefault("args", {}).setdefault("ingress", {}).setdefault("usage", {})
+        usage.setdefault("bucket", bucket)
+    return config
+
+
+def grafana_dashboard(settings: DeploySettings, dashboard_json: str) -> dict[str, Any]:
+    """The dashboard as a ConfigMap that Grafana's dashboard sidecar (label grafana_dashboard) picks up."""
+    metadata = kube.metadata(settings, f"{settings.name}-grafana-dashboard", "grafana-dashboard")
+    metadata["labels"]["grafana_dashboard"] = "1"
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": {"modelserve.json": dashboard_json}}
+
+
+def render_manifests(
+    serve_config: dict[str, Any], settings: DeploySettings, dashboard_json: str | None = None
+) -> dict[str, str]:
+    """All files of kuberay/ that are derived from the two configs (and the dashboard): file name -> text."""
+    config = deployable_serve_config(with_usage_bucket(serve_config, settings.minio.bucket))
     s3, jwt = settings.secrets.s3, settings.secrets.jwt
     files = {
         "namespace.yaml": kube.to_yaml({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": settings.namespace}}),
@@ -188,6 +206,8 @@ def render_manifests(serve_config: dict[str, Any], settings: DeploySettings) -> 
         ),
         f"{jwt}.env.example": _env_example(jwt, {"key-1": "change-me-to-a-long-random-string-of-32-or-more-bytes"}),
     }
+    if dashboard_json is not None:
+        files["grafana-dashboard.yaml"] = kube.to_yaml(grafana_dashboard(settings, dashboard_json))
     if settings.minio.enabled:
         files["minio.yaml"] = kube.to_yaml(*minio_objects(settings))
     kustomization = {

@@ -87,7 +87,7 @@ def run_render(args: argparse.Namespace) -> int:
             for problem in problems:
                 print(f"error: {problem}", file=sys.stderr)
             return 1 if problems else 0
-        files = render_manifests(serve_config, settings)
+        files = render_manifests(serve_config, settings, args.dashboard.read_text(encoding="utf-8"))
         if args.check:
             differences = compare_manifests(files, args.out)
             for difference in differences:
@@ -112,6 +112,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", type=Path, default=Path("serve_config.yaml"), help="Serve config file")
     parser.add_argument("--settings", type=Path, default=Path("kuberay/deploy.yaml"), help="deploy settings file")
+    parser.add_argument("--dashboard", type=Path, default=Path("kuberay/grafana-dashboard.json"),
+                        help="Grafana dashboard JSON, rendered into a ConfigMap for Grafana's dashboard sidecar")
     parser.add_argument("--out", type=Path, default=Path("kuberay"), help="directory of rendered manifests")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="exit 1 if files in --out differ from a fresh render")

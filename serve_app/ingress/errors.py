@@ -32,7 +32,8 @@ def error_response(exc: OpenAIError) -> JSONResponse:
 def validation_error(exc: RequestValidationError) -> OpenAIError:
     """FastAPI answers 422; OpenAI clients expect 400 invalid_request_error naming the field."""
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [part for part in first.get("loc", ()) if part != "body" and not _union_member(part)]
+    where = list(first.get("loc", ()))
+    loc = [part for part in where[where[:1] in (["body"], ["query"]):] if not _union_member(part)]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
     if first.get("type") == "json_invalid":
         message, param = "We could not parse the JSON body of your request: " + first.get("msg", ""), None
@@ -107,12 +108,15 @@ _AUTHENTICATED = {401: "Missing, malformed, expired or wrongly signed credential
                   413: "Request body too large.", 431: "Request headers too large."}
 _GENERATION = {400: "Invalid or unsupported request field (`param` names it), or prompt over the context.",
                404: "Unknown model, or one outside the caller's allowlist.",
-               429: "Over a tenant's rate, token or concurrency limit (`Retry-After`).",
+               429: "Over a tenant's rate, token or concurrency limit, or a token quota (`quota_exceeded`; "
+                    "`Retry-After` until it resets).",
                503: "Model overloaded, not ready, or failed (`Retry-After`)."}
 _EXTRA = {("post", "/v1/chat/completions"): _GENERATION, ("post", "/v1/completions"): _GENERATION,
           ("post", "/v1/embeddings"): _GENERATION,
           ("get", "/v1/models/{model_id}"): {404: _GENERATION[404]},
-          ("get", "/v1/admin/status"): {403: "The caller lacks the admin role."}}
+          ("get", "/v1/admin/status"): {403: "The caller lacks the admin role."},
+          ("get", "/v1/admin/usage"): {400: "Invalid filter (`param` names it).", 403: "The caller lacks the admin role.",
+                                       503: "Usage accounting unavailable (`Retry-After`)."}}
 
 
 def document_errors(app: FastAPI) -> None:

@@ -17,6 +17,7 @@ from deployments.api import GenerationRequest
 from deployments.spec import model_deployment_name
 from serve_app.access.envelope import AccessMiddleware
 from serve_app.access.gate import AccessGate, Caller, RequestAccount
+from serve_app.access.usage_client import UsageBook
 from serve_app.config import INGRESS_DEPLOYMENT, IngressArgs
 from serve_app.ingress.cors import CorsGate
 from serve_app.ingress.embeddings import (
@@ -47,6 +48,7 @@ from serve_app.ingress.serving import (
 )
 from serve_app.ingress.status import StatusCache
 from serve_app.ingress.tool_calls import engine_message, tool_use
+from serve_app.ingress.usage_api import UsageParams, UsageReport, usage_report
 
 logger = logging.getLogger("modelserve.ingress")
 
@@ -63,6 +65,11 @@ document_errors(app)
 PLACEMENT_TIMEOUT_S = 2.0  # the admin status does not wait for a model at zero to wake up
 
 
+def require_admin(account: RequestAccount) -> None:
+    if not account.principal.is_admin:
+        raise OpenAIError(403, "This endpoint needs the admin role.", type="permission_error", code="permission_denied")
+
+
 @serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress(app)
 class OpenAIIngress:
@@ -71,7 +78,10 @@ class OpenAIIngress:
     def __init__(self, args: dict[str, Any]) -> None:
         self._args = IngressArgs.model_validate(args)
         self._created = now()
-        self._access = AccessGate(limiter_name=f"modelserve-limits:{serve.get_replica_context().app_name}")
+        app_name = serve.get_replica_context().app_name
+        usage = UsageBook(f"modelserve-usage:{app_name}", self._args.ingress.usage)
+        self._access = AccessGate(limiter_name=f"modelserve-limits:{app_name}", usage=usage)
+        self._usage = usage
         self._metrics = IngressMetrics()
         self._serving = Serving(self._args.ingress, self._metrics)
         self._status = StatusCache(on_crashes=self._metrics.record_crashes)
@@ -101,9 +111,7 @@ class OpenAIIngress:
     @app.get("/v1/admin/status")
     async def admin_status(self, account: Caller) -> dict[str, Any]:
         """Every model's state and replica counts, whatever the caller's allowlist: admins only."""
-        if not account.principal.is_admin:
-            raise OpenAIError(403, "This endpoint needs the admin role.", type="permission_error",
-                              code="permission_denied")
+        require_admin(account)
         snapshot = await self._status.snapshot()
         names = sorted(snapshot.models)
         placements = await asyncio.gather(*(  # never a call that would wake a model at zero
@@ -119,6 +127,12 @@ class OpenAIIngress:
                 "placement": placement,
             }
         return {"models": models, "ingress": (snapshot.ingress or ModelStatus(state="unknown")).model_dump()}
+
+    @app.get("/v1/admin/usage")
+    async def admin_usage(self, query: UsageParams, account: Caller) -> UsageReport:
+        """Token usage by UTC day or month, tenant, key and model, filtered by the query: admins only."""
+        require_admin(account)
+        return await usage_report(self._usage, query)
 
     async def _placement(self, model: str) -> dict[str, Any] | None:
         """What one running replica of the model reports about its hardware use (None: no replica answered)."""

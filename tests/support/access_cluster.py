@@ -69,8 +69,10 @@ def token(tenant: str, roles: tuple[str, ...] = (), kid: str = "k1", secret: str
 class Cluster:
     """A private Ray head (`ray start --block` in its own temp dir) and the app deployed on it by `serve deploy`."""
 
-    def __init__(self, root: Path, keys: dict[str, Any], model_path: Path) -> None:
+    def __init__(self, root: Path, keys: dict[str, Any], model_path: Path, ingress_settings: dict[str, Any] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
+        self.ingress_settings = ingress_settings or {}
         self.keys = keys
         self.model_path = model_path
         self.temp_dir = Path(tempfile.mkdtemp(prefix="msauth-", dir="/tmp"))  # short: Ray puts sockets here
@@ -87,6 +89,7 @@ class Cluster:
             "RAY_AUTH_MODE": "disabled",  # a loopback-only test cluster; keeps us off the user's Ray token
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # nothing to drain at teardown
             "MODELSERVE_CACHE_DIR": str(root / "weight-cache"),
+            **(env or {}),
         }
         self.head = subprocess.Popen(
             [
@@ -155,7 +158,8 @@ class Cluster:
             "deployment": {"num_replicas": 1},
         }
         ingress = {
-            "deployment": {"num_replicas": 2, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}}
+            "deployment": {"num_replicas": 2, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}},
+            **self.ingress_settings,
         }
         return {
             "proxy_location": "HeadOnly",

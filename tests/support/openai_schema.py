@@ -31,6 +31,21 @@ LOCAL_SCHEMAS: dict[str, dict[str, Any]] = {
         "required": ["models", "ingress"],
         "properties": {"models": {"type": "object"}, "ingress": {"type": "object", "required": ["state"]}},
     },
+    "UsageReport": {
+        "type": "object",
+        "required": ["object", "group_by", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "group_by": {"enum": ["day", "month", "total"]},
+            "data": {"type": "array", "items": {
+                "type": "object",
+                "required": ["period", "tenant", "key", "model", "requests", "prompt_tokens", "completion_tokens",
+                             "total_tokens"],
+                "properties": {name: {"type": "integer", "minimum": 0} for name in (
+                    "requests", "prompt_tokens", "completion_tokens", "total_tokens")},
+            }},
+        },
+    },
 }
 
 _violations: list[str] = []
@@ -89,6 +104,7 @@ def schema_for(method: str, path: str, status: int, streamed: bool) -> str:
         ("GET", "/v1/models"): "ListModelsResponse",
         ("GET", "/health"): "Health",
         ("GET", "/v1/admin/status"): "AdminStatus",
+        ("GET", "/v1/admin/usage"): "UsageReport",
         ("POST", "/v1/chat/completions"): "CreateChatCompletionStreamResponse" if streamed
         else "CreateChatCompletionResponse",
         ("POST", "/v1/completions"): "CreateCompletionStreamChunk" if streamed else "CreateCompletionResponse",

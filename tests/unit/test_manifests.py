@@ -81,10 +81,10 @@ def assert_valid(doc: dict[str, Any]) -> None:
 @pytest.mark.parametrize("overrides", [{}, GPU_SETTINGS], ids=["cpu+minio", "gpu+external-s3"])
 def test_every_rendered_object_validates_against_its_schema(overrides: dict[str, Any]) -> None:
     deploy = settings(**overrides)
-    files = render.render_manifests(serve_config(), deploy)
+    files = render.render_manifests(serve_config(), deploy, (KUBERAY / "grafana-dashboard.json").read_text())
     docs = documents(files)
     minio_kinds = {"PersistentVolumeClaim", "Deployment", "Service", "Job"}
-    expected = {"Namespace", "RayService"} | (minio_kinds if deploy.minio.enabled else set())
+    expected = {"Namespace", "RayService", "ConfigMap"} | (minio_kinds if deploy.minio.enabled else set())
     assert {doc["kind"] for doc in docs} == expected
     for doc in docs:
         assert_valid(doc)

@@ -44,6 +44,8 @@ def test_committed_serve_config_v2_is_the_deployable_serve_config() -> None:
     ServeDeploySchema.model_validate(deployed)
     assert deployed["http_options"]["host"] == "0.0.0.0" and deployed["http_options"]["port"] == 8000
     source = yaml.safe_load(SERVE_CONFIG.read_text())
+    ingress = deployed["applications"][0]["args"]["ingress"]
+    assert ingress.pop("usage") == {"bucket": "models"}  # usage goes to the deployment's bucket (deploy.yaml)
     assert deployed["applications"] == source["applications"]
     apps = parse_serve_config(deployed)
     assert apps.ingress and apps.models
