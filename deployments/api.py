@@ -79,7 +79,10 @@ class TokenLogprob:
 
 @dataclass
 class GenerationChunk:
-    """Text of choice `index` produced since its previous chunk, with running token counts (of that choice)."""
+    """Text of choice `index` produced since its previous chunk, with running token counts (of that choice).
+
+    `cached_tokens`: of the prompt tokens, those whose KV came from the replica's prefix cache (no prefill).
+    """
 
     text: str
     prompt_tokens: int
@@ -87,6 +90,7 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token produced since the previous chunk, when asked for
     index: int = 0
+    cached_tokens: int = 0
 
     def merge(self, later: GenerationChunk) -> GenerationChunk:
         return GenerationChunk(
@@ -96,6 +100,7 @@ class GenerationChunk:
             finish_reason=later.finish_reason,
             logprobs=self.logprobs + later.logprobs,
             index=later.index,
+            cached_tokens=later.cached_tokens,
         )
 
 

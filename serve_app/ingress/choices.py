@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from deployments.api import GenerationChunk, TokenLogprob
-from serve_app.ingress.responses import ChatLogprobs, CompletionLogprobs, TokenLogprobEntry, TopLogprob, Usage
+from serve_app.ingress.responses import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    PromptTokensDetails,
+    TokenLogprobEntry,
+    TopLogprob,
+    Usage,
+)
 
 
 def _text(token: bytes) -> str:
@@ -62,14 +69,14 @@ class Choices:
 
     def __init__(self, n: int) -> None:
         self.items = [Choice() for _ in range(n)]
-        self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
 
     def add(self, chunk: GenerationChunk) -> Choice:
         choice = self.items[chunk.index]
         choice.parts.append(chunk.text)
         choice.logprobs.extend(chunk.logprobs)
         choice.finish_reason = chunk.finish_reason or choice.finish_reason
-        self.prompt_tokens = chunk.prompt_tokens
+        self.prompt_tokens, self.cached_tokens = chunk.prompt_tokens, chunk.cached_tokens
         self.completion_tokens = max(self.completion_tokens, chunk.completion_tokens)
         return choice
 
@@ -79,4 +86,5 @@ class Choices:
 
     def usage(self) -> Usage:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=self.prompt_tokens + self.completion_tokens)
+                     total_tokens=self.prompt_tokens + self.completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
