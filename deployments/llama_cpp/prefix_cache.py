@@ -4,7 +4,8 @@ A finished sequence leaves its tokens' KV cells in its slot; a later prompt star
 tokens takes that slot and prefills only the rest. Each slot remembers whose tokens it holds, and a
 prefix is reused only by the same tenant unless the model shares its cache (`engine.prefix_cache:
 shared`): a shared cache tells one tenant through time-to-first-token which prompts others sent
-(vLLM's CVE-2025-46570).
+(vLLM's CVE-2025-46570). A request with a `seed` is prefilled in full: reused KV shifts the last bits of
+the logits (batch-dependent CPU kernels), and a seed promises the same output for the same request.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import itertools
 import os
 from collections.abc import Sequence as Tokens
 
+from deployments.api import GenerationRequest
 from deployments.llama_cpp.sequence import Slot
 from deployments.settings import EngineSettings
 
@@ -37,15 +39,15 @@ class PrefixPolicy:
         """The slot now caches this tenant's tokens, as its most recently used."""
         slot.owner, slot.used = self.owner(tenant), next(self._clock)
 
-    def reusable(self, slot: Slot, tokens: list[int], tenant: str) -> int:
-        """How many of the slot's cached tokens this tenant's prompt may keep."""
-        if not self.enabled or slot.owner != self.owner(tenant):
+    def reusable(self, slot: Slot, tokens: list[int], request: GenerationRequest) -> int:
+        """How many of the slot's cached tokens this request's prompt may keep."""
+        if not self.enabled or request.sampling.seed is not None or slot.owner != self.owner(request.tenant):
             return 0
         return common_prefix(slot.cached, tokens)
 
-    def choose(self, free: list[Slot], tokens: list[int], tenant: str) -> Slot:
+    def choose(self, free: list[Slot], tokens: list[int], request: GenerationRequest) -> Slot:
         """The free slot caching most of the prompt; else the least recently used one, whose cache matters least.
         Without reuse, and among never-used slots, the lowest id: contiguous ids decode as one micro-batch."""
         if not self.enabled:
             return min(free, key=lambda slot: slot.seq_id)
-        return max(free, key=lambda slot: (self.reusable(slot, tokens, tenant), -slot.used, -slot.seq_id))
+        return max(free, key=lambda slot: (self.reusable(slot, tokens, request), -slot.used, -slot.seq_id))

@@ -146,7 +146,7 @@ class DecodeLoop:
             submission.emit(EngineUnavailable(f"model {self._name!r} could not prepare this request"))
             submission.emit(DONE)
             return
-        slot = self._prefix.choose(free, prompt.tokens, submission.request.tenant)
+        slot = self._prefix.choose(free, prompt.tokens, submission.request)
         free.remove(slot)
         group = Group()
         sequence = Sequence(submission, prompt, slot, group, 0)
@@ -162,12 +162,12 @@ class DecodeLoop:
             self._fail(sequence, f"model {self._name!r} could not start this request")
 
     def _start(self, sequence: Sequence) -> None:
-        slot, tokens, tenant = sequence.slot, sequence.prompt.tokens, sequence.submission.request.tenant
-        keep = min(self._prefix.reusable(slot, tokens, tenant), len(tokens) - 1)  # the last token gives logits
+        slot, tokens, request = sequence.slot, sequence.prompt.tokens, sequence.submission.request
+        keep = min(self._prefix.reusable(slot, tokens, request), len(tokens) - 1)  # the last token gives logits
         sequence.n_fed = self._context.keep_prefix(slot, keep)
-        sampling = sequence.submission.request.sampling
+        sampling = request.sampling
         for member in sequence.group.sequences:  # each choice its own draws: seed, seed + 1, ...
-            self._prefix.claim(member.slot, tenant)
+            self._prefix.claim(member.slot, request.tenant)
             member.cached_tokens = sequence.n_fed
             seed = None if sampling.seed is None else sampling.seed + member.index
             grammar = Grammar(self._vocab, sequence.prompt.grammar) if sequence.prompt.grammar else None

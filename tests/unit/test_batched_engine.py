@@ -78,9 +78,7 @@ def tiny(tiny_path: Path) -> Iterator[BatchedLlamaEngine]:
 
 @pytest.fixture(scope="module")
 def gemma(gemma_path: Path) -> Iterator[BatchedLlamaEngine]:
-    # These tests compare outputs across runs bit for bit: prefix reuse (on by default) would make them depend on
-    # what earlier tests left cached (test_prefix_reuse_skips_a_cached_prompt_prefix runs with it).
-    with running(gemma_path, n_ctx=2048, parallel=4, n_threads=2, chat_format="gemma", prefix_reuse=False) as engine:
+    with running(gemma_path, n_ctx=2048, parallel=4, n_threads=2, chat_format="gemma") as engine:
         yield engine
 
 

@@ -81,6 +81,12 @@ def test_a_shared_prefix_cache_serves_every_tenant(tiny_path: Path) -> None:
         assert other.cached_tokens == other.prompt_tokens - 1
 
 
+def test_a_seeded_request_is_prefilled_in_full_so_it_reproduces(per_tenant: BatchedLlamaEngine) -> None:
+    complete(per_tenant, PROMPT)
+    seeded = asyncio.run(drain(per_tenant.generate(make_request(PROMPT, tenant="a", max_tokens=4, seed=5)), Completion()))
+    assert seeded.final.cached_tokens == 0
+
+
 def test_without_prefix_reuse_every_prompt_is_prefilled(tiny_path: Path) -> None:
     with engine(tiny_path, prefix_reuse=False) as cold:
         complete(cold, PROMPT)
