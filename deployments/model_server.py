@@ -18,6 +18,7 @@ from ray.serve import metrics
 
 from deployments.api import STARTED, Engine, GenerationChunk, GenerationRequest, Started
 from deployments.embedding import EmbeddingRequest, EmbeddingResult
+from deployments.prefix_metrics import PrefixMetrics
 from deployments.spec import ModelSpec
 from deployments.weights.cache import FetchStats, WeightCache
 
@@ -78,6 +79,7 @@ class ModelServer:
     async def __init__(self, spec: dict[str, Any]) -> None:
         self._spec = ModelSpec.model_validate(spec)
         self._metrics = ModelMetrics(self._spec.name)
+        self._prefix_metrics = PrefixMetrics(self._spec.name)
         cache = WeightCache()
         cache.stats_listeners.append(self._metrics.record_fetch)
         self._engine = make_engine(self._spec, cache)
@@ -88,7 +90,11 @@ class ModelServer:
         self._metrics.record_queue_wait(request)
         yield STARTED
         async with contextlib.aclosing(self._engine.generate(request)) as chunks:  # closing it cancels the request
+            first = True
             async for chunk in chunks:
+                if first:
+                    self._prefix_metrics.record(chunk)
+                    first = False
                 yield chunk
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:

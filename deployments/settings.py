@@ -84,6 +84,19 @@ class EngineSettings(Strict):
     )
 
 
+class RoutingSettings(Strict):
+    """How the ingress picks a replica of a llama.cpp model (`deployments.prefix_router`)."""
+
+    prefix_affinity: bool = Field(
+        True, description="Send a request to the replica that served the longest prefix of its prompt (a "
+        "conversation's earlier turns), whose prefix cache holds it; false: Serve's power-of-two choice.",
+    )
+    imbalanced_threshold: int = Field(
+        2, ge=0, description="Prefix affinity holds while replicas' ongoing requests differ by at most this; "
+        "beyond it the least-loaded replica gets the request.",
+    )
+
+
 class AutoscalingSettings(Strict):
     """Ray Serve autoscaling, by the names Serve uses."""
 
