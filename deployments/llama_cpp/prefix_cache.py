@@ -18,6 +18,8 @@ from deployments.api import GenerationRequest
 from deployments.llama_cpp.sequence import Slot
 from deployments.settings import EngineSettings
 
+SIMILARITY = 0.5  # share of a prompt a slot's cache must hold to be taken for it (llama-server's slot similarity)
+
 
 def common_prefix(a: Tokens[int], b: Tokens[int]) -> int:
     return len(os.path.commonprefix([list(a), list(b)]))
@@ -46,8 +48,14 @@ class PrefixPolicy:
         return common_prefix(slot.cached, tokens)
 
     def choose(self, free: list[Slot], tokens: list[int], request: GenerationRequest) -> Slot:
-        """The free slot caching most of the prompt; else the least recently used one, whose cache matters least.
+        """The free slot caching most of the prompt if that is at least SIMILARITY of it; else the least recently
+        used one, whose cache matters least (another conversation sharing only a preamble keeps its slot).
         Without reuse, and among never-used slots, the lowest id: contiguous ids decode as one micro-batch."""
         if not self.enabled:
             return min(free, key=lambda slot: slot.seq_id)
-        return max(free, key=lambda slot: (self.reusable(slot, tokens, request), -slot.used, -slot.seq_id))
+
+        def similar(slot: Slot) -> int:
+            common = self.reusable(slot, tokens, request)
+            return common if common >= SIMILARITY * len(tokens) else 0
+
+        return max(free, key=lambda slot: (similar(slot), -slot.used, -slot.seq_id))
