@@ -95,7 +95,10 @@ class ToolCallFragment:
 
 @dataclass
 class GenerationChunk:
-    """Text and tool calls of choice `index` produced since its previous chunk, with running token counts."""
+    """Text and tool calls of choice `index` produced since its previous chunk, with running token counts.
+
+    `cached_tokens`: of the prompt tokens, those whose KV came from the replica's prefix cache (no prefill).
+    """
 
     text: str
     prompt_tokens: int
@@ -104,6 +107,7 @@ class GenerationChunk:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token produced since the previous chunk, when asked for
     index: int = 0
     tool_calls: tuple[ToolCallFragment, ...] = ()
+    cached_tokens: int = 0
 
     def merge(self, later: GenerationChunk) -> GenerationChunk:
         return GenerationChunk(
@@ -114,6 +118,7 @@ class GenerationChunk:
             logprobs=self.logprobs + later.logprobs,
             index=later.index,
             tool_calls=self.tool_calls + later.tool_calls,
+            cached_tokens=later.cached_tokens,
         )
 
 

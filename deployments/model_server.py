@@ -20,6 +20,7 @@ from ray.serve import metrics
 from deployments.api import Engine, GenerationChunk, GenerationRequest, Started
 from deployments.embedding import EmbeddingRequest, EmbeddingResult
 from deployments.engine_metrics import EngineMetrics
+from deployments.prefix_metrics import PrefixMetrics
 from deployments.spec import ModelSpec
 from deployments.startup_notes import StartupNote
 from deployments.weights.cache import FetchStats, WeightCache
@@ -93,6 +94,7 @@ class ModelServer:
     async def __init__(self, spec: dict[str, Any]) -> None:
         self._spec = ModelSpec.model_validate(spec)
         self._metrics = ModelMetrics(self._spec.name)
+        self._prefix_metrics = PrefixMetrics(self._spec.name)
         note = StartupNote(self._spec.name)
         cache = PatientWeightCache(lambda text: _tell(note, text))
         cache.stats_listeners.append(self._metrics.record_fetch)
@@ -104,9 +106,13 @@ class ModelServer:
         """The engine's STARTED once the request has a slot (the replica holds up to `max_waiting` more requests than
         slots, admitted by fair share), then its chunks."""
         async with contextlib.aclosing(self._engine.generate(request)) as chunks:  # closing it cancels the request
+            first = True
             async for chunk in chunks:
                 if isinstance(chunk, Started):
                     self._metrics.record_queue_wait(request)
+                elif first:
+                    self._prefix_metrics.record(chunk)
+                    first = False
                 yield chunk
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:

@@ -43,9 +43,16 @@ class EngineSettings(Strict):
         "bounds how long a new prompt pauses them. With nothing streaming, prompts go n_batch at a time.",
     )
     prefix_reuse: bool = Field(
-        False,
-        description="Reuse a free slot's cached KV for a shared prompt prefix; faster for repeated prefixes, "
-        "but outputs then depend slightly on what ran before.",
+        True,
+        description="llama.cpp: a new prompt takes the free slot whose cached KV shares the longest prefix with it "
+        "and prefills only the rest (llama-server's cache_prompt): each chat turn skips the history already "
+        "cached. Outputs then depend slightly on what ran before (batch-dependent CPU kernels).",
+    )
+    prefix_cache: Literal["tenant", "shared"] = Field(
+        "tenant",
+        description="Whose cached prefixes a request may reuse: tenant = only its own tenant's (a shared cache "
+        "tells tenants through time-to-first-token what others sent, vLLM's CVE-2025-46570); shared = anyone's "
+        "(for public system prompts).",
     )
     chat_format: str | None = Field(
         None, description="llama-cpp-python chat format name (e.g. 'gemma'); overrides the GGUF template."
@@ -79,6 +86,19 @@ class EngineSettings(Strict):
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra backend parameters (llama.cpp: model or context parameter fields by name).",
+    )
+
+
+class RoutingSettings(Strict):
+    """How the ingress picks a replica of a llama.cpp model (`deployments.prefix_router`)."""
+
+    prefix_affinity: bool = Field(
+        True, description="Send a request to the replica that served the longest prefix of its prompt (a "
+        "conversation's earlier turns), whose prefix cache holds it; false: Serve's power-of-two choice.",
+    )
+    imbalanced_threshold: int = Field(
+        2, ge=0, description="Prefix affinity holds while replicas' ongoing requests differ by at most this; "
+        "beyond it the least-loaded replica gets the request.",
     )
 
 

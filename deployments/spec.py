@@ -17,6 +17,7 @@ from deployments.settings import (
     VLLM_OWNED_ARGS,
     DeploymentSettings,
     EngineSettings,
+    RoutingSettings,
     VllmSettings,
 )
 from deployments.strict import Strict
@@ -36,6 +37,7 @@ class ModelSpec(Strict):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     vllm: VllmSettings | None = Field(None, description="vLLM engine settings (backend vllm only).")
 
     @field_validator("name")

@@ -14,6 +14,7 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.model_server import ModelServer
+from deployments.prefix_router import request_router_config
 from deployments.spec import ModelSpec
 from deployments.strict import ConfigError
 from serve_app.access.policy import parse_policy
@@ -54,9 +55,9 @@ def model_deployment(spec: ModelSpec) -> Application:
                 "install the gpu extra: pip install 'modelserve[gpu]'"
             ) from None
         return build_vllm_deployment(spec)
-    return ModelServer.options(name=spec.deployment_name, **spec.deployment.serve_options()).bind(
-        spec.model_dump(mode="json")
-    )
+    router = request_router_config(spec.routing, spec.engine.prefix_cache == "shared")
+    options = spec.deployment.serve_options() | ({"request_router_config": router} if router else {})
+    return ModelServer.options(name=spec.deployment_name, **options).bind(spec.model_dump(mode="json"))
 
 
 def run_targets(applications: list[dict[str, Any]]) -> list[serve.RunTarget]:

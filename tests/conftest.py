@@ -33,6 +33,7 @@ from tests.support.cluster import (
     GEMMA,
     HTTP_PORT,
     METRICS_PORT,
+    OTHER_TENANT,
     ROOT,
     TINY,
     TINY_DEFAULT_MAX_TOKENS,
@@ -69,6 +70,8 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
     config["http_options"] = {"host": "127.0.0.1", "port": HTTP_PORT}
     ingress = next(a for a in config["applications"] if a["import_path"] == INGRESS_IMPORT_PATH)
     ingress["name"] = APP_NAME
+    tenants = ingress["deployments"][0]["user_config"]["tenants"]
+    tenants[OTHER_TENANT] = tenants["dev"]  # a second tenant with dev's rights: tenant-scoped caches
     ingress["args"]["ingress"] = {
         "deployment": {"ray_actor_options": {"num_cpus": 0.25}},
         "cors": {"allow_origins": [WEB_ORIGIN]},

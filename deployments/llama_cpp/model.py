@@ -138,6 +138,9 @@ def context_params(settings: EngineSettings, *, n_seq: int, n_batch: int) -> lla
     params.kv_unified = False
     params.n_batch = params.n_ubatch = n_batch
     params.n_threads = params.n_threads_batch = settings.n_threads or 1
+    # Sliding-window layers otherwise drop cells older than the window, and a prefix whose early cells
+    # are gone cannot be reused (another conversation's shared system prompt, say).
+    params.swa_full = settings.prefix_reuse
     for name, value in split_engine_kwargs(settings.engine_kwargs)[1].items():
         setattr(params, name, value)
     return params

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from deployments.llama_cpp.fair_queue import FairQueue
 from deployments.llama_cpp.grammar import Grammar
 from deployments.llama_cpp.logprobs import token_logprob
 from deployments.llama_cpp.model import TokenPieces
+from deployments.llama_cpp.prefix_cache import PrefixPolicy
 from deployments.llama_cpp.prompt import Prompt
 from deployments.llama_cpp.sampling import Candidates, GrammarDeadEnd, SequenceSampler
 from deployments.llama_cpp.sequence import Feed, Group, Sequence, Slot, Submission
@@ -50,10 +50,6 @@ logger = logging.getLogger(__name__)
 DONE = object()  # emitted after a request's last chunk or its error
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    return len(os.path.commonprefix([a, b]))
-
-
 class DecodeLoop:
     """Owns the llama.cpp context and the thread that decodes every active sequence together."""
 
@@ -61,7 +57,7 @@ class DecodeLoop:
         self, model: Any, settings: EngineSettings, prepare: Callable[[GenerationRequest], Prompt], name: str
     ) -> None:
         self._name, self._prepare, self._pieces, self._vocab = name, prepare, TokenPieces(model.vocab), model.vocab
-        self._prefill_chunk, self._prefix_reuse = settings.prefill_chunk, settings.prefix_reuse
+        self._prefill_chunk, self._prefix = settings.prefill_chunk, PrefixPolicy(settings)
         self._capacity = max(settings.n_batch, settings.parallel + settings.prefill_chunk)
         self._context = DecodeContext(model, settings, self._capacity)
         self._n_vocab = model.n_vocab()
@@ -151,12 +147,9 @@ class DecodeLoop:
                     self._fail(sequence, f"model {self._name!r} failed during generation")
 
     def _admit(self, submission: Submission, free: list[Slot]) -> None:
-        """Tokenize and check the prompt, then give it the free slot caching most of it, else the lowest one
-        (and its other choices the lowest free ones). STARTED goes first: the caller's wait for a slot is over.
-
-        Low ids keep the active sequence ids contiguous: with one KV stream per sequence, llama.cpp
-        decodes a run of consecutive ids as one micro-batch and splits the batch at every gap.
-        """
+        """Tokenize and check the prompt, then give it the free slot caching most of it that its tenant may
+        reuse (`PrefixPolicy`), and its other choices the lowest free ones (llama.cpp decodes a run of
+        consecutive sequence ids as one micro-batch). STARTED goes first: the caller's wait for a slot is over."""
         submission.emit(STARTED)
         try:
             prompt = self._prepare(submission.request)
@@ -169,8 +162,7 @@ class DecodeLoop:
             submission.emit(EngineUnavailable(f"model {self._name!r} could not prepare this request"))
             submission.emit(DONE)
             return
-        tokens = prompt.tokens
-        slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens) if self._prefix_reuse else 0, -s.seq_id))
+        slot = self._prefix.choose(free, prompt.tokens, submission.request)
         free.remove(slot)
         group = Group()
         sequence = Sequence(submission, prompt, slot, group, 0)
@@ -186,12 +178,14 @@ class DecodeLoop:
             self._fail(sequence, f"model {self._name!r} could not start this request")
 
     def _start(self, sequence: Sequence) -> None:
-        slot, tokens = sequence.slot, sequence.prompt.tokens
-        keep = min(_common_prefix(slot.cached, tokens), len(tokens) - 1) if self._prefix_reuse else 0
+        slot, tokens, request = sequence.slot, sequence.prompt.tokens, sequence.submission.request
+        keep = min(self._prefix.reusable(slot, tokens, request), len(tokens) - 1)  # the last token gives logits
         sequence.n_fed = self._context.keep_prefix(slot, keep)
         self.step_stats.prompt_tokens_reused += sequence.n_fed
-        sampling = sequence.submission.request.sampling
+        sampling = request.sampling
         for member in sequence.group.sequences:  # each choice its own draws: seed, seed + 1, ...
+            self._prefix.claim(member.slot, request.tenant)
+            member.cached_tokens = sequence.n_fed
             seed = None if sampling.seed is None else sampling.seed + member.index
             grammar = Grammar(self._vocab, sequence.prompt.grammar) if sequence.prompt.grammar else None
             member.sampler = SequenceSampler(
@@ -284,7 +278,8 @@ class DecodeLoop:
         else:
             if text:
                 sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.group.produced,
-                                              logprobs=sequence.take_logprobs(), index=sequence.index))
+                                              logprobs=sequence.take_logprobs(), index=sequence.index,
+                                              cached_tokens=sequence.cached_tokens))
             sequence.next_token = token
 
     def _finish(self, sequence: Sequence, text: str, reason: str, hit: bool) -> None:
@@ -293,7 +288,8 @@ class DecodeLoop:
             text += tail if hit else tail + sequence.stops.flush()
             reason = "stop" if hit else reason
         sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.group.produced, reason,  # type: ignore[arg-type]
-                                      logprobs=sequence.take_logprobs(), index=sequence.index))
+                                      logprobs=sequence.take_logprobs(), index=sequence.index,
+                                      cached_tokens=sequence.cached_tokens))
         sequence.group.open -= 1
         if not sequence.group.open:
             sequence.emit(DONE)
@@ -321,5 +317,5 @@ class DecodeLoop:
             sequence.sampler.free()
             sequence.sampler = None
         sequence.slot.sequence = None
-        if not (keep_cache and self._prefix_reuse):
+        if not (keep_cache and self._prefix.enabled):
             self._context.clear(sequence.slot)

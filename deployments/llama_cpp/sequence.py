@@ -44,6 +44,7 @@ class Sequence:
         self.sampler: SequenceSampler | None = None
         self.logprobs: list[TokenLogprob] = []  # of tokens whose text has not gone out in a chunk yet
         self.n_fed = 0  # prompt tokens already in the KV cache
+        self.cached_tokens = 0  # of them, those reused from an earlier sequence's cache (not computed for this one)
         self.produced = 0
         self.next_token = -1  # sampled, not yet decoded
         self.decoder = Utf8Stream()
@@ -73,10 +74,12 @@ class Sequence:
 
 @dataclass
 class Slot:
-    """A llama.cpp sequence id and the tokens whose KV cells it holds, by position."""
+    """A llama.cpp sequence id, the tokens whose KV cells it holds (by position) and whose cache they are."""
 
     seq_id: int
     cached: list[int] = field(default_factory=list)
+    owner: str = ""  # the tenant whose tokens these are ("" when the model shares its prefix cache)
+    used: int = 0  # when a sequence last started here (prefix reuse evicts the least recently used cache)
     sequence: Sequence | None = None
 
 

@@ -19,6 +19,7 @@ from serve_app.ingress.responses import (
     CompletionLogprobs,
     FunctionCall,
     FunctionCallDelta,
+    PromptTokensDetails,
     TokenLogprobEntry,
     ToolCall,
     ToolCallDelta,
@@ -97,7 +98,7 @@ class Choices:
 
     def __init__(self, n: int) -> None:
         self.items = [Choice() for _ in range(n)]
-        self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
 
     def add(self, chunk: GenerationChunk) -> Choice:
         choice = self.items[chunk.index]
@@ -105,7 +106,7 @@ class Choices:
         choice.logprobs.extend(chunk.logprobs)
         choice.add_calls(chunk.tool_calls)
         choice.finish_reason = chunk.finish_reason or choice.finish_reason
-        self.prompt_tokens = chunk.prompt_tokens
+        self.prompt_tokens, self.cached_tokens = chunk.prompt_tokens, chunk.cached_tokens
         self.completion_tokens = max(self.completion_tokens, chunk.completion_tokens)
         return choice
 
@@ -115,4 +116,5 @@ class Choices:
 
     def usage(self) -> Usage:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=self.prompt_tokens + self.completion_tokens)
+                     total_tokens=self.prompt_tokens + self.completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))

@@ -20,8 +20,9 @@ COUNT = [{"role": "user", "content": "Count from 1 to 100: 1, 2, 3,"}]
 STORY = "Once upon a time in a small mountain village,"
 
 
+# Requests compared across calls carry a seed: a seeded request is prefilled in full, never from a cached prefix.
 def test_chat_logprobs_and_top_logprobs(client: openai.OpenAI) -> None:
-    reply = client.chat.completions.create(model=GEMMA, messages=COUNT, max_tokens=12, temperature=0,
+    reply = client.chat.completions.create(model=GEMMA, messages=COUNT, max_tokens=12, temperature=0, seed=1,
                                            logprobs=True, top_logprobs=3)
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens == 12
@@ -35,7 +36,7 @@ def test_chat_logprobs_and_top_logprobs(client: openai.OpenAI) -> None:
         assert math.isclose(entry.top_logprobs[0].logprob, entry.logprob)
     assert sum(math.exp(alt.logprob) for alt in content[0].top_logprobs) <= 1.0 + 1e-6
 
-    chunks = list(client.chat.completions.create(model=GEMMA, messages=COUNT, max_tokens=12, temperature=0,
+    chunks = list(client.chat.completions.create(model=GEMMA, messages=COUNT, max_tokens=12, temperature=0, seed=1,
                                                  logprobs=True, stream=True))
     streamed = [entry for c in chunks if c.choices and c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
     assert [e.token for e in streamed] == [e.token for e in content]
@@ -45,7 +46,7 @@ def test_chat_logprobs_and_top_logprobs(client: openai.OpenAI) -> None:
 
 
 def test_completion_logprobs(client: openai.OpenAI) -> None:
-    reply = client.completions.create(model=GEMMA, prompt=STORY, max_tokens=10, temperature=0, logprobs=2)
+    reply = client.completions.create(model=GEMMA, prompt=STORY, max_tokens=10, temperature=0, seed=1, logprobs=2)
     choice = reply.choices[0]
     logprobs = choice.logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 10
@@ -54,7 +55,7 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
         assert len(top) <= 2 and max(top.values()) == pytest.approx(logprob) and top.get(token) == pytest.approx(logprob)
 
-    chunks = list(client.completions.create(model=GEMMA, prompt=STORY, max_tokens=10, temperature=0, logprobs=2,
+    chunks = list(client.completions.create(model=GEMMA, prompt=STORY, max_tokens=10, temperature=0, seed=1, logprobs=2,
                                             stream=True))
     tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     offsets = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]

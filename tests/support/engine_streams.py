@@ -48,9 +48,11 @@ class Completion:
 
 
 def make_request(
-    prompt: str | None = None, messages: tuple[dict[str, str], ...] | None = None, **sampling: Any
+    prompt: str | None = None, messages: tuple[dict[str, str], ...] | None = None, tenant: str = "", **sampling: Any
 ) -> GenerationRequest:
-    return GenerationRequest(f"req-{next(_ids)}", SamplingParams(**sampling), messages=messages, prompt=prompt)
+    return GenerationRequest(
+        f"req-{next(_ids)}", SamplingParams(**sampling), messages=messages, prompt=prompt, tenant=tenant
+    )
 
 
 async def drain(stream: AsyncIterator[Started | GenerationChunk], into: Completion) -> Completion:
