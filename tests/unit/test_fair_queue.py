@@ -22,7 +22,8 @@ NO_EOS = ((EOS_TOKEN_ID, -100.0),)  # every request runs its full budget: equal 
 
 @pytest.fixture(scope="module")
 def one_slot(tiny_path: Path) -> Iterator[Any]:
-    with running(tiny_path, n_ctx=256, parallel=1, n_threads=1, stream_interval_ms=0) as engine:
+    # no prefix reuse: each request is prefilled afresh and frees its cells, so the counts below are exact
+    with running(tiny_path, n_ctx=256, parallel=1, n_threads=1, stream_interval_ms=0, prefix_reuse=False) as engine:
         yield engine
 
 
