@@ -29,14 +29,13 @@ from deployments.api import (
     EngineError,
     EngineStats,
     EngineUnavailable,
-    GenerationChunk,
+    FinishReason,
     GenerationRequest,
     InvalidGenerationRequest,
 )
 from deployments.llama_cpp.context import DecodeContext
 from deployments.llama_cpp.fair_queue import FairQueue
 from deployments.llama_cpp.grammar import Grammar
-from deployments.llama_cpp.logprobs import token_logprob
 from deployments.llama_cpp.model import TokenPieces
 from deployments.llama_cpp.prefix_cache import PrefixPolicy
 from deployments.llama_cpp.prompt import Prompt
@@ -261,35 +260,14 @@ class DecodeLoop:
         self._accept(sequence, token, logits)
 
     def _accept(self, sequence: Sequence, token: int, logits: np.ndarray) -> None:
-        """Turn a sampled token into text, logprobs, stop checks and chunks (the stop string is never sent)."""
-        if self._pieces.is_eog(token):
-            self._finish(sequence, "", "stop", hit=False)
-            return
-        sequence.produced += 1
-        sequence.group.produced += 1
-        top = sequence.submission.request.sampling.logprobs
-        if top is not None:
-            sequence.logprobs.append(token_logprob(logits, token, top, self._pieces.piece))
-        text, hit = sequence.stops.feed(sequence.decoder.feed(self._pieces.piece(token)))
-        if hit:
-            self._finish(sequence, text, "stop", hit=True)
-        elif sequence.produced >= sequence.prompt.max_new_tokens:
-            self._finish(sequence, text, "length", hit=False)
-        else:
-            if text:
-                sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.group.produced,
-                                              logprobs=sequence.take_logprobs(), index=sequence.index,
-                                              cached_tokens=sequence.cached_tokens))
-            sequence.next_token = token
+        text, reason = sequence.accept(token, logits, self._pieces)
+        if reason is not None:
+            self._finish(sequence, text, reason)
+        elif text:
+            sequence.emit(sequence.chunk(text))
 
-    def _finish(self, sequence: Sequence, text: str, reason: str, hit: bool) -> None:
-        if not hit:
-            tail, hit = sequence.stops.feed(sequence.decoder.flush())
-            text += tail if hit else tail + sequence.stops.flush()
-            reason = "stop" if hit else reason
-        sequence.emit(GenerationChunk(text, len(sequence.prompt.tokens), sequence.group.produced, reason,  # type: ignore[arg-type]
-                                      logprobs=sequence.take_logprobs(), index=sequence.index,
-                                      cached_tokens=sequence.cached_tokens))
+    def _finish(self, sequence: Sequence, text: str, reason: FinishReason) -> None:
+        sequence.emit(sequence.chunk(text, reason))
         sequence.group.open -= 1
         if not sequence.group.open:
             sequence.emit(DONE)

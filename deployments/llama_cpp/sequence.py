@@ -11,7 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.api import GenerationRequest, TokenLogprob
+import numpy as np
+
+from deployments.api import FinishReason, GenerationChunk, GenerationRequest, TokenLogprob
+from deployments.llama_cpp.logprobs import token_logprob
+from deployments.llama_cpp.model import TokenPieces
 from deployments.llama_cpp.prompt import Prompt
 from deployments.llama_cpp.sampling import SequenceSampler
 from deployments.llama_cpp.text import StopMatcher, Utf8Stream
@@ -65,6 +69,32 @@ class Sequence:
         taken = tuple(self.logprobs)
         self.logprobs.clear()
         return taken
+
+    def accept(self, token: int, logits: np.ndarray, pieces: TokenPieces) -> tuple[str, FinishReason | None]:
+        """A sampled token as the text to send now (a stop string is never sent) and, if it ends the sequence, why."""
+        if pieces.is_eog(token):
+            return self._closing("", "stop")
+        self.produced += 1
+        self.group.produced += 1
+        top = self.submission.request.sampling.logprobs
+        if top is not None:
+            self.logprobs.append(token_logprob(logits, token, top, pieces.piece))
+        text, hit = self.stops.feed(self.decoder.feed(pieces.piece(token)))
+        if hit:
+            return text, "stop"
+        if self.produced >= self.prompt.max_new_tokens:
+            return self._closing(text, "length")
+        self.next_token = token
+        return text, None
+
+    def _closing(self, text: str, reason: FinishReason) -> tuple[str, FinishReason]:
+        """The last text of a sequence ending for `reason`: what the UTF-8 decoder and the stop check still hold."""
+        tail, hit = self.stops.feed(self.decoder.flush())
+        return text + (tail if hit else tail + self.stops.flush()), "stop" if hit else reason
+
+    def chunk(self, text: str, finish_reason: FinishReason | None = None) -> GenerationChunk:
+        return GenerationChunk(text, len(self.prompt.tokens), self.group.produced, finish_reason,
+                               logprobs=self.take_logprobs(), index=self.index, cached_tokens=self.cached_tokens)
 
     @property
     def waiting(self) -> list[Sequence]:
