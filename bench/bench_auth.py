@@ -48,8 +48,8 @@ def applications(model_path: Path) -> list[dict[str, Any]]:
     model = {
         "name": MODEL,
         "source": str(model_path),
-        "engine": {"n_ctx": 256, "n_threads": 1},
-        "deployment": {"num_replicas": 1, "max_ongoing_requests": 8},
+        "engine": {"n_ctx": 256, "n_threads": 1, "parallel": 8},
+        "deployment": {"num_replicas": 1},
     }
     ingress = {
         "ingress": {

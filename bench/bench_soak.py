@@ -52,8 +52,8 @@ def serve_config(http_port: int, model_path: Path, rpm: int) -> dict[str, Any]:
     model = {
         "name": MODEL,
         "source": str(model_path),
-        "engine": {"n_ctx": 2048, "n_threads": 1, "stream_interval_ms": 20},
-        "deployment": {"num_replicas": 2, "max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 1}},
+        "engine": {"n_ctx": 2048, "n_threads": 1, "stream_interval_ms": 20, "parallel": 4},
+        "deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 1}},
     }
     ingress = {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}}
     apps = application_entries([model], {"ingress": ingress}, name=APP, policy=policy(rpm))

@@ -71,8 +71,8 @@ def serve_config(http_port: int, endpoint_url: str) -> dict[str, Any]:
     model = {
         "name": MODEL,
         "source": SOURCE,
-        "engine": {"n_ctx": 4096, "n_threads": 1, "stream_interval_ms": 20},
-        "deployment": {"num_replicas": 4, "max_ongoing_requests": 2, "ray_actor_options": {"num_cpus": 1}},
+        "engine": {"n_ctx": 4096, "n_threads": 1, "stream_interval_ms": 20, "parallel": 2},
+        "deployment": {"num_replicas": 4, "ray_actor_options": {"num_cpus": 1}},
     }
     ingress = {"deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}}
     ingress_app, model_app = application_entries([model], {"ingress": ingress}, name=APP)

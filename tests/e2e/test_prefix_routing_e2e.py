@@ -36,8 +36,8 @@ PROMPT = "Tell me about the lighthouse keeper and the storm that came in from th
 def shared_model(config_path: Path, tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp_path = tmp_path_factory.mktemp("shared-model")
     app = model_app(SHARED, str(tiny_path), model_defaults(config_path),
-                    engine={"n_ctx": 512, "n_threads": 1, "prefix_cache": "shared"},
-                    deployment={"num_replicas": 2, "max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 1}})
+                    engine={"n_ctx": 512, "n_threads": 1, "prefix_cache": "shared", "parallel": 4},
+                    deployment={"num_replicas": 2, "ray_actor_options": {"num_cpus": 1}})
     deploy_with(config_path, tmp_path, app)
     try:
         yield SHARED

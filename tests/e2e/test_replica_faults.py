@@ -43,8 +43,8 @@ def fault_apps(config_path: Path, tiny_path: Path, tmp_path_factory: pytest.Temp
     spare = copy.deepcopy(config["applications"][0])
     spare.update(name=SPARE, route_prefix=SPARE_PREFIX)
     spare["args"]["ingress"]["deployment"]["num_replicas"] = 2
-    victim = model_app(VICTIM, str(tiny_path), model_defaults(config_path), engine={"n_ctx": 2048, "n_threads": 1},
-                       deployment={"num_replicas": 1, "max_ongoing_requests": 2, "max_queued_requests": 8})
+    victim = model_app(VICTIM, str(tiny_path), model_defaults(config_path), engine={"n_ctx": 2048, "n_threads": 1, "parallel": 2},
+                       deployment={"num_replicas": 1, "max_queued_requests": 8})
     tmp_path = tmp_path_factory.mktemp("fault-apps")
     deploy_with(config_path, tmp_path, [spare, victim])
     yield

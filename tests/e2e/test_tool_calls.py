@@ -102,7 +102,7 @@ def joined_arguments(deltas: list[Any]) -> str:
 
 def test_a_streamed_call_arrives_as_openai_deltas_with_its_arguments_in_fragments(client: openai.OpenAI) -> None:
     params: dict[str, Any] = {"model": GEMMA, "messages": ASK, "tools": [WEATHER, NOTE], "tool_choice": named(NOTE),
-                              "temperature": 0, "max_tokens": 300}
+                              "temperature": 0, "max_tokens": 300, "seed": 0}  # seeded: both prefilled in full
     whole = client.chat.completions.create(**params).choices[0].message.tool_calls[0]
     chunks = list(client.chat.completions.create(**params, stream=True))
     [deltas] = streamed_calls(chunks)[0].values()
@@ -156,7 +156,8 @@ def test_auto_output_is_the_same_streamed_or_not_and_never_broken_calls(client: 
         {"role": "assistant", "content": "It is sunny in Paris, 18 degrees."},
         {"role": "user", "content": "What is the weather in Berlin?"}]
     params: dict[str, Any] = {"model": GEMMA, "messages": history, "tools": [WEATHER], "tool_choice": "auto",
-                              "temperature": 0, "max_tokens": 40, "parallel_tool_calls": False}
+                              "temperature": 0, "max_tokens": 40, "parallel_tool_calls": False,
+                              "seed": 0}  # seeded: both prefilled in full, not one of them from the other's cached prefix
     whole = client.chat.completions.create(**params).choices[0]
     streamed = [c.choices[0] for c in client.chat.completions.create(**params, stream=True) if c.choices]
     assert "".join(c.delta.content or "" for c in streamed) == (whole.message.content or "")
