@@ -71,7 +71,8 @@ def serve_config(http_port: int, endpoint_url: str) -> dict[str, Any]:
     model = {
         "name": MODEL,
         "source": SOURCE,
-        "engine": {"n_ctx": 4096, "n_threads": 1, "stream_interval_ms": 20, "parallel": 2},
+        "engine": {"n_ctx": 4096, "n_threads": 1, "stream_interval_ms": 20, "parallel": 2,
+                   "max_waiting": 0},  # a replica holds only its 2 slots: 8 streams spread over all 4
         "deployment": {"num_replicas": 4, "ray_actor_options": {"num_cpus": 1}},
     }
     ingress = {"deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}}
