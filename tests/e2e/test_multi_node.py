@@ -75,7 +75,8 @@ def serve_config(http_port: int, endpoint_url: str) -> dict[str, Any]:
                    "max_waiting": 0},  # a replica holds only its 2 slots: 8 streams spread over all 4
         "deployment": {"num_replicas": 4, "ray_actor_options": {"num_cpus": 1}},
     }
-    ingress = {"deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}}
+    # routing to the other node's replicas on 2 busy cores can take longer than the shipped queue deadline
+    ingress = {"deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}, "max_queue_wait_s": 30}
     ingress_app, model_app = application_entries([model], {"ingress": ingress}, name=APP)
     # Serve's own per-deployment overrides spread the replicas: one ingress and two model replicas a node.
     ingress_app["deployments"] = [{"name": "ingress", "max_replicas_per_node": 1}]

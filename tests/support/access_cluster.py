@@ -131,9 +131,11 @@ class Cluster:
             if self.head.poll() is not None:
                 raise AssertionError(f"ray start exited: {(self.root / 'ray-start.log').read_text()[-3000:]}")
             try:
+                # `serve deploy` first reads /api/version: the dashboard can serve Serve's API before it
                 if httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=5).status_code == 200:
+                    httpx.get(f"{self.dashboard}/api/version", timeout=5).json()
                     return
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(1)
         raise AssertionError("the Ray dashboard did not come up")
