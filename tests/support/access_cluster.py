@@ -8,8 +8,6 @@ that `ray start` process, which takes down what it started, then sweeps anything
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -22,9 +20,9 @@ import openai
 import yaml
 
 from serve_app.access.authn import api_key_hash
-from serve_app.cli.serve_file import application_entries, use_serve_process_env
+from serve_app.cli.serve_file import application_entries
 from tests.support.auth_helpers import SECRET_1, claims
-from tests.support.ray_nodes import free_ports, processes_carrying, sweep
+from tests.support.ray_nodes import RayNode, cluster_env, free_ports, processes_carrying, sweep
 
 ISSUER, AUDIENCE = "https://idp.test/", "modelserve-test"
 API_KEY = "msk-test-service-account-key"
@@ -76,60 +74,21 @@ class Cluster:
         self.keys = keys
         self.model_path = model_path
         self.temp_dir = Path(tempfile.mkdtemp(prefix="msauth-", dir="/tmp"))  # short: Ray puts sockets here
-        gcs, dashboard, http, client, agent, metrics = free_ports(6)
-        self.gcs = f"127.0.0.1:{gcs}"
-        self.dashboard = f"http://127.0.0.1:{dashboard}"
+        (http,) = free_ports(1)
         self.base_url = f"http://127.0.0.1:{http}{ROUTE_PREFIX}"
         self.http_port = http
-        self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MODELSERVE_JWT_SECRET")}
-        use_serve_process_env(self.env)  # the Ray settings modelserve ships with
-        self.env |= {
-            "MODELSERVE_JWT_SECRET_FILE": str(keys["secret_dir"]),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "disabled",  # a loopback-only test cluster; keeps us off the user's Ray token
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # nothing to drain at teardown
-            "MODELSERVE_CACHE_DIR": str(root / "weight-cache"),
+        self.env = cluster_env(
+            MODELSERVE_JWT_SECRET_FILE=str(keys["secret_dir"]),
+            MODELSERVE_CACHE_DIR=str(root / "weight-cache"),
             **(env or {}),
-        }
-        self.head = subprocess.Popen(
-            [
-                "ray",
-                "start",
-                "--head",
-                "--block",
-                "--node-ip-address",
-                "127.0.0.1",
-                "--port",
-                str(gcs),
-                "--num-cpus",
-                "4",
-                "--include-dashboard",
-                "true",
-                "--dashboard-host",
-                "127.0.0.1",
-                "--dashboard-port",
-                str(dashboard),
-                "--ray-client-server-port",
-                str(client),
-                "--dashboard-agent-listen-port",
-                str(agent),
-                "--metrics-export-port",
-                str(metrics),
-                "--temp-dir",
-                str(self.temp_dir),
-                "--disable-usage-stats",
-            ],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=(root / "ray-start.log").open("w"),
-            start_new_session=True,
         )
+        self.head = RayNode("head", root, self.temp_dir, self.env, num_cpus=4)
+        self.gcs, self.dashboard = self.head.address, self.head.dashboard
 
     def wait_ready(self, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.head.poll() is not None:
-                raise AssertionError(f"ray start exited: {(self.root / 'ray-start.log').read_text()[-3000:]}")
+            self.head.check_running()
             try:
                 # `serve deploy` first reads /api/version: the dashboard can serve Serve's API before it
                 if httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=5).status_code == 200:
@@ -142,12 +101,7 @@ class Cluster:
 
     def stop(self) -> None:
         """Stop only this cluster: SIGTERM its `ray start --block` (which stops what it started), then sweep."""
-        if self.head.poll() is None:
-            self.head.send_signal(signal.SIGTERM)
-            try:
-                self.head.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.head.kill()
+        self.head.stop()
         sweep(self.temp_dir, self.root)
 
     def leftover_pids(self) -> list[int]:
