@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import subprocess
 import threading
 import time
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 
 import httpx
 from bench_shipped import modelserve_up, replicas
-from harness import PROMPTS, ROOT
+from harness import PROMPTS, ROOT, percentile
 
 from serve_app.cli import tokens as cli_auth
 from serve_app.cli.serve_file import load_serve_config, parse_serve_config
@@ -124,10 +123,6 @@ def watch_rss(stop: threading.Event, peaks: dict[int, int]) -> None:
             except (OSError, StopIteration):
                 pass
         stop.wait(1.0)
-
-
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else float("nan"))
 
 
 def main() -> None:

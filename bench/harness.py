@@ -66,6 +66,11 @@ class Result:
                 f"TTFT p50 {self.ttft_p50_ms:7.1f} ms  p95 {self.ttft_p95_ms:7.1f} ms")
 
 
+def percentile(values: list[float], q: int) -> float:
+    """The q-th percentile (statistics.quantiles' default method); a lone value is every percentile."""
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else float("nan"))
+
+
 def demo_model() -> tuple[str, Callable[[str], int]]:
     """Path of the demo Gemma GGUF (filled into the weight cache) and a token counter for it."""
     from llama_cpp import Llama
