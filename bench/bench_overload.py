@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import threading
 import time
@@ -36,7 +37,10 @@ from serve_app.cli.serve_file import load_serve_config, parse_serve_config
 
 MAX_TOKENS = 64
 ROLES = {"ingress": "ServeReplica:modelserve:ingress", "model replica": "ServeReplica:gemma-3-270m:",
-         "proxy": "ProxyActor"}
+         "proxy": "ProxyActor", "limiter": "RateLimiter", "usage ledger": "UsageLedger",
+         "serve controller": "ServeController", "gcs": "gcs_server", "raylet": "/raylet", "dashboard": "dashboard"}
+RSS_ROLES = ("ingress", "model replica", "proxy")
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -109,13 +113,27 @@ def pids() -> dict[int, str]:
         for role, marker in ROLES.items():
             if marker in args:
                 found[int(pid)] = role
+                break
     return found
+
+
+def cpu_seconds() -> Counter:
+    """CPU time (user + system) used so far by each role's processes, and by this bench's client."""
+    used: Counter = Counter()
+    for pid, role in [*pids().items(), (os.getpid(), "bench client")]:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+            used[role] += (int(fields[11]) + int(fields[12])) / TICKS
+        except OSError:
+            pass
+    return used
 
 
 def watch_rss(stop: threading.Event, peaks: dict[int, int]) -> None:
     """Peak resident memory (kB) of every ingress, replica and proxy process, sampled each second."""
     while not stop.is_set():
-        for pid in pids():
+        for pid in (pid for pid, role in pids().items() if role in RSS_ROLES):
             try:
                 with open(f"/proc/{pid}/status") as status:
                     rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
@@ -143,9 +161,11 @@ def main() -> None:
         done = threading.Event()
         watcher = threading.Thread(target=watch_rss, args=(done, peaks), daemon=True)
         watcher.start()
-        started = time.monotonic()
+        started, cpu_before = time.monotonic(), cpu_seconds()
         overload = asyncio.run(closed_loop(base, token, model, slots * args.factor, args.seconds, 0))
         elapsed = time.monotonic() - started
+        cpu = cpu_seconds()
+        cpu.subtract(cpu_before)
         done.set()
         watcher.join()
         after = {pid for pid, role in pids().items() if role == "model replica"}
@@ -165,6 +185,8 @@ def main() -> None:
     print(f"refused: {dict(overload.refusals)}; refusal latency p50 {percentile(latency, 50) * 1000:.0f} ms, "
           f"p95 {percentile(latency, 95) * 1000:.0f} ms; without Retry-After: {overload.without_retry_after}")
     print(f"model replica processes died: {len(before - after)}")
+    print("CPU during the overload (cores busy on average): " + ", ".join(
+        f"{role} {seconds / elapsed:.2f}" for role, seconds in cpu.most_common()))
     for pid, kb in sorted(peaks.items()):
         print(f"peak RSS {roles.get(pid, 'exited')} (pid {pid}): {kb / 1024:.0f} MiB")
 

@@ -8,6 +8,7 @@ becomes a response.
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -75,9 +76,11 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
-def overloaded(model: str, why: str) -> OpenAIError:
+def overloaded(model: str, why: str, retry_after_s: float = 1.0) -> OpenAIError:
+    """503 with the wait in whole seconds (`Retry-After`) and exactly (`retry-after-ms`, which the OpenAI SDK prefers)."""
     message = f"Model '{model}' is overloaded: {why}. Retry shortly."
-    return OpenAIError(503, message, type="server_error", code="model_overloaded", headers={"Retry-After": RETRY_AFTER_S})
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s))), "retry-after-ms": str(round(retry_after_s * 1000))}
+    return OpenAIError(503, message, type="server_error", code="model_overloaded", headers=headers)
 
 
 def model_error(exc: BaseException, model: str) -> OpenAIError:

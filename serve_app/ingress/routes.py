@@ -156,8 +156,8 @@ class OpenAIIngress:
             tools=tool_use(body),
             priority=body.priority or 0,
         )
-        await self._access.admit(account, request)
-        first, stream = await self._serving.open(model, status, request, account)
+        first, stream = await self._serving.open(model, status, request, account,
+                                                 lambda: self._access.admit(account, request))
         sampling = request.sampling
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -180,8 +180,8 @@ class OpenAIIngress:
             prompt=prompt,
             priority=body.priority or 0,
         )
-        await self._access.admit(account, request)
-        first, stream = await self._serving.open(model, status, request, account)
+        first, stream = await self._serving.open(model, status, request, account,
+                                                 lambda: self._access.admit(account, request))
         prefix, sampling = prompt if body.echo else "", request.sampling
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -25,6 +25,7 @@ from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
 from deployments.spec import model_deployment_name
 from serve_app.access.gate import RequestAccount
 from serve_app.config import IngressSettings
+from serve_app.ingress.backpressure import Overloaded, SlotPressure
 from serve_app.ingress.choices import Choices, call_deltas, chat_logprobs, completion_logprobs
 from serve_app.ingress.errors import FAILED_MODEL_RETRY_AFTER_S, model_error, overloaded
 from serve_app.ingress.generation_fields import generation_options
@@ -105,6 +106,7 @@ class Serving:
         self._max_queue_wait_s = settings.max_queue_wait_s
         self._metrics = metrics
         self._handles: dict[str, DeploymentHandle] = {}
+        self._pressure: dict[str, SlotPressure] = {}
 
     def handle(self, model: str) -> DeploymentHandle:
         """The model application's deployment handle (Serve keeps it pointed at the live replicas)."""
@@ -122,39 +124,46 @@ class Serving:
             raise model_error(exc, model) from None
 
     async def open(
-        self, model: str, status: ModelStatus, request: GenerationRequest, account: RequestAccount
+        self, model: str, status: ModelStatus, request: GenerationRequest, account: RequestAccount,
+        admit: Callable[[], Awaitable[None]],
     ) -> tuple[GenerationChunk, MeteredStream]:
-        """Start a generation and wait for its first chunk, so early failures get a proper status."""
+        """Admit the caller (`admit`: the limiter), start the generation and wait for its first chunk, so early
+        failures get a proper status. What cannot start soon is refused first, before the limiter's round trip."""
         if status.state == "failed":
             raise unavailable(model, status)
+        pressure = self._pressure.setdefault(model, SlotPressure(self._max_queue_wait_s))
         started = time.perf_counter()
         stream: MeteredStream | None = None
         try:  # Serve may refuse at `.remote()` already (queue full) or at the first chunk
-            request = dataclasses.replace(request, submitted_at=time.time(), tenant=account.principal.tenant,
-                                          weight=account.policy.weight)
-            stream = MeteredStream(self.handle(model).options(stream=True).generate.remote(request), account)
-            await self._start(stream, model, status)
-            first = await asyncio.wait_for(stream.__anext__(), self._first_token_timeout_s)
+            with pressure.waiting(account.principal.tenant):
+                await admit()
+                request = dataclasses.replace(request, submitted_at=time.time(), tenant=account.principal.tenant,
+                                              weight=account.policy.weight)
+                stream = MeteredStream(self.handle(model).options(stream=True).generate.remote(request), account)
+                await self._start(stream, model, status, pressure)
+                first = await asyncio.wait_for(stream.__anext__(), self._first_token_timeout_s)
         except BaseException as exc:
             if stream is not None:
                 stream.cancel()
+            if isinstance(exc, Overloaded):
+                raise overloaded(model, exc.why, exc.retry_after_s) from None
             if isinstance(exc, (asyncio.CancelledError, OpenAIError)):
                 raise
             raise model_error(exc, model) from None
         self._metrics.record_first_token(model, time.perf_counter() - started)
         return first, stream
 
-    async def _start(self, stream: MeteredStream, model: str, status: ModelStatus) -> None:
-        """Wait until a replica takes the request: up to `max_queue_wait_s` behind running replicas' busy slots
-        (then 503: the request leaves the queue, so what is admitted starts at once), longer while the
-        model scales up from zero."""
-        if status.running_replicas == 0:
-            await asyncio.wait_for(stream.started(), self._first_token_timeout_s)
-            return
+    async def _start(self, stream: MeteredStream, model: str, status: ModelStatus, pressure: SlotPressure) -> None:
+        """Wait for a slot up to `max_queue_wait_s` (then 503: the request leaves the queue, so what is admitted
+        starts at once), or `first_token_timeout_s` while the model scales up from zero."""
+        wait_s = self._max_queue_wait_s if status.running_replicas else self._first_token_timeout_s
         try:
-            await asyncio.wait_for(stream.started(), self._max_queue_wait_s)
+            await asyncio.wait_for(stream.started(), wait_s)
         except TimeoutError:
-            raise overloaded(model, f"no slot freed within {self._max_queue_wait_s:g} s") from None
+            if not status.running_replicas:
+                raise
+            raise Overloaded(f"no slot freed within {self._max_queue_wait_s:g} s", pressure.missed()) from None
+        pressure.started()
 
     @staticmethod
     async def collect(model: str, first: GenerationChunk, stream: MeteredStream, n: int) -> Choices:

@@ -7,6 +7,7 @@ deadline is deployed beside it, in front of the same model applications.
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from tests.support.cluster import GEMMA, TINY_ZERO, deploy_with, model_states, w
 DEADLINE_S = 0.4
 PREFIX = "/deadline"
 SLOTS = 4  # the test config's Gemma: one replica of 4 slots
+BURST = 6
 # Gemma keeps counting well past 200 tokens: each stream holds its slot for seconds.
 HOLD = {"model": GEMMA, "prompt": "Count from 1 to 1000, separated by commas: 1, 2, 3,", "max_tokens": 200,
         "temperature": 0}
@@ -43,6 +45,15 @@ def deadline_client(config_path: Path, tmp_path_factory: pytest.TempPathFactory,
         deploy_with(config_path, workdir, None)
 
 
+def refusal(client: openai.OpenAI) -> tuple[int, str, str, httpx.Headers]:
+    """A short request that is expected to be refused: its status, code, message and headers."""
+    try:
+        client.completions.create(model=GEMMA, prompt="hi", max_tokens=2)
+    except openai.APIStatusError as error:
+        return error.status_code, error.body["code"], error.body["message"], error.response.headers
+    return 200, "", "admitted", httpx.Headers()
+
+
 def test_a_request_that_cannot_start_in_time_is_refused_and_the_admitted_run_on(
     deadline_client: openai.OpenAI,
 ) -> None:
@@ -57,6 +68,15 @@ def test_a_request_that_cannot_start_in_time_is_refused_and_the_admitted_run_on(
     assert f"{DEADLINE_S:g} s" in refused.value.body["message"]
     assert int(refused.value.response.headers["retry-after"]) >= 1
     assert DEADLINE_S <= waited < DEADLINE_S + 3, waited
+
+    # Now the ingress sheds: beyond the few that may wait, the tenant's requests are refused at once, before the
+    # limiter and the replica spend anything on them.
+    with concurrent.futures.ThreadPoolExecutor(BURST) as pool:
+        burst = list(pool.map(lambda _: refusal(deadline_client), range(BURST)))
+    assert all(status == 503 and code == "model_overloaded" for status, code, _, _ in burst), burst
+    shed = [message for _, _, message, _ in burst if "requests of this tenant already wait for a slot" in message]
+    assert len(shed) >= BURST - 3, burst  # two may wait (the floor of the room), a third may have just left it
+    assert all(float(headers["retry-after-ms"]) > 0 and int(headers["retry-after"]) >= 1 for *_, headers in burst)
 
     for first, stream in zip(firsts, streams):
         rest = list(stream)

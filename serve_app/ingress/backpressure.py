@@ -1,0 +1,90 @@
+"""Refusing early and cheaply when a model has no slot to give, and telling refused clients how long to stay away.
+
+Under overload the costly part of a refusal is what comes before it: the limiter's round trip, the
+call to a replica and the wait for the queue deadline, all on the cores the admitted requests decode
+on (bench/bench_overload.py). So each ingress replica watches its own traffic to each model: once a
+request missed the deadline, a tenant that already has as many requests waiting as slots free up in
+two deadlines is refused at once (another tenant still reaches the replica's fair queue). Retry-After
+follows the load: it doubles while refusals outnumber starts and halves when they do not, so clients
+that honour it (the OpenAI SDK does) come back about as fast as slots free up.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+WINDOW_S = 5.0  # rates are measured over the last few seconds; shedding lasts this long after a missed deadline
+MAX_RETRY_AFTER_S = 30.0  # the OpenAI SDK honours a Retry-After of up to 60 s
+ADVICE_INTERVAL_S = 1.0  # Retry-After moves at most once a second
+
+
+class Overloaded(Exception):
+    """The request cannot start in time; `retry_after_s` is how long its client should wait."""
+
+    def __init__(self, why: str, retry_after_s: float) -> None:
+        super().__init__(why)
+        self.why, self.retry_after_s = why, retry_after_s
+
+
+class SlotPressure:
+    """One model's queue as this ingress replica sees it: who waits, how fast slots free up, how often we refuse."""
+
+    def __init__(self, deadline_s: float) -> None:
+        self._deadline_s = deadline_s
+        self._waiting: Counter[str] = Counter()  # tenant -> requests not yet started
+        self._starts: deque[float] = deque()
+        self._refusals: deque[float] = deque()
+        self._missed_at = -math.inf
+        self._advice_s, self._advised_at = 1.0, -math.inf
+
+    @contextmanager
+    def waiting(self, tenant: str) -> Iterator[None]:
+        """Count the request as waiting for its slot, or refuse it at once if its tenant's share already waits."""
+        now = time.monotonic()
+        room = self._room(now)
+        if now - self._missed_at < WINDOW_S and self._waiting[tenant] >= room:
+            raise Overloaded(f"{self._waiting[tenant]} requests of this tenant already wait for a slot",
+                             self.refused(now))
+        self._waiting[tenant] += 1
+        try:
+            yield
+        finally:
+            self._waiting[tenant] -= 1
+            if not self._waiting[tenant]:
+                del self._waiting[tenant]
+
+    def started(self) -> None:
+        self._starts.append(time.monotonic())
+
+    def missed(self) -> float:
+        """A request waited the whole deadline: shed from now on; returns its Retry-After."""
+        self._missed_at = time.monotonic()
+        return self.refused(self._missed_at)
+
+    def refused(self, now: float) -> float:
+        """Count a refusal; the Retry-After to send, jittered so that refused clients do not return as one herd."""
+        self._refusals.append(now)
+        if now - self._advised_at >= ADVICE_INTERVAL_S:
+            if now - self._advised_at > WINDOW_S:
+                self._advice_s = 1.0  # a fresh overload starts from a short wait
+            starts, refusals = self._count(self._starts, now), self._count(self._refusals, now)
+            factor = 2.0 if not starts else min(2.0, max(0.5, refusals / starts))
+            self._advice_s = min(MAX_RETRY_AFTER_S, max(1.0, self._advice_s * factor))
+            self._advised_at = now
+        return self._advice_s * random.uniform(0.5, 1.5)
+
+    def _room(self, now: float) -> int:
+        """Waiting requests per tenant that can expect a slot within two deadlines (at least two)."""
+        per_second = self._count(self._starts, now) / WINDOW_S
+        return max(2, math.ceil(2 * per_second * self._deadline_s))
+
+    @staticmethod
+    def _count(events: deque[float], now: float) -> int:
+        while events and events[0] < now - WINDOW_S:
+            events.popleft()
+        return len(events)
