@@ -99,7 +99,7 @@ async def closed_loop(base: str, token: str, model: str, clients: int, seconds: 
                 if end is not None and time.monotonic() >= end:
                     return
                 wait = await one(client, model, PROMPTS[(i + n) % len(PROMPTS)], tally)
-                await asyncio.sleep(wait)
+                await asyncio.sleep(wait if end is None else min(wait, max(0.0, end - time.monotonic())))
 
         await asyncio.gather(*(user(i) for i in range(clients)))
     return tally
