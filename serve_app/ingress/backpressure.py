@@ -5,8 +5,9 @@ call to a replica and the wait for the queue deadline, all on the cores the admi
 on (bench/bench_overload.py). So each ingress replica watches its own traffic to each model: once a
 request missed the deadline, a tenant that already has as many requests waiting as slots free up in
 two deadlines is refused at once (another tenant still reaches the replica's fair queue). Retry-After
-follows the load: it doubles while refusals outnumber starts and halves when they do not, so clients
-that honour it (the OpenAI SDK does) come back about as fast as slots free up.
+follows the load, per tenant: it doubles while the tenant's refusals outnumber the model's starts and
+halves when they do not, so clients that honour it (the OpenAI SDK does) come back about as fast as
+slots free up, and a flooding tenant's long advice is not given to a tenant that sends little.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 WINDOW_S = 5.0  # rates are measured over the last few seconds; shedding lasts this long after a missed deadline
 MAX_RETRY_AFTER_S = 30.0  # the OpenAI SDK honours a Retry-After of up to 60 s
@@ -31,6 +33,15 @@ class Overloaded(Exception):
         self.why, self.retry_after_s = why, retry_after_s
 
 
+@dataclass
+class Advice:
+    """One tenant's recent refusals and the wait its refusals advise."""
+
+    refusals: deque[float] = field(default_factory=deque)
+    wait_s: float = 1.0
+    at: float = -math.inf
+
+
 class SlotPressure:
     """One model's queue as this ingress replica sees it: who waits, how fast slots free up, how often we refuse."""
 
@@ -38,9 +49,8 @@ class SlotPressure:
         self._deadline_s = deadline_s
         self._waiting: Counter[str] = Counter()  # tenant -> requests not yet started
         self._starts: deque[float] = deque()
-        self._refusals: deque[float] = deque()
+        self._advice: dict[str, Advice] = {}
         self._missed_at = -math.inf
-        self._advice_s, self._advised_at = 1.0, -math.inf
 
     @contextmanager
     def waiting(self, tenant: str) -> Iterator[None]:
@@ -49,7 +59,7 @@ class SlotPressure:
         room = self._room(now)
         if now - self._missed_at < WINDOW_S and self._waiting[tenant] >= room:
             raise Overloaded(f"{self._waiting[tenant]} requests of this tenant already wait for a slot",
-                             self.refused(now))
+                             self.refused(tenant, now))
         self._waiting[tenant] += 1
         try:
             yield
@@ -61,22 +71,30 @@ class SlotPressure:
     def started(self) -> None:
         self._starts.append(time.monotonic())
 
-    def missed(self) -> float:
+    def missed(self, tenant: str) -> float:
         """A request waited the whole deadline: shed from now on; returns its Retry-After."""
         self._missed_at = time.monotonic()
-        return self.refused(self._missed_at)
+        return self.refused(tenant, self._missed_at)
 
-    def refused(self, now: float) -> float:
+    def refused(self, tenant: str, now: float) -> float:
         """Count a refusal; the Retry-After to send, jittered so that refused clients do not return as one herd."""
-        self._refusals.append(now)
-        if now - self._advised_at >= ADVICE_INTERVAL_S:
-            if now - self._advised_at > WINDOW_S:
-                self._advice_s = 1.0  # a fresh overload starts from a short wait
-            starts, refusals = self._count(self._starts, now), self._count(self._refusals, now)
+        advice = self._advice.get(tenant)
+        if advice is None:
+            self._forget_quiet_tenants(now)
+            advice = self._advice[tenant] = Advice()
+        advice.refusals.append(now)
+        if now - advice.at >= ADVICE_INTERVAL_S:
+            if now - advice.at > WINDOW_S:
+                advice.wait_s = 1.0  # a fresh overload starts from a short wait
+            starts, refusals = self._count(self._starts, now), self._count(advice.refusals, now)
             factor = 2.0 if not starts else min(2.0, max(0.5, refusals / starts))
-            self._advice_s = min(MAX_RETRY_AFTER_S, max(1.0, self._advice_s * factor))
-            self._advised_at = now
-        return self._advice_s * random.uniform(0.5, 1.5)
+            advice.wait_s = min(MAX_RETRY_AFTER_S, max(1.0, advice.wait_s * factor))
+            advice.at = now
+        return advice.wait_s * random.uniform(0.5, 1.5)
+
+    def _forget_quiet_tenants(self, now: float) -> None:
+        for tenant in [t for t, advice in self._advice.items() if now - advice.at > WINDOW_S]:
+            del self._advice[tenant]
 
     def _room(self, now: float) -> int:
         """Waiting requests per tenant that can expect a slot within two deadlines (at least two)."""

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.api import ContextLengthExceeded, EngineError, EngineUnavailable
 from serve_app.ingress.protocol import OpenAIError
+from serve_app.ingress.responses import ModelStatus
 
 logger = logging.getLogger("modelserve.ingress")
 
@@ -81,6 +82,12 @@ def overloaded(model: str, why: str, retry_after_s: float = 1.0) -> OpenAIError:
     message = f"Model '{model}' is overloaded: {why}. Retry shortly."
     headers = {"Retry-After": str(max(1, math.ceil(retry_after_s))), "retry-after-ms": str(round(retry_after_s * 1000))}
     return OpenAIError(503, message, type="server_error", code="model_overloaded", headers=headers)
+
+
+def unavailable(model: str, status: ModelStatus) -> OpenAIError:
+    """A failed model answers at once rather than after the first-token timeout."""
+    return OpenAIError(503, f"Model '{model}' is unavailable: {status.message}", type="server_error",
+                       code="model_unavailable", headers={"Retry-After": FAILED_MODEL_RETRY_AFTER_S})
 
 
 def model_error(exc: BaseException, model: str) -> OpenAIError:

@@ -27,7 +27,7 @@ from serve_app.access.gate import RequestAccount
 from serve_app.config import IngressSettings
 from serve_app.ingress.backpressure import Overloaded, SlotPressure
 from serve_app.ingress.choices import Choices, call_deltas, chat_logprobs, completion_logprobs
-from serve_app.ingress.errors import FAILED_MODEL_RETRY_AFTER_S, model_error, overloaded
+from serve_app.ingress.errors import model_error, overloaded, unavailable
 from serve_app.ingress.generation_fields import generation_options
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.protocol import OpenAIError, SamplingFields, now
@@ -65,12 +65,6 @@ def sse(payload: BaseModel) -> str:
 
 def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-def unavailable(model: str, status: ModelStatus) -> OpenAIError:
-    """A failed model answers at once rather than after the first-token timeout."""
-    return OpenAIError(503, f"Model '{model}' is unavailable: {status.message}", type="server_error",
-                       code="model_unavailable", headers={"Retry-After": FAILED_MODEL_RETRY_AFTER_S})
 
 
 class MeteredStream:
@@ -140,7 +134,7 @@ class Serving:
                 request = dataclasses.replace(request, submitted_at=time.time(), tenant=account.principal.tenant,
                                               weight=account.policy.weight)
                 stream = MeteredStream(self.handle(model).options(stream=True).generate.remote(request), account)
-                await self._start(stream, model, status, pressure)
+                await self._start(stream, model, status, pressure, account.principal.tenant)
                 first = await asyncio.wait_for(stream.__anext__(), self._first_token_timeout_s)
         except BaseException as exc:
             if stream is not None:
@@ -153,7 +147,9 @@ class Serving:
         self._metrics.record_first_token(model, time.perf_counter() - started)
         return first, stream
 
-    async def _start(self, stream: MeteredStream, model: str, status: ModelStatus, pressure: SlotPressure) -> None:
+    async def _start(
+        self, stream: MeteredStream, model: str, status: ModelStatus, pressure: SlotPressure, tenant: str
+    ) -> None:
         """Wait for a slot up to `max_queue_wait_s` (then 503: the request leaves the queue, so what is admitted
         starts at once), or `first_token_timeout_s` while the model scales up from zero."""
         wait_s = self._max_queue_wait_s if status.running_replicas else self._first_token_timeout_s
@@ -162,7 +158,7 @@ class Serving:
         except TimeoutError:
             if not status.running_replicas:
                 raise
-            raise Overloaded(f"no slot freed within {self._max_queue_wait_s:g} s", pressure.missed()) from None
+            raise Overloaded(f"no slot freed within {self._max_queue_wait_s:g} s", pressure.missed(tenant)) from None
         pressure.started()
 
     @staticmethod

@@ -41,7 +41,7 @@ def test_nothing_is_refused_early_until_a_request_missed_the_deadline(clock: Clo
 
 def test_after_a_miss_a_tenant_with_its_share_waiting_is_refused_at_once_and_others_are_not(clock: Clock) -> None:
     pressure = SlotPressure(DEADLINE_S)
-    pressure.missed()
+    pressure.missed("a")
     with ExitStack() as stack:
         hold(pressure, "a", 2, stack)  # at least two may wait however slowly slots free up
         with pytest.raises(Overloaded, match="2 requests of this tenant already wait") as refused:
@@ -55,7 +55,7 @@ def test_the_room_grows_with_the_rate_slots_free_up(clock: Clock) -> None:
     pressure = SlotPressure(DEADLINE_S)
     for _ in range(40):  # 8 starts a second over the window: 8 expected in two deadlines
         pressure.started()
-    pressure.missed()
+    pressure.missed("a")
     with ExitStack() as stack:
         hold(pressure, "a", 8, stack)
         with pytest.raises(Overloaded):
@@ -64,7 +64,7 @@ def test_the_room_grows_with_the_rate_slots_free_up(clock: Clock) -> None:
 
 def test_shedding_ends_a_window_after_the_last_miss(clock: Clock) -> None:
     pressure = SlotPressure(DEADLINE_S)
-    pressure.missed()
+    pressure.missed("a")
     clock.now += WINDOW_S + 0.1
     with ExitStack() as stack:
         hold(pressure, "a", 10, stack)
@@ -76,15 +76,16 @@ def test_retry_after_doubles_while_refusals_outnumber_starts_and_falls_back_when
     for _ in range(8):  # one start and many refusals each second: the advice climbs to its cap
         pressure.started()
         for _ in range(10):
-            last = pressure.refused(clock.now)
+            last = pressure.refused("a", clock.now)
         advice.append(last)
         clock.now += 1.0
     assert advice[:5] == [1.0, 2.0, 4.0, 8.0, 16.0] and advice[-1] == MAX_RETRY_AFTER_S
+    assert pressure.refused("b", clock.now) == 1.0  # another tenant refused once is not told the flooder's wait
     for _ in range(4):  # starts now outnumber refusals: the advice halves each second
         for _ in range(40):
             pressure.started()
         clock.now += 1.0
-        last = pressure.refused(clock.now)
+        last = pressure.refused("a", clock.now)
     assert last < MAX_RETRY_AFTER_S / 4
     clock.now += WINDOW_S + 1  # a fresh overload after a quiet spell starts from a short wait again
-    assert pressure.refused(clock.now) <= 2.0
+    assert pressure.refused("a", clock.now) <= 2.0
