@@ -182,6 +182,7 @@ def ingress_in_process(monkeypatch: pytest.MonkeyPatch, **ingress: Any) -> Itera
     monkeypatch.setitem(wrapper.__mro__[1].__init__.__globals__, "StatusCache", StandInStatus)
     saved_state = dict(wrapper_state := replica_app_state(wrapper))  # an outer in-process ingress's, if any
     loop = asyncio.new_event_loop()  # the replica's own, for its start and its shutdown
+    ingress.setdefault("max_queue_wait_s", 30)  # these tests are not about the deadline; a busy CI machine is slow
     loop.run_until_complete(replica.__init__({"ingress": ingress}))
     loop.run_until_complete(replica._run_asgi_lifespan_startup())
     replica.reconfigure(POLICY)
