@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -30,17 +28,13 @@ from dataclasses import dataclass, field
 
 import httpx
 from bench_shipped import modelserve_up, replicas
-from harness import PROMPTS, ROOT, percentile
+from harness import PROMPTS, ROOT, cpu_seconds, percentile, ray_processes
 
 from serve_app.cli import tokens as cli_auth
 from serve_app.cli.serve_file import load_serve_config, parse_serve_config
 
 MAX_TOKENS = 64
-ROLES = {"ingress": "ServeReplica:modelserve:ingress", "model replica": "ServeReplica:gemma-3-270m:",
-         "proxy": "ProxyActor", "limiter": "RateLimiter", "usage ledger": "UsageLedger",
-         "serve controller": "ServeController", "gcs": "gcs_server", "raylet": "/raylet", "dashboard": "dashboard"}
 RSS_ROLES = ("ingress", "model replica", "proxy")
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -105,35 +99,10 @@ async def closed_loop(base: str, token: str, model: str, clients: int, seconds: 
     return tally
 
 
-def pids() -> dict[int, str]:
-    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
-    found = {}
-    for line in listing.splitlines():
-        pid, _, args = line.strip().partition(" ")
-        for role, marker in ROLES.items():
-            if marker in args:
-                found[int(pid)] = role
-                break
-    return found
-
-
-def cpu_seconds() -> Counter:
-    """CPU time (user + system) used so far by each role's processes, and by this bench's client."""
-    used: Counter = Counter()
-    for pid, role in [*pids().items(), (os.getpid(), "bench client")]:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rpartition(")")[2].split()
-            used[role] += (int(fields[11]) + int(fields[12])) / TICKS
-        except OSError:
-            pass
-    return used
-
-
-def watch_rss(stop: threading.Event, peaks: dict[int, int]) -> None:
+def watch_rss(model: str, stop: threading.Event, peaks: dict[int, int]) -> None:
     """Peak resident memory (kB) of every ingress, replica and proxy process, sampled each second."""
     while not stop.is_set():
-        for pid in (pid for pid, role in pids().items() if role in RSS_ROLES):
+        for pid in (pid for pid, role in ray_processes(model).items() if role in RSS_ROLES):
             try:
                 with open(f"/proc/{pid}/status") as status:
                     rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
@@ -156,20 +125,20 @@ def main() -> None:
         slots = status["placement"]["slots"] * status["running_replicas"]
         asyncio.run(closed_loop(base, token, model, slots, None, 1))  # warm up
         baseline = asyncio.run(closed_loop(base, token, model, slots, None, 3))
-        before = {pid for pid, role in pids().items() if role == "model replica"}
+        before = {pid for pid, role in ray_processes(model).items() if role == "model replica"}
         peaks: dict[int, int] = {}
         done = threading.Event()
-        watcher = threading.Thread(target=watch_rss, args=(done, peaks), daemon=True)
+        watcher = threading.Thread(target=watch_rss, args=(model, done, peaks), daemon=True)
         watcher.start()
-        started, cpu_before = time.monotonic(), cpu_seconds()
+        started, cpu_before = time.monotonic(), cpu_seconds(model)
         overload = asyncio.run(closed_loop(base, token, model, slots * args.factor, args.seconds, 0))
         elapsed = time.monotonic() - started
-        cpu = cpu_seconds()
+        cpu = cpu_seconds(model)
         cpu.subtract(cpu_before)
         done.set()
         watcher.join()
-        after = {pid for pid, role in pids().items() if role == "model replica"}
-        roles = pids()
+        after = {pid for pid, role in ray_processes(model).items() if role == "model replica"}
+        roles = ray_processes(model)
     finally:
         stop()
 

@@ -32,7 +32,17 @@ from typing import Any
 
 import httpx
 from bench_serving import mean_result, raw_backend, requests
-from harness import ROOT, Backend, Result, demo_model, http_stream, llama_server, run_load, summarize
+from harness import (
+    ROOT,
+    Backend,
+    Result,
+    cpu_seconds,
+    demo_model,
+    http_stream,
+    llama_server,
+    run_load,
+    summarize,
+)
 
 from deployments.llama_cpp.model import choose_repack, cpu_has_amx
 from serve_app.cli import tokens as cli_auth
@@ -133,7 +143,12 @@ def main() -> None:
     try:
         warmed((stream, stop), SETTLE_S)
         for concurrency in CONCURRENCIES:
+            cpu_before, started = cpu_seconds(spec.name), time.monotonic()
             results[f"modelserve c{concurrency}"] = measure("modelserve", stream, concurrency)
+            cpu, elapsed = cpu_seconds(spec.name), time.monotonic() - started
+            cpu.subtract(cpu_before)
+            print(f"  CPU at c={concurrency} (cores busy on average): " + ", ".join(
+                f"{role} {seconds / elapsed:.2f}" for role, seconds in cpu.most_common()), flush=True)
         scaled = load_until_upscale(stream, base, spec.name)
         results["modelserve c8 scaled"] = measure("modelserve", stream, 8, f"  (after the upscale: {scaled})")
     finally:

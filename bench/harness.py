@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -207,3 +209,32 @@ def llama_server(binary: str, model: str, n_ctx: int, slots: int, threads: int, 
            "-np", str(slots), "--cont-batching", "-t", str(threads), "-tb", str(threads), "--no-webui",
            *(extra_args or [])]
     return server_backend(cmd, port, {"cache_prompt": False})
+
+
+def ray_processes(model: str) -> dict[int, str]:
+    """This machine's Ray processes of a modelserve app, by role (pid -> role)."""
+    roles = {"ingress": "ServeReplica:modelserve:ingress", "model replica": f"ServeReplica:{model}:",
+             "proxy": "ProxyActor", "limiter": "RateLimiter", "usage ledger": "UsageLedger",
+             "serve controller": "ServeController", "gcs": "gcs_server", "raylet": "/raylet", "dashboard": "dashboard"}
+    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    found = {}
+    for line in listing.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        role = next((role for role, marker in roles.items() if marker in args), None)
+        if role is not None:
+            found[int(pid)] = role
+    return found
+
+
+def cpu_seconds(model: str) -> Counter:
+    """CPU time (user + system) used so far by each role's processes, and by this bench's own client."""
+    used: Counter = Counter()
+    ticks = os.sysconf("SC_CLK_TCK")
+    for pid, role in [*ray_processes(model).items(), (os.getpid(), "bench client")]:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+            used[role] += (int(fields[11]) + int(fields[12])) / ticks
+        except OSError:
+            pass
+    return used
