@@ -39,6 +39,7 @@ from tests.support.cluster import (
     TINY_DEFAULT_MAX_TOKENS,
     TINY_ZERO,
     WEB_ORIGIN,
+    WEIGHTED_TENANTS,
     model_app,
     serve_cli,
     wait_for_apps,
@@ -72,6 +73,8 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
     ingress["name"] = APP_NAME
     tenants = ingress["deployments"][0]["user_config"]["tenants"]
     tenants[OTHER_TENANT] = tenants["dev"]  # a second tenant with dev's rights: tenant-scoped caches
+    for tenant, weight in WEIGHTED_TENANTS.items():  # unlimited, differing only in their fair-share weight
+        tenants[tenant] = {"models": ["*"], "weight": weight}
     ingress["args"]["ingress"] = {
         "deployment": {"ray_actor_options": {"num_cpus": 0.25}},
         "cors": {"allow_origins": [WEB_ORIGIN]},
