@@ -56,6 +56,7 @@ class GenerationRequest:
     submitted_at: float = 0.0  # wall-clock time the caller sent it: the replica measures queue wait from it
     weight: float = 1.0  # the tenant's share of a replica's slots against other waiting tenants (its policy's weight)
     priority: int = 0  # order among the tenant's own waiting requests: lower first (as vLLM's `priority`)
+    trace_context: str | None = None  # the caller's span as a W3C traceparent: the replica's spans join its trace
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ class EmbeddingRequest:
 
     request_id: str
     inputs: tuple[str | tuple[int, ...], ...]
+    trace_context: str | None = None  # as GenerationRequest's: the caller's span as a W3C traceparent
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,18 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from ray import serve
 from ray.serve import metrics
 
 from deployments.api import Engine, GenerationChunk, GenerationRequest, Started
 from deployments.embedding import EmbeddingRequest, EmbeddingResult
 from deployments.engine_metrics import EngineMetrics
+from deployments.generation_trace import GenerationTrace
 from deployments.prefix_metrics import PrefixMetrics
 from deployments.spec import ModelSpec
 from deployments.startup_notes import StartupNote
+from deployments.tracing import Tracing, remote_parent
 from deployments.weights.cache import FetchStats, WeightCache
 from deployments.weights.patience import PatientWeightCache
 
@@ -95,6 +98,7 @@ class ModelServer:
         self._spec = ModelSpec.model_validate(spec)
         self._metrics = ModelMetrics(self._spec.name)
         self._prefix_metrics = PrefixMetrics(self._spec.name)
+        self._tracing = Tracing(self._spec.tracing, "model", {"modelserve.model": self._spec.name})
         note = StartupNote(self._spec.name)
         cache = PatientWeightCache(lambda text: _tell(note, text))
         cache.stats_listeners.append(self._metrics.record_fetch)
@@ -104,19 +108,26 @@ class ModelServer:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Started | GenerationChunk]:
         """The engine's STARTED once the request has a slot (the replica holds up to `max_waiting` more requests than
-        slots, admitted by fair share), then its chunks."""
-        async with contextlib.aclosing(self._engine.generate(request)) as chunks:  # closing it cancels the request
-            first = True
-            async for chunk in chunks:
-                if isinstance(chunk, Started):
-                    self._metrics.record_queue_wait(request)
-                elif first:
-                    self._prefix_metrics.record(chunk)
-                    first = False
-                yield chunk
+        slots, admitted by fair share), then its chunks; traced as the request's `trace_context` says."""
+        with GenerationTrace(self._tracing.tracer, request, self._spec.name) as spans:
+            async with contextlib.aclosing(self._engine.generate(request)) as chunks:  # closing it cancels the request
+                first = True
+                async for chunk in chunks:
+                    spans.observe(chunk)
+                    if isinstance(chunk, Started):
+                        self._metrics.record_queue_wait(request)
+                    elif first:
+                        self._prefix_metrics.record(chunk)
+                        first = False
+                    yield chunk
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
-        return await self._engine.embed(request)
+        parent = remote_parent({"traceparent": request.trace_context} if request.trace_context else {})
+        with self._tracing.tracer.start_as_current_span("embed", context=parent, kind=SpanKind.SERVER, attributes={
+            "modelserve.model": self._spec.name, "modelserve.request_id": request.request_id,
+            "modelserve.inputs": len(request.inputs),
+        }, record_exception=False, set_status_on_exception=False):
+            return await self._engine.embed(request)
 
     async def check_health(self) -> None:
         await self._engine.check_health()
@@ -128,3 +139,4 @@ class ModelServer:
     async def __del__(self) -> None:
         self._engine_metrics.cancel()
         await self._engine.stop()
+        self._tracing.shutdown()

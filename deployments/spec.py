@@ -21,6 +21,7 @@ from deployments.settings import (
     VllmSettings,
 )
 from deployments.strict import Strict
+from deployments.tracing import TracingSettings
 from deployments.weights.source import StorageSettings, parse_source
 
 Backend = Literal["llama_cpp", "vllm"]
@@ -39,6 +40,8 @@ class ModelSpec(Strict):
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     vllm: VllmSettings | None = Field(None, description="vLLM engine settings (backend vllm only).")
+    tracing: TracingSettings = Field(default_factory=TracingSettings, description="OpenTelemetry spans of the "
+                                     "replica's requests (llama_cpp backend), joined to the ingress's traces.")
 
     @field_validator("name")
     @classmethod
@@ -115,6 +118,9 @@ class ModelSpec(Strict):
         kwargs = set(self.engine.engine_kwargs)
         if owned := sorted(kwargs.intersection(VLLM_OWNED_ARGS)):
             raise ValueError(f"engine.engine_kwargs {owned} are set by modelserve from the model's name and source")
+        if self.tracing.enabled:
+            raise ValueError("tracing.enabled: a vllm model's replica records no spans yet; turn tracing off for it "
+                             "(its requests are still traced at the ingress)")
         if typed := sorted(kwargs.intersection({*VllmSettings.model_fields, "enable_auto_tool_choice"})):
             raise ValueError(f"engine.engine_kwargs {typed}: set these under 'vllm:' instead, where they are checked")
         actor = self.deployment.ray_actor_options

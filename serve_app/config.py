@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 from deployments.settings import DeploymentSettings
 from deployments.spec import ModelSpec
 from deployments.strict import ConfigError, Strict, describe_validation_error
+from deployments.tracing import TracingSettings
 from serve_app.access.usage_store import UsageSettings
 from serve_app.ingress.cors import CorsSettings
 from serve_app.ingress.request_limits import RequestLimits
@@ -46,6 +47,8 @@ class IngressSettings(Strict):
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Request header and body size limits.")
     usage: UsageSettings = Field(default_factory=UsageSettings, description="Where token usage and quota state "
                                  "are kept (the S3/MinIO bucket in a cluster).")
+    tracing: TracingSettings = Field(default_factory=TracingSettings, description="OpenTelemetry spans of each "
+                                     "request, exported over OTLP/HTTP (off by default).")
 
 
 class IngressArgs(Strict):

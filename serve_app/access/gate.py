@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from opentelemetry import trace
 
 from deployments.api import GenerationChunk, GenerationRequest
 from deployments.strict import ConfigError
@@ -123,7 +124,8 @@ def unauthorized(message: str) -> OpenAIError:
 class AccessGate:
     """The ingress's access checks, against the policy of the latest `configure` (swapped atomically)."""
 
-    def __init__(self, limiter_name: str, usage: UsageBook) -> None:
+    def __init__(self, limiter_name: str, usage: UsageBook, tracer: trace.Tracer | None = None) -> None:
+        self._tracer = tracer or trace.NoOpTracer()  # spans `auth` and `policy` when the ingress traces
         self._limiter = SharedLimiter(limiter_name)
         self._quotas = QuotaGate(usage)
         self._active: ActivePolicy | None = None
@@ -157,6 +159,10 @@ class AccessGate:
 
     async def authenticate(self, authorization: str | None) -> RequestAccount:
         """Who is calling, from the Authorization header (401 otherwise), with their tenant's policy."""
+        with self._tracer.start_as_current_span("auth", record_exception=False, set_status_on_exception=False):
+            return await self._authenticate(authorization)
+
+    async def _authenticate(self, authorization: str | None) -> RequestAccount:
         active = self._active
         if active is None:
             raise OpenAIError(503, "Access policy not loaded yet.", type="server_error", code="not_ready")
@@ -194,6 +200,10 @@ class AccessGate:
     async def admit(self, account: RequestAccount, request: GenerationRequest) -> None:
         """Reserve the tenant's and key's token quotas, take the tenant's request/token/concurrency allowance in
         the shared limiter, or answer 429."""
+        with self._tracer.start_as_current_span("policy", record_exception=False, set_status_on_exception=False):
+            await self._admit(account, request)
+
+    async def _admit(self, account: RequestAccount, request: GenerationRequest) -> None:
         active = self._active
         if active is not None and active.document.enabled:
             scopes = active.document.quota_scopes(account.principal)

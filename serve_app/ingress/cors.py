@@ -18,9 +18,9 @@ from deployments.strict import Strict
 
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 
-# What a browser client reads beyond the CORS-safelisted headers: rate limits and request ids.
+# What a browser client reads beyond the CORS-safelisted headers: rate limits, request and trace ids.
 EXPOSED_HEADERS = (
-    "x-request-id", "retry-after", "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+    "x-request-id", "traceresponse", "retry-after", "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
     "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-tokens",
 )

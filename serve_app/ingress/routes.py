@@ -15,6 +15,7 @@ from ray import serve
 
 from deployments.api import GenerationRequest
 from deployments.spec import model_deployment_name
+from deployments.tracing import Tracing
 from serve_app.access.envelope import AccessMiddleware
 from serve_app.access.gate import AccessGate, Caller, RequestAccount
 from serve_app.access.usage_client import UsageBook
@@ -48,6 +49,7 @@ from serve_app.ingress.serving import (
 )
 from serve_app.ingress.status import StatusCache
 from serve_app.ingress.tool_calls import engine_message, tool_use
+from serve_app.ingress.tracing import TracingMiddleware
 from serve_app.ingress.usage_api import UsageParams, UsageReport, usage_report
 
 logger = logging.getLogger("modelserve.ingress")
@@ -56,6 +58,7 @@ MISSING_MODEL_RECHECK_S = 0.5
 
 app = FastAPI(title="modelserve", description="OpenAI-compatible LLM serving on Ray Serve.")
 app.add_middleware(AccessMiddleware)  # authenticates every route but /health, settles limits, audits
+app.add_middleware(TracingMiddleware)  # outside it: the request span covers authentication
 app.add_middleware(CorsGate)  # outside it: browsers' preflights carry no credentials
 app.add_middleware(SizeGate)  # outermost: an oversized request costs nothing, not even authentication
 install_error_handlers(app)
@@ -80,15 +83,18 @@ class OpenAIIngress:
         self._created = now()
         app_name = serve.get_replica_context().app_name
         usage = UsageBook(f"modelserve-usage:{app_name}", self._args.ingress.usage)
-        self._access = AccessGate(limiter_name=f"modelserve-limits:{app_name}", usage=usage)
+        self._tracing = Tracing(self._args.ingress.tracing, "ingress")
+        self._access = AccessGate(limiter_name=f"modelserve-limits:{app_name}", usage=usage,
+                                  tracer=self._tracing.tracer)
         self._usage = usage
         self._metrics = IngressMetrics()
-        self._serving = Serving(self._args.ingress, self._metrics)
+        self._serving = Serving(self._args.ingress, self._metrics, self._tracing.tracer)
         self._status = StatusCache(on_crashes=self._metrics.record_crashes)
         app.state.access_gate = self._access
         app.state.cors = self._args.ingress.cors
         app.state.request_limits = self._args.ingress.limits
         app.state.metrics = self._metrics
+        app.state.tracing = self._tracing
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """The policy document (auth, tenants, limits): applied at start and in place on every `serve deploy`."""
@@ -197,7 +203,7 @@ class OpenAIIngress:
         request = engine_request(body, new_id("embd"))
         check_prompt_size(self._args.ingress.limits, sum(len(item) for item in request.inputs), "input")
         await self._access.admit(account, admission_estimate(request))
-        result = await self._serving.call(model, status, "embed", request)
+        result = await self._serving.embed(model, status, request)
         account.record(usage_chunk(result))
         return response(body, model, result)
 

@@ -4,25 +4,27 @@ One path for chat and text completions: `open` starts the generation on the mode
 and waits for its first chunk (so early failures get a proper status), then `collect` builds the
 n choices of a whole response or `chat_events` / `completion_events` stream them. Every failure
 leaves as an OpenAI error (`model_error`); the model side is cancelled however the client leaves.
-The request's account meters the chunks as they pass (`MeteredStream`), for its rate-limit lease.
+The request's account meters the chunks as they pass (`model_stream`), for its rate-limit lease.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+from opentelemetry import trace
 from pydantic import BaseModel
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
 from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
+from deployments.embedding import EmbeddingRequest, EmbeddingResult
 from deployments.spec import model_deployment_name
+from deployments.tracing import traceparent
 from serve_app.access.gate import RequestAccount
 from serve_app.config import IngressSettings
 from serve_app.ingress.backpressure import Overloaded, SlotPressure
@@ -30,6 +32,7 @@ from serve_app.ingress.choices import Choices, call_deltas, chat_logprobs, compl
 from serve_app.ingress.errors import model_error, overloaded, unavailable
 from serve_app.ingress.generation_fields import generation_options
 from serve_app.ingress.metrics import IngressMetrics
+from serve_app.ingress.model_stream import MeteredStream
 from serve_app.ingress.protocol import OpenAIError, SamplingFields, now
 from serve_app.ingress.responses import (
     AssistantMessage,
@@ -42,6 +45,7 @@ from serve_app.ingress.responses import (
     DeltaMessage,
     ModelStatus,
 )
+from serve_app.ingress.tracing import StreamSpans
 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None, cap: int | None) -> SamplingParams:
@@ -67,38 +71,16 @@ def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-class MeteredStream:
-    """A model's chunk stream that keeps the running usage on the request's account as chunks pass."""
-
-    def __init__(self, stream: DeploymentResponseGenerator, account: RequestAccount) -> None:
-        self._stream = stream
-        self._account = account
-
-    def __aiter__(self) -> AsyncIterator[GenerationChunk]:
-        return self
-
-    async def __anext__(self) -> GenerationChunk:
-        chunk = await self._stream.__anext__()
-        self._account.record(chunk)
-        return chunk
-
-    async def started(self) -> None:
-        """Wait for the replica's STARTED item: it took the request into a free slot."""
-        await self._stream.__anext__()
-
-    def cancel(self) -> None:
-        """Best effort: Serve's cancel() re-raises the call's own failure (e.g. back-pressure), already handled."""
-        with contextlib.suppress(Exception):
-            self._stream.cancel()
 
 
 class Serving:
     """The ingress replica's side of every generation: model handles, the queue and first-token deadlines, TTFT."""
 
-    def __init__(self, settings: IngressSettings, metrics: IngressMetrics) -> None:
+    def __init__(self, settings: IngressSettings, metrics: IngressMetrics, tracer: trace.Tracer) -> None:
         self._first_token_timeout_s = settings.first_token_timeout_s
         self._max_queue_wait_s = settings.max_queue_wait_s
         self._metrics = metrics
+        self._tracer = tracer
         self._handles: dict[str, DeploymentHandle] = {}
         self._pressure: dict[str, SlotPressure] = {}
 
@@ -108,12 +90,13 @@ class Serving:
             self._handles[model] = serve.get_deployment_handle(model_deployment_name(model), app_name=model)
         return self._handles[model]
 
-    async def call(self, model: str, status: ModelStatus, method: str, *args: Any) -> Any:
-        """One non-streaming call to the model's deployment (embeddings), its failures as OpenAI errors."""
+    async def embed(self, model: str, status: ModelStatus, request: EmbeddingRequest) -> EmbeddingResult:
+        """One embedding call to the model's deployment, its failures as OpenAI errors."""
         if status.state == "failed":
             raise unavailable(model, status)
         try:
-            return await asyncio.wait_for(getattr(self.handle(model), method).remote(*args), self._first_token_timeout_s)
+            request = dataclasses.replace(request, trace_context=traceparent())
+            return await asyncio.wait_for(self.handle(model).embed.remote(request), self._first_token_timeout_s)
         except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
             raise model_error(exc, model) from None
 
@@ -128,12 +111,14 @@ class Serving:
         pressure = self._pressure.setdefault(model, SlotPressure(self._max_queue_wait_s))
         started = time.perf_counter()
         stream: MeteredStream | None = None
+        request = dataclasses.replace(request, tenant=account.principal.tenant, weight=account.policy.weight,
+                                      trace_context=traceparent())
         try:  # Serve may refuse at `.remote()` already (queue full) or at the first chunk
             with pressure.waiting(account.principal.tenant):
                 await admit()
-                request = dataclasses.replace(request, submitted_at=time.time(), tenant=account.principal.tenant,
-                                              weight=account.policy.weight)
-                stream = MeteredStream(self.handle(model).options(stream=True).generate.remote(request), account)
+                request = dataclasses.replace(request, submitted_at=time.time())
+                stream = MeteredStream(self.handle(model).options(stream=True).generate.remote(request), account,
+                                       StreamSpans(self._tracer, model))
                 await self._start(stream, model, status, pressure, account.principal.tenant)
                 first = await asyncio.wait_for(stream.__anext__(), self._first_token_timeout_s)
         except BaseException as exc:

@@ -30,6 +30,8 @@ TINY_DEFAULT_MAX_TOKENS = 12  # the tiny models' engine.default_max_tokens: what
 EMBED = "gemma-3-270m-embed"  # the demo Gemma as an embedding model (mean pooling)
 WEB_ORIGIN = "https://chat.example.com"  # the one web origin the test deployment allows (ingress.cors)
 OTHER_TENANT = "dev-b"  # allowed what `dev` is (the session's policy); caches keep the two apart
+TRACE_SERVICE = "modelserve-e2e"  # service.name of the session app's spans (its ingress, TINY and EMBED trace)
+WEIGHTED_TENANTS = {"fair-heavy": 3.0, "fair-light": 1.0}  # policy weights: shares of a replica's slots
 TINY_S3 = "tiny-llama-s3"  # deployed only while a test uses it (the s3_model fixture)
 TINY_S3_SOURCE = "s3://models/tiny/tiny.gguf"
 
