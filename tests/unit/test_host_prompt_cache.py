@@ -1,8 +1,8 @@
 """The host-RAM prompt cache of the llama.cpp engine (`deployments.llama_cpp.host_cache`) on the real demo Gemma.
 
-Gemma 3 has sliding-window layers, whose saved state holds only the window: restoring must still decode the next
-turn exactly as if its history stayed in the slot, and as a full prefill does (greedy). Conversations are short,
-so a turn prefills in one step; two engines serve the whole module.
+Gemma 3 has sliding-window layers, whose saved state holds only the window: a restored prompt must still decode
+its next turn as a full prefill does (greedy), and a prompt needing cells before the window is not restored.
+Conversations are short and two engines serve the whole module, so it takes a few seconds.
 """
 
 from __future__ import annotations
@@ -74,10 +74,20 @@ def test_more_conversations_than_slots_stay_warm(two_slots: BatchedLlamaEngine) 
     assert after.prompt_cache_entries >= 1 and after.prompt_cache_bytes > 0  # three conversations, two slots
 
 
-def test_a_restored_prompt_decodes_like_a_full_prefill(two_slots: BatchedLlamaEngine) -> None:
-    messages, first_prompt = first_turn(two_slots, "lighthouses")
-    for topic in ("chess", "bridges"):
+def test_a_prompt_saved_past_the_sliding_window_is_restored_for_its_next_turn_only(
+    two_slots: BatchedLlamaEngine,
+) -> None:
+    long_system = "You are a patient teacher. Answer in one short sentence and cite your source. " * 40
+    messages, first_prompt = first_turn(two_slots, "lighthouses", system=long_system)
+    for topic in ("chess", "bridges"):  # other system prompts: the second one takes the long conversation's slot
         first_turn(two_slots, topic)
+    stats = two_slots.stats()
+    assert stats is not None and stats.prompt_cache_entries >= 1
+    assert first_prompt > 600  # Gemma's window is 512: its saved state holds the sliding-window layers' last 512
+    # The same system prompt with another question needs the window's cells before the question: not restored.
+    first_turn(two_slots, "harbours", system=long_system)
+    after = two_slots.stats()
+    assert after is not None and after.prompt_cache_hits == stats.prompt_cache_hits
     restored = ask(two_slots, messages, "a")
     full = ask(two_slots, messages, "a", seed=0)  # a seeded request is prefilled in full; greedy ignores the seed
     assert restored.final.cached_tokens >= first_prompt
