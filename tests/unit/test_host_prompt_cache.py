@@ -46,8 +46,9 @@ def one_slot_shared(gemma_path: Path) -> Iterator[BatchedLlamaEngine]:
         yield engine
 
 
-def ask(engine: BatchedLlamaEngine, messages: Messages, tenant: str, **sampling: Any) -> Completion:
-    request = make_request(messages=tuple(messages), tenant=tenant, max_tokens=16, temperature=0, **sampling)
+def ask(engine: BatchedLlamaEngine, messages: Messages, tenant: str, max_tokens: int = 6, **sampling: Any) -> Completion:
+    """A greedy completion (short: decoding, not prefill, would take most of the module's time)."""
+    request = make_request(messages=tuple(messages), tenant=tenant, max_tokens=max_tokens, temperature=0, **sampling)
     return asyncio.run(drain(engine.generate(request), Completion()))
 
 
@@ -88,8 +89,8 @@ def test_a_prompt_saved_past_the_sliding_window_is_restored_for_its_next_turn_on
     first_turn(two_slots, "harbours", system=long_system)
     after = two_slots.stats()
     assert after is not None and after.prompt_cache_hits == stats.prompt_cache_hits
-    restored = ask(two_slots, messages, "a")
-    full = ask(two_slots, messages, "a", seed=0)  # a seeded request is prefilled in full; greedy ignores the seed
+    restored = ask(two_slots, messages, "a", max_tokens=24)
+    full = ask(two_slots, messages, "a", max_tokens=24, seed=0)  # prefilled in full (seeded); greedy ignores the seed
     assert restored.final.cached_tokens >= first_prompt
     assert full.final.cached_tokens == 0
     assert restored.text and restored.text == full.text
