@@ -9,7 +9,9 @@ shipped config's CPU sizing (one replica: 8 slots x 4096 tokens, 2 threads). In 
 2. `llama-server -np 8` (its default cache_prompt) on the same user turns (target >= 1.0x on total
    time and TTFT p50); skipped without --llama-server;
 3. two Serve replicas (1 thread each): prefix hit rate with the prefix-affinity router vs Serve's
-   default router, as a share of the best possible reuse (one replica holding everything).
+   default router, as a share of the best possible reuse (one replica holding everything);
+4. more conversations than slots (the engine with half as many slots as conversations): prefix hit
+   rate and TTFT with the host-RAM prompt cache (engine.prompt_cache_ram_mib) vs without it.
 
 Run under the e2e lock on a quiet machine: `flock /tmp/modelserve-e2e.lock python bench/bench_multiturn.py
 --llama-server PATH`; `--quick` (2 conversations x 2 turns, 8 tokens) only checks that it works.
@@ -172,6 +174,18 @@ def hit_rate(result: Run) -> float:
     return sum(t.cached_tokens for t in turns) / sum(t.prompt_tokens for t in turns)
 
 
+async def host_cache_arm(model: str, args: argparse.Namespace) -> None:
+    """Half as many slots as conversations: the host cache keeps the displaced ones' history warm."""
+    slots = max(1, args.conversations // 2)
+    warm = await engine_run(f"{slots} slots, host cache", model, args, parallel=slots)
+    cold = await engine_run(f"{slots} slots, no host cache", model, args, parallel=slots, prompt_cache_ram_mib=0)
+    later = range(1, args.turns)
+    print(f"{args.conversations} conversations on {slots} slots: prefix hit rate {hit_rate(warm):.0%} with the host "
+          f"cache, {hit_rate(cold):.0%} without; TTFT p50 without/with: " + ", ".join(
+              f"t{t + 1} {cold.ttft_ms(t, 0.5) / warm.ttft_ms(t, 0.5):.1f}x" for t in later)
+          + f"; total {cold.wall_s / warm.wall_s:.2f}x")
+
+
 async def main_async(args: argparse.Namespace) -> None:
     model, _ = demo_model()
     reuse = await engine_run("engine, prefix reuse", model, args)
@@ -179,6 +193,7 @@ async def main_async(args: argparse.Namespace) -> None:
     later = range(min(2, args.turns - 1), args.turns)
     print("turn >= 3 TTFT p50 reuse-off/reuse: " + ", ".join(
         f"t{t + 1} {cold.ttft_ms(t, 0.5) / reuse.ttft_ms(t, 0.5):.1f}x" for t in later) + " (target >= 3x)")
+    await host_cache_arm(model, args)
     if args.llama_server:
         port = free_port()
         stop = start_server([args.llama_server, "-m", model, "--host", "127.0.0.1", "--port", str(port),

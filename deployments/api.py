@@ -168,6 +168,10 @@ class EngineStats:
     prompt_tokens_computed: int
     generated_tokens: int
     steps: tuple[tuple[str, float], ...] = ()  # (prefill | decode | mixed, seconds) of each step since the last stats
+    prompt_cache_bytes: int = 0  # the host-RAM prompt cache now: state bytes and prompts held
+    prompt_cache_entries: int = 0
+    prompt_cache_hits: int = 0  # running totals: admissions it restored a prompt for, and cold ones it could not help
+    prompt_cache_misses: int = 0
 
 
 class Engine(abc.ABC):

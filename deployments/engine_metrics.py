@@ -1,8 +1,8 @@
 """Engine metrics on Ray's Prometheus endpoint, per model (Serve adds the replica, deployment and app tags).
 
 What llama-server (`llamacpp:*`) and vLLM (`vllm:*`) export, for the llama.cpp engine: slots busy, requests
-waiting in the replica, KV cells used, prompt tokens reused or computed, generated tokens and each decode
-step's time by kind. The decode thread only counts (`Engine.stats`); a task on the replica's event loop
+waiting in the replica, KV cells used, prompt tokens reused or computed, generated tokens, each decode
+step's time by kind and the host-RAM prompt cache's use, hits and misses. The decode thread only counts (`Engine.stats`); a task on the replica's event loop
 publishes every `PUBLISH_INTERVAL_S`, so no metric call ever runs on the decode thread.
 """
 
@@ -37,6 +37,8 @@ class EngineMetrics:
                 ("kv_cells_used", "KV cache cells holding tokens (cached prefixes of free slots included)."),
                 ("kv_cells_total", "KV cache cells of the replica (parallel x n_ctx)."),
                 ("tokens_per_second", "Generated tokens per second over the last publish interval."),
+                ("prompt_cache_bytes", "Bytes of KV state held by the host-RAM prompt cache."),
+                ("prompt_cache_entries", "Prompts held by the host-RAM prompt cache."),
             )
         }
         self._counters = {
@@ -45,6 +47,8 @@ class EngineMetrics:
                 ("prompt_tokens_reused", "Prompt tokens whose KV cells were kept from earlier requests."),
                 ("prompt_tokens_computed", "Prompt tokens decoded (prefill)."),
                 ("generated_tokens", "Tokens sampled."),
+                ("prompt_cache_hits", "Admissions that got a saved prompt back from the host-RAM prompt cache."),
+                ("prompt_cache_misses", "Admissions whose prompt no free slot or saved prompt held half of."),
             )
         }
         self._steps = metrics.Histogram(
@@ -60,12 +64,15 @@ class EngineMetrics:
             ("slots_busy", stats.slots_busy), ("slots_total", stats.slots_total),
             ("waiting_requests", stats.waiting), ("kv_cells_used", stats.kv_cells_used),
             ("kv_cells_total", stats.kv_cells_total), ("tokens_per_second", generated / interval_s),
+            ("prompt_cache_bytes", stats.prompt_cache_bytes), ("prompt_cache_entries", stats.prompt_cache_entries),
         ):
             self._gauges[name].set(value, tags=self._tags)
         for name, delta in (
             ("prompt_tokens_reused", stats.prompt_tokens_reused - last.prompt_tokens_reused),
             ("prompt_tokens_computed", stats.prompt_tokens_computed - last.prompt_tokens_computed),
             ("generated_tokens", generated),
+            ("prompt_cache_hits", stats.prompt_cache_hits - last.prompt_cache_hits),
+            ("prompt_cache_misses", stats.prompt_cache_misses - last.prompt_cache_misses),
         ):
             if delta > 0:
                 self._counters[name].inc(delta, tags=self._tags)

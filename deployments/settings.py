@@ -54,6 +54,14 @@ class EngineSettings(Strict):
         "tells tenants through time-to-first-token what others sent, vLLM's CVE-2025-46570); shared = anyone's "
         "(for public system prompts).",
     )
+    prompt_cache_ram_mib: int = Field(
+        512, ge=0, le=1 << 20,
+        description="llama.cpp, with prefix_reuse: host RAM in MiB for the KV of prompts whose slot another prompt "
+        "took (llama-server's --cache-ram), least recently used out first; a later turn of such a conversation gets "
+        "it back instead of prefilling its history, so more conversations stay warm than there are slots. 0: off. "
+        "512 is llama-server's 8192 scaled to a replica of the shipped sizing (a 4-CPU, 8 GiB pod holds two): about "
+        "the replica's own KV (8 x 4096 tokens of the demo model), so it roughly doubles the conversations kept.",
+    )
     chat_format: str | None = Field(
         None, description="llama-cpp-python chat format name (e.g. 'gemma'); overrides the GGUF template."
     )

@@ -1,11 +1,13 @@
 """The llama.cpp context a replica decodes in: one KV stream per sequence slot, one batch per decode step.
 
 The decode loop (`deployments.llama_cpp.scheduler`) decides what goes into each step; this module
-puts it into llama.cpp's batch and KV memory: which cells a slot keeps, copies or drops.
+puts it into llama.cpp's batch and KV memory: which cells a slot keeps, copies, drops, saves or restores.
 """
 
 from __future__ import annotations
 
+import ctypes
+from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
@@ -13,6 +15,19 @@ import llama_cpp
 from deployments.llama_cpp.model import context_params
 from deployments.llama_cpp.sequence import Feed, Slot
 from deployments.settings import EngineSettings
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """A slot's KV cells copied to host RAM (llama.cpp's per-sequence state) and the first position a restore brings
+    back in every layer: llama.cpp leaves out the sliding-window cells its last token no longer sees."""
+
+    data: ctypes.Array[ctypes.c_uint8]
+    first_position: int
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
 
 class DecodeContext:
@@ -27,10 +42,15 @@ class DecodeContext:
         self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
         self._n_swa = llama_cpp.llama_model_n_swa(model.model)
 
+    def usable(self, first_position: int, keep: int) -> bool:
+        """Whether cells from `first_position` on serve a kept prefix of `keep` tokens: the tokens after it need the
+        last n_swa positions in sliding-window layers (llama-server's check before reusing a slot)."""
+        return first_position <= max(0, keep - self._n_swa)
+
     def keep_prefix(self, slot: Slot, keep: int) -> int:
         """Keep the first `keep` cached tokens of the slot and drop the rest; returns how many it could keep."""
         # Sliding-window layers may have dropped cells the kept prefix needs; then recompute everything.
-        if keep and llama_cpp.llama_memory_seq_pos_min(self._memory, slot.seq_id) > max(0, keep - self._n_swa):
+        if keep and not self.usable(llama_cpp.llama_memory_seq_pos_min(self._memory, slot.seq_id), keep):
             keep = 0
         if not (keep and llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)):
             keep = 0
@@ -67,6 +87,23 @@ class DecodeContext:
         llama_cpp.llama_memory_seq_rm(self._memory, target.seq_id, -1, -1)
         llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, target.seq_id, -1, -1)
         target.cached[:] = source.cached
+
+    def save(self, slot: Slot) -> SavedState | None:
+        """A copy of the slot's cells in host RAM (`restore` puts it back into any slot); None if llama.cpp fails."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq_id)
+        data = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(self.ctx, data, size, slot.seq_id) != size:
+            return None
+        first = llama_cpp.llama_memory_seq_pos_min(self._memory, slot.seq_id)
+        return SavedState(data, max(first, len(slot.cached) - self._n_swa) if self._n_swa else first)
+
+    def restore(self, slot: Slot, state: SavedState, tokens: list[int]) -> bool:
+        """Replace the slot's cells with saved ones holding `tokens`; on failure the slot is left empty."""
+        if llama_cpp.llama_state_seq_set_data(self.ctx, state.data, state.size, slot.seq_id) == state.size:
+            slot.cached[:] = tokens
+            return True
+        self.clear(slot)
+        return False
 
     def clear(self, slot: Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)

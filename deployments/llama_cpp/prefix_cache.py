@@ -37,9 +37,9 @@ class PrefixPolicy:
         """Whose cache a tenant's tokens go into: its own, or everyone's when the model shares it."""
         return "" if self._shared else tenant
 
-    def claim(self, slot: Slot, tenant: str) -> None:
-        """The slot now caches this tenant's tokens, as its most recently used."""
-        slot.owner, slot.used = self.owner(tenant), next(self._clock)
+    def claim(self, slot: Slot, tenant: str, prompt_tokens: int) -> None:
+        """The slot now caches this tenant's prompt of `prompt_tokens` (and its answer), as its most recently used."""
+        slot.owner, slot.used, slot.prompt_end = self.owner(tenant), next(self._clock), prompt_tokens
 
     def reusable(self, slot: Slot, tokens: list[int], request: GenerationRequest) -> int:
         """How many of the slot's cached tokens this request's prompt may keep."""
@@ -59,3 +59,8 @@ class PrefixPolicy:
             return common if common >= SIMILARITY * len(tokens) else 0
 
         return max(free, key=lambda slot: (similar(slot), -slot.used, -slot.seq_id))
+
+    @staticmethod
+    def coldest(free: list[Slot]) -> Slot:
+        """The least recently used free slot: the one whose cache matters least."""
+        return min(free, key=lambda slot: (slot.used, slot.seq_id))

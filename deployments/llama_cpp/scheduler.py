@@ -36,6 +36,7 @@ from deployments.api import (
 from deployments.llama_cpp.context import DecodeContext
 from deployments.llama_cpp.fair_queue import FairQueue
 from deployments.llama_cpp.grammar import Grammar
+from deployments.llama_cpp.host_cache import HostCache
 from deployments.llama_cpp.model import TokenPieces
 from deployments.llama_cpp.prefix_cache import PrefixPolicy
 from deployments.llama_cpp.prompt import Prompt
@@ -59,6 +60,7 @@ class DecodeLoop:
         self._prefill_chunk, self._prefix = settings.prefill_chunk, PrefixPolicy(settings)
         self._capacity = max(settings.n_batch, settings.parallel + settings.prefill_chunk)
         self._context = DecodeContext(model, settings, self._capacity)
+        self._host = HostCache(self._context, self._prefix, settings.prompt_cache_ram_mib)
         self._n_vocab = model.n_vocab()
         self._candidates = Candidates(self._n_vocab)
         self._slots = [Slot(seq_id) for seq_id in range(settings.parallel)]
@@ -105,7 +107,7 @@ class DecodeLoop:
         """Slots, queue and KV use now, token totals so far, and the steps decoded since the last call."""
         with self._wake:
             waiting = len(self._waiting)
-        return self.step_stats.snapshot(self._slots, waiting, self._kv_cells)
+        return self.step_stats.snapshot(self._slots, waiting, self._kv_cells, self._host)
 
     def close(self) -> None:
         """Stop the thread, fail what is left and free llama.cpp memory (only once the thread is gone)."""
@@ -146,9 +148,9 @@ class DecodeLoop:
                     self._fail(sequence, f"model {self._name!r} failed during generation")
 
     def _admit(self, submission: Submission, free: list[Slot]) -> None:
-        """Tokenize and check the prompt, then give it the free slot caching most of it that its tenant may
-        reuse (`PrefixPolicy`), and its other choices the lowest free ones (llama.cpp decodes a run of
-        consecutive sequence ids as one micro-batch). STARTED goes first: the caller's wait for a slot is over."""
+        """Tokenize and check the prompt, then give it the free slot caching most of it for its tenant (`PrefixPolicy`,
+        or one a longer saved prompt is restored into: `HostCache`), and its other choices the lowest free ones
+        (llama.cpp decodes a run of consecutive ids as one micro-batch). STARTED goes first: its wait is over."""
         submission.emit(STARTED)
         try:
             prompt = self._prepare(submission.request)
@@ -161,12 +163,10 @@ class DecodeLoop:
             submission.emit(EngineUnavailable(f"model {self._name!r} could not prepare this request"))
             submission.emit(DONE)
             return
-        slot = self._prefix.choose(free, prompt.tokens, submission.request)
-        free.remove(slot)
+        slot, *others = self._host.place(free, prompt.tokens, submission.request)
         group = Group()
         sequence = Sequence(submission, prompt, slot, group, 0)
-        for index in range(1, submission.request.sampling.n):
-            other = free.pop(0)
+        for index, other in enumerate(others, 1):
             other.sequence = Sequence(submission, prompt, other, group, index)
         slot.sequence = sequence
         self._active.append(sequence)
@@ -183,7 +183,7 @@ class DecodeLoop:
         self.step_stats.prompt_tokens_reused += sequence.n_fed
         sampling = request.sampling
         for member in sequence.group.sequences:  # each choice its own draws: seed, seed + 1, ...
-            self._prefix.claim(member.slot, request.tenant)
+            self._prefix.claim(member.slot, request.tenant, len(tokens))
             member.cached_tokens = sequence.n_fed
             seed = None if sampling.seed is None else sampling.seed + member.index
             grammar = Grammar(self._vocab, sequence.prompt.grammar) if sequence.prompt.grammar else None

@@ -109,6 +109,7 @@ class Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)
     owner: str = ""  # the tenant whose tokens these are ("" when the model shares its prefix cache)
+    prompt_end: int = 0  # cached[:prompt_end] is the last prompt started here, the rest its answer
     used: int = 0  # when a sequence last started here (prefix reuse evicts the least recently used cache)
     sequence: Sequence | None = None
 

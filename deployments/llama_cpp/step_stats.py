@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import deque
 
 from deployments.api import EngineStats
+from deployments.llama_cpp.host_cache import HostCache
 from deployments.llama_cpp.sequence import Feed, Slot
 
 MAX_PENDING_STEPS = 10_000  # timings nobody collected are dropped beyond this (oldest first)
@@ -31,7 +32,7 @@ class StepStats:
         self.generated_tokens += sum(1 for feed in feeds if feed.sample)
         self._steps.append(("mixed" if prompt and streams else "prefill" if prompt else "decode", seconds))
 
-    def snapshot(self, slots: list[Slot], waiting: int, kv_cells: int) -> EngineStats:
+    def snapshot(self, slots: list[Slot], waiting: int, kv_cells: int, host: HostCache) -> EngineStats:
         """The engine's stats now; the steps recorded since the last snapshot go with it (once)."""
         steps = []
         while self._steps:
@@ -39,4 +40,5 @@ class StepStats:
         return EngineStats(
             sum(slot.sequence is not None for slot in slots), len(slots), waiting, sum(len(slot.cached) for slot in slots),
             kv_cells, self.prompt_tokens_reused, self.prompt_tokens_computed, self.generated_tokens, tuple(steps),
+            host.store.bytes, len(host.store), host.hits, host.misses,
         )
