@@ -5,8 +5,8 @@ call to a replica and the wait for the queue deadline, all on the cores the admi
 on (bench/bench_overload.py). So each ingress replica watches its own traffic to each model: once a
 request missed the deadline, a tenant that already has as many requests waiting as slots free up in
 two deadlines is refused at once (another tenant still reaches the replica's fair queue). Retry-After
-follows the load, per tenant: it doubles while the tenant's refusals outnumber the model's starts and
-halves when they do not, so clients that honour it (the OpenAI SDK does) come back about as fast as
+follows the load, per tenant: it doubles (once clients had the time to follow it) while the tenant's
+refusals outnumber the model's starts and halves each second when they do not, so clients that honour it (the OpenAI SDK does) come back about as fast as
 slots free up, and a flooding tenant's long advice is not given to a tenant that sends little.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 WINDOW_S = 5.0  # rates are measured over the last few seconds; shedding lasts this long after a missed deadline
 MAX_RETRY_AFTER_S = 30.0  # the OpenAI SDK honours a Retry-After of up to 60 s
-ADVICE_INTERVAL_S = 1.0  # Retry-After moves at most once a second
+ADVICE_INTERVAL_S = 1.0  # Retry-After shrinks at most once a second
 
 
 class Overloaded(Exception):
@@ -82,18 +82,21 @@ class SlotPressure:
         if advice is None:
             self._forget_quiet_tenants(now)
             advice = self._advice[tenant] = Advice()
+        quiet = not advice.refusals or now - advice.refusals[-1] > WINDOW_S
         advice.refusals.append(now)
-        if now - advice.at >= ADVICE_INTERVAL_S:
-            if now - advice.at > WINDOW_S:
-                advice.wait_s = 1.0  # a fresh overload starts from a short wait
+        if quiet:
+            advice.wait_s, advice.at = 1.0, now  # a fresh overload starts from a short wait
+        else:
             starts, refusals = self._count(self._starts, now), self._count(advice.refusals, now)
             factor = 2.0 if not starts else min(2.0, max(0.5, refusals / starts))
-            advice.wait_s = min(MAX_RETRY_AFTER_S, max(1.0, advice.wait_s * factor))
-            advice.at = now
+            # it grows once clients had the time to follow the last advice (else it overshoots and slots go idle)
+            if now - advice.at >= (advice.wait_s if factor > 1 else ADVICE_INTERVAL_S):
+                advice.wait_s = min(MAX_RETRY_AFTER_S, max(1.0, advice.wait_s * factor))
+                advice.at = now
         return advice.wait_s * random.uniform(0.5, 1.5)
 
     def _forget_quiet_tenants(self, now: float) -> None:
-        for tenant in [t for t, advice in self._advice.items() if now - advice.at > WINDOW_S]:
+        for tenant in [t for t, advice in self._advice.items() if now - advice.refusals[-1] > WINDOW_S]:
             del self._advice[tenant]
 
     def _room(self, now: float) -> int:
