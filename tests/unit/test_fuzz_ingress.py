@@ -57,3 +57,4 @@ def test_a_normal_chat_works_after_the_fuzzing(ingress: InProcessIngress) -> Non
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == " ok ok"
     assert ingress.open_streams() == 0
+    assert ingress.usage.settled[-1] == ("fuzz", "fuzz", CHAT_MODEL, 2, 2)  # booked once the response ended
