@@ -204,7 +204,7 @@ class WeightCache:
 
         try:
             bucket, key = source.location, source.key
-            client = s3_store.make_client(storage)
+            client = s3_store.make_client(storage, retries=self.retry.call_retries)
             name = entry_name(job.source)
             fetch = self._fetch_s3_prefix if source.is_directory else self._fetch_s3_file
             try:

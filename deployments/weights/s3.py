@@ -17,6 +17,7 @@ import boto3
 import botocore.exceptions as boto_errors
 from botocore.config import Config
 
+from deployments.weights.retry import CALL_RETRIES
 from deployments.weights.source import SourceError, StorageSettings, parse_source
 
 CHUNK_BYTES = 16 * 1024 * 1024
@@ -68,8 +69,10 @@ _SESSION = boto3.session.Session()  # one per process: loading the service model
 _SESSION_LOCK = threading.Lock()  # sessions are not thread-safe
 
 
-def make_client(storage: StorageSettings, credentials: dict[str, str] | None = None) -> Any:
-    """An S3 client for `storage`; endpoint, region and credentials fall back to the AWS env vars.
+def make_client(storage: StorageSettings, credentials: dict[str, str] | None = None,
+                retries: int = CALL_RETRIES) -> Any:
+    """An S3 client for `storage`, retrying each failed call `retries` times; endpoint, region and credentials fall
+    back to the AWS env vars.
 
     Keys in the environment are read at every call (not cached with the session), so a
     rotated secret takes effect on the next fetch.
@@ -77,7 +80,7 @@ def make_client(storage: StorageSettings, credentials: dict[str, str] | None = N
     region = storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     config = Config(
         s3={"addressing_style": storage.addressing_style},
-        retries={"mode": "standard", "max_attempts": 3},
+        retries={"mode": "standard", "max_attempts": retries},  # botocore's max_attempts counts the retries
         max_pool_connections=WORKERS + 2,
         connect_timeout=10,
         read_timeout=60,

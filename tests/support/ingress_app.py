@@ -4,8 +4,9 @@ Serve supplies the ingress three things: its replica context (the route handlers
 deployment handles, and the status of its applications. Here a stand-in replica context holds a
 real `OpenAIIngress` built by its own `__init__`/`reconfigure`, `serve.get_deployment_handle`
 returns stand-in models that answer like a llama.cpp replica (chunks, engine errors, cancellation),
-and the status lists those models as ready. So the app can be driven in-process (starlette's
-TestClient, schemathesis' ASGI transport) in milliseconds per request, with no Ray.
+and the status lists those models as ready. The usage actor's link is a stand-in too: the real one
+would start (or join!) a Ray cluster on the first settled request. So the app can be driven
+in-process (starlette's TestClient, schemathesis' ASGI transport) in milliseconds per request, with no Ray.
 """
 
 from __future__ import annotations
@@ -150,12 +151,24 @@ class StandInStatus:
         return self._snapshot
 
 
+class StandInUsageBook:
+    """The usage actor's link (usage_client.UsageBook) as the stand-in policy uses it: it sets no quotas, so
+    the ingress only settles each request's usage, kept here to inspect."""
+
+    def __init__(self) -> None:
+        self.settled: list[tuple[str, str, str, int, int]] = []  # tenant, key, model, prompt, completion
+
+    def settle(self, reservation: str | None, tenant: str, key: str, model: str, prompt: int, completion: int) -> None:
+        self.settled.append((tenant, key, model, prompt, completion))
+
+
 @dataclass
 class InProcessIngress:
     """The app to call, the tokens to call it with, and the stand-in models to inspect."""
 
     app: Any
     models: dict[str, StandInModel]
+    usage: StandInUsageBook
     token: str
     admin_token: str
 
@@ -179,7 +192,10 @@ def ingress_in_process(monkeypatch: pytest.MonkeyPatch, **ingress: Any) -> Itera
     monkeypatch.setattr(serve, "get_replica_context", lambda: context)
     monkeypatch.setattr(serve, "get_deployment_handle", lambda _deployment, app_name: models[app_name])
     # Serve froze a copy of the routes module's globals (and of its app) with the class: patch that copy.
-    monkeypatch.setitem(wrapper.__mro__[1].__init__.__globals__, "StatusCache", StandInStatus)
+    frozen_globals = wrapper.__mro__[1].__init__.__globals__
+    monkeypatch.setitem(frozen_globals, "StatusCache", StandInStatus)
+    usage = StandInUsageBook()
+    monkeypatch.setitem(frozen_globals, "UsageBook", lambda _name, _settings: usage)
     saved_state = dict(wrapper_state := replica_app_state(wrapper))  # an outer in-process ingress's, if any
     loop = asyncio.new_event_loop()  # the replica's own, for its start and its shutdown
     ingress.setdefault("max_queue_wait_s", 30)  # these tests are not about the deadline; a busy CI machine is slow
@@ -187,7 +203,7 @@ def ingress_in_process(monkeypatch: pytest.MonkeyPatch, **ingress: Any) -> Itera
     loop.run_until_complete(replica._run_asgi_lifespan_startup())
     replica.reconfigure(POLICY)
     try:
-        yield InProcessIngress(replica.app, models, mint_token(secret, "fuzz", [], 600),
+        yield InProcessIngress(replica.app, models, usage, mint_token(secret, "fuzz", [], 600),
                                mint_token(secret, "ops", ["admin"], 600))
     finally:
         loop.run_until_complete(replica.__del__())  # Serve's wrapper shuts the app's lifespan down

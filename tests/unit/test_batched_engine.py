@@ -85,9 +85,6 @@ def test_requests_in_freed_slots_match_a_fresh_engine(gemma_path: Path) -> None:
     # Without prefix reuse a freed slot keeps nothing of what ran in it (with reuse, a kept BOS cell computed
     # in another batch may shift the last bits of the logits).
     settings = {"n_ctx": 512, "parallel": 2, "n_threads": 2, "prefix_reuse": False}
-    with running(gemma_path, **settings) as fresh:
-        expected_solo = asyncio.run(complete(fresh, prompts[0], max_tokens=24, temperature=0)).text
-        expected_pair = asyncio.run(together(fresh, prompts, max_tokens=24, temperature=0))
 
     async def reuse_both_slots(engine: BatchedLlamaEngine) -> None:
         await together(engine, ["How do bees make honey?", "The rules of chess:"], max_tokens=30, temperature=0.7)
@@ -97,10 +94,12 @@ def test_requests_in_freed_slots_match_a_fresh_engine(gemma_path: Path) -> None:
         task.cancel()  # as a client disconnect does: the slot is freed mid-stream
         await asyncio.gather(task, return_exceptions=True)
 
-    with running(gemma_path, **settings) as used:
-        asyncio.run(reuse_both_slots(used))
-        assert asyncio.run(complete(used, prompts[0], max_tokens=24, temperature=0)).text == expected_solo
-        assert asyncio.run(together(used, prompts, max_tokens=24, temperature=0)) == expected_pair
+    with running(gemma_path, **settings) as engine:  # what it answers fresh, then once other requests used both slots
+        expected_solo = asyncio.run(complete(engine, prompts[0], max_tokens=24, temperature=0)).text
+        expected_pair = asyncio.run(together(engine, prompts, max_tokens=24, temperature=0))
+        asyncio.run(reuse_both_slots(engine))
+        assert asyncio.run(complete(engine, prompts[0], max_tokens=24, temperature=0)).text == expected_solo
+        assert asyncio.run(together(engine, prompts, max_tokens=24, temperature=0)) == expected_pair
 
 
 def test_seeded_sampling_reproduces(gemma: BatchedLlamaEngine) -> None:

@@ -119,8 +119,15 @@ def test_vllm_entry_rejections_name_the_field(entry: dict[str, Any], expected: s
     assert f"model {entry['name']!r}" in message and "(got {" not in message  # not the whole entry echoed
 
 
-def _run(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *argv], check=False, cwd=cwd, capture_output=True, text=True, timeout=120)
+def _run_together(*commands: tuple[str, ...], cwd: Path) -> list[subprocess.CompletedProcess[str]]:
+    """Fresh interpreters run side by side: each spends most of its time importing."""
+    started = [subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for argv in commands]
+    finished = []
+    for argv, process in zip(commands, started):
+        out, err = process.communicate(timeout=120)
+        finished.append(subprocess.CompletedProcess(argv, process.returncode, out, err))
+    return finished
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="the gpu extra is installed here")
@@ -128,25 +135,6 @@ def test_without_gpu_extra_validate_render_and_build_fail_with_one_message(tmp_p
     config_path, settings_path = tmp_path / "serve_config.yaml", tmp_path / "deploy.yaml"
     config_path.write_text(yaml.safe_dump(serve_config(LLAMA, vllm_model())))
     settings_path.write_text(yaml.safe_dump({"image": "modelserve:0.1.0", "ray_version": "2.60.0"}))
-
-    validate = _run("-m", "serve_app.cli", "validate", str(config_path), cwd=ROOT)
-    assert validate.returncode == 1
-    assert validate.stderr == f"error: {config_path}: application 'qwen-7b': model 'qwen-7b' {EXTRA_MESSAGE}\n"
-
-    dry_run = _run(
-        "-m",
-        "serve_app.cli",
-        "render",
-        "--dry-run",
-        "--config",
-        str(config_path),
-        "--settings",
-        str(settings_path),
-        cwd=ROOT,
-    )
-    assert dry_run.returncode == 2
-    assert dry_run.stderr == f"error: serve config: application 'qwen-7b': model 'qwen-7b' {EXTRA_MESSAGE}\n"
-
     build = (
         "import json, sys\n"
         "from serve_app.app import build_model_app\n"
@@ -159,7 +147,16 @@ def test_without_gpu_extra_validate_render_and_build_fail_with_one_message(tmp_p
         "    print(json.dumps({'error': str(exc), 'vllm_module': 'deployments.vllm.server' in sys.modules}))\n"
     )
     args = [app["args"] for app in serve_config(LLAMA, vllm_model())["applications"][1:]]
-    built = _run("-c", build, json.dumps(args), cwd=ROOT)
+    validate, dry_run, built = _run_together(
+        ("-m", "serve_app.cli", "validate", str(config_path)),
+        ("-m", "serve_app.cli", "render", "--dry-run", "--config", str(config_path), "--settings", str(settings_path)),
+        ("-c", build, json.dumps(args)),
+        cwd=ROOT,
+    )
+    assert validate.returncode == 1
+    assert validate.stderr == f"error: {config_path}: application 'qwen-7b': model 'qwen-7b' {EXTRA_MESSAGE}\n"
+    assert dry_run.returncode == 2
+    assert dry_run.stderr == f"error: serve config: application 'qwen-7b': model 'qwen-7b' {EXTRA_MESSAGE}\n"
     assert built.returncode == 0, built.stderr
     assert json.loads(built.stdout) == {"error": f"model 'qwen-7b' {EXTRA_MESSAGE}", "vllm_module": False}
 

@@ -71,7 +71,7 @@ def bucket(moto: MotoS3, request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def cache(tmp_path: Path) -> WeightCache:
     weights = WeightCache(tmp_path / "cache")
-    weights.retry = RetryPolicy(attempts=4, first_backoff_s=0.05, budget_s=10)
+    weights.retry = RetryPolicy(attempts=4, first_backoff_s=0.05, budget_s=10, call_retries=0)  # no botocore waits
     return weights
 
 
