@@ -99,6 +99,7 @@ def engine_backend(
 
     `make_request(prompt, max_tokens)` builds each engine request (default: a greedy completion).
     """
+    from deployments.api import GenerationChunk
     from deployments.llama_cpp.engine import BatchedLlamaEngine
     from deployments.spec import ModelSpec
 
@@ -116,7 +117,8 @@ def engine_backend(
         async def pump() -> None:
             try:
                 async for chunk in engine.generate(request):
-                    pieces.put(chunk.text)
+                    if isinstance(chunk, GenerationChunk):  # not the STARTED marker
+                        pieces.put(chunk.text)
             finally:
                 pieces.put(None)
 
