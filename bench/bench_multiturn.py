@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 from harness import demo_model, free_port, start_server
 
-from deployments.api import GenerationRequest, SamplingParams
+from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
 from deployments.llama_cpp.engine import BatchedLlamaEngine
 from deployments.spec import ModelSpec
 
@@ -102,8 +102,9 @@ def engine_ask(engine: BatchedLlamaEngine) -> Ask:
                                     messages=tuple(messages), tenant=tenant)
         started, parts, turn = time.perf_counter(), [], None
         async for chunk in engine.generate(request):
-            turn = turn or Turn(time.perf_counter() - started, chunk.prompt_tokens, chunk.cached_tokens)
-            parts.append(chunk.text)
+            if isinstance(chunk, GenerationChunk):  # after the scheduler's STARTED item
+                turn = turn or Turn(time.perf_counter() - started, chunk.prompt_tokens, chunk.cached_tokens)
+                parts.append(chunk.text)
         assert turn is not None
         return "".join(parts), turn
 
@@ -155,7 +156,7 @@ async def routed_hit_rate(model: str, args: argparse.Namespace, prefix_affinity:
                                     messages=tuple(messages), tenant=tenant)
         started, parts, turn = time.perf_counter(), [], None
         async for chunk in handle.options(stream=True).generate.remote(request):
-            if hasattr(chunk, "text"):  # after the replica's STARTED item
+            if isinstance(chunk, GenerationChunk):  # after the replica's STARTED item
                 turn = turn or Turn(time.perf_counter() - started, chunk.prompt_tokens, chunk.cached_tokens)
                 parts.append(chunk.text)
         assert turn is not None
