@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import tempfile
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import httpx
 import yaml
 from bench_shipped import modelserve_up, replicas
-from harness import PROMPTS, ROOT, percentile
+from harness import PROMPTS, ROOT, percentile, retried
 
 from serve_app.cli import tokens as cli_auth
 
@@ -46,12 +47,12 @@ class Tenant:
 
 
 def stream_once(client: httpx.Client, model: str, prompt: str, max_tokens: int, into: Tenant) -> None:
-    """One streamed completion: its TTFT (first text) and usage added to the tenant's tally."""
+    """One streamed completion (resent after a refusal's advised wait, as the OpenAI SDK does): its TTFT (first
+    text, the waits included) and usage added to the tenant's tally."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}}
     asked, first = time.perf_counter(), None
-    with client.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
+    with retried(lambda: client.stream("POST", "/v1/completions", json=body)) as response:
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -80,7 +81,10 @@ def deploy(mode: str, model: str, base: str) -> None:
     app["args"]["model"] = entry
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
         yaml.safe_dump(config, file)
-    subprocess.run(["serve", "deploy", file.name], check=True, capture_output=True)
+    deployed = subprocess.run(["serve", "deploy", file.name], check=False, capture_output=True, text=True,
+                              env={"RAY_AUTH_MODE": "token", **os.environ})  # as `modelserve up` runs the serve CLI
+    if deployed.returncode != 0:
+        raise RuntimeError(f"serve deploy failed: {deployed.stderr}")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         time.sleep(2)

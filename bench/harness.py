@@ -136,12 +136,12 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout_s: 
 @contextlib.contextmanager
 def retried(send: Callable[[], contextlib.AbstractContextManager[httpx.Response]], attempts: int = 30
             ) -> Iterator[httpx.Response]:
-    """A streamed response, sent again after a 429/503 once its Retry-After has passed, as the OpenAI SDK does
-    (the caller's clock keeps running: TTFT includes the waits)."""
+    """A streamed response, sent again after a 429/503 once its `retry-after-ms` (else `Retry-After`) has passed,
+    as the OpenAI SDK does (the caller's clock keeps running: TTFT includes the waits)."""
     for _ in range(attempts):
         with send() as response:
             if response.status_code in (429, 503) and "retry-after" in response.headers:
-                wait = float(response.headers["retry-after"])
+                wait = float(response.headers.get("retry-after-ms", 0)) / 1000 or float(response.headers["retry-after"])
             else:
                 response.raise_for_status()
                 yield response

@@ -4,7 +4,9 @@ Under overload the costly part of a refusal is what comes before it: the limiter
 call to a replica and the wait for the queue deadline, all on the cores the admitted requests decode
 on (bench/bench_overload.py). So each ingress replica watches its own traffic to each model: once a
 request missed the deadline, a tenant that already has as many requests waiting as slots free up in
-two deadlines is refused at once (another tenant still reaches the replica's fair queue). Retry-After
+two deadlines is refused at once (another tenant still reaches the replica's fair queue). A tenant's
+only request in flight is not held to the deadline at all: the fair queue admits it first, so it
+waits at most for the next free slot, however busy other tenants keep the model. Retry-After
 follows the load, per tenant: it doubles (once clients had the time to follow it) while the tenant's
 refusals outnumber the model's starts and halves each second when they do not, so clients that honour it (the OpenAI SDK does) come back about as fast as
 slots free up, and a flooding tenant's long advice is not given to a tenant that sends little.
@@ -42,27 +44,51 @@ class Advice:
     at: float = -math.inf
 
 
+class Ticket:
+    """A request's place in its tenant's count of requests in flight, from admission to the end of its stream."""
+
+    def __init__(self, in_flight: Counter[str], tenant: str) -> None:
+        self._in_flight, self._tenant = in_flight, tenant
+        self.alone = not in_flight[tenant]  # nothing else of its tenant in flight: the fair queue puts it first
+        in_flight[tenant] += 1
+        self._open = True
+
+    def done(self) -> None:
+        """Idempotent: a stream ends in one of several places."""
+        if self._open:
+            self._open = False
+            self._in_flight[self._tenant] -= 1
+            if not self._in_flight[self._tenant]:
+                del self._in_flight[self._tenant]
+
+
 class SlotPressure:
     """One model's queue as this ingress replica sees it: who waits, how fast slots free up, how often we refuse."""
 
     def __init__(self, deadline_s: float) -> None:
         self._deadline_s = deadline_s
         self._waiting: Counter[str] = Counter()  # tenant -> requests not yet started
+        self._in_flight: Counter[str] = Counter()  # tenant -> requests admitted and not yet ended
         self._starts: deque[float] = deque()
         self._advice: dict[str, Advice] = {}
         self._missed_at = -math.inf
 
     @contextmanager
-    def waiting(self, tenant: str) -> Iterator[None]:
-        """Count the request as waiting for its slot, or refuse it at once if its tenant's share already waits."""
+    def waiting(self, tenant: str) -> Iterator[Ticket]:
+        """Count the request as waiting for its slot, or refuse it at once if its tenant's share already waits.
+        The ticket counts it in flight until `done()` (at the end of its stream, or here if it fails before)."""
         now = time.monotonic()
         room = self._room(now)
         if now - self._missed_at < WINDOW_S and self._waiting[tenant] >= room:
             raise Overloaded(f"{self._waiting[tenant]} requests of this tenant already wait for a slot",
                              self.refused(tenant, now))
         self._waiting[tenant] += 1
+        ticket = Ticket(self._in_flight, tenant)
         try:
-            yield
+            yield ticket
+        except BaseException:
+            ticket.done()
+            raise
         finally:
             self._waiting[tenant] -= 1
             if not self._waiting[tenant]:

@@ -13,16 +13,19 @@ from ray.serve.handle import DeploymentResponseGenerator
 
 from deployments.api import GenerationChunk
 from serve_app.access.gate import RequestAccount
+from serve_app.ingress.backpressure import Ticket
 from serve_app.ingress.tracing import StreamSpans
 
 
 class MeteredStream:
     """A model's chunk stream that keeps the running usage on the request's account as chunks pass, and its spans."""
 
-    def __init__(self, stream: DeploymentResponseGenerator, account: RequestAccount, spans: StreamSpans) -> None:
+    def __init__(self, stream: DeploymentResponseGenerator, account: RequestAccount, spans: StreamSpans,
+                 ticket: Ticket) -> None:
         self._stream = stream
         self._account = account
         self._spans = spans
+        self._ticket = ticket
         self._chunks = 0
 
     def __aiter__(self) -> AsyncIterator[GenerationChunk]:
@@ -44,5 +47,6 @@ class MeteredStream:
     def cancel(self) -> None:
         """Best effort: Serve's cancel() re-raises the call's own failure (e.g. back-pressure), already handled."""
         self._spans.end(self._account.prompt_tokens, self._account.completion_tokens)
+        self._ticket.done()
         with contextlib.suppress(Exception):
             self._stream.cancel()

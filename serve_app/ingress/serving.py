@@ -114,12 +114,12 @@ class Serving:
         request = dataclasses.replace(request, tenant=account.principal.tenant, weight=account.policy.weight,
                                       trace_context=traceparent())
         try:  # Serve may refuse at `.remote()` already (queue full) or at the first chunk
-            with pressure.waiting(account.principal.tenant):
+            with pressure.waiting(account.principal.tenant) as ticket:
                 await admit()
                 request = dataclasses.replace(request, submitted_at=time.time())
                 stream = MeteredStream(self.handle(model).options(stream=True).generate.remote(request), account,
-                                       StreamSpans(self._tracer, model))
-                await self._start(stream, model, status, pressure, account.principal.tenant)
+                                       StreamSpans(self._tracer, model), ticket)
+                await self._start(stream, status, pressure, account.principal.tenant, ticket.alone)
                 first = await asyncio.wait_for(stream.__anext__(), self._first_token_timeout_s)
         except BaseException as exc:
             if stream is not None:
@@ -133,15 +133,16 @@ class Serving:
         return first, stream
 
     async def _start(
-        self, stream: MeteredStream, model: str, status: ModelStatus, pressure: SlotPressure, tenant: str
+        self, stream: MeteredStream, status: ModelStatus, pressure: SlotPressure, tenant: str, alone: bool
     ) -> None:
         """Wait for a slot up to `max_queue_wait_s` (then 503: the request leaves the queue, so what is admitted
-        starts at once), or `first_token_timeout_s` while the model scales up from zero."""
-        wait_s = self._max_queue_wait_s if status.running_replicas else self._first_token_timeout_s
+        starts at once); up to `first_token_timeout_s` while the model scales up from zero, or for a tenant's
+        only request in flight (the fair queue admits it first: it waits at most for the next free slot)."""
+        deadline = bool(status.running_replicas) and not alone
         try:
-            await asyncio.wait_for(stream.started(), wait_s)
+            await asyncio.wait_for(stream.started(), self._max_queue_wait_s if deadline else self._first_token_timeout_s)
         except TimeoutError:
-            if not status.running_replicas:
+            if not deadline:
                 raise
             raise Overloaded(f"no slot freed within {self._max_queue_wait_s:g} s", pressure.missed(tenant)) from None
         pressure.started()

@@ -90,3 +90,18 @@ def test_retry_after_doubles_while_refusals_outnumber_starts_and_falls_back_when
     assert last < MAX_RETRY_AFTER_S / 4
     clock.now += WINDOW_S + 1  # a fresh overload after a quiet spell starts from a short wait again
     assert pressure.refused("a", clock.now) == 1.0
+
+
+def test_a_tenants_only_request_in_flight_is_alone_until_its_stream_ends(clock: Clock) -> None:
+    pressure = SlotPressure(DEADLINE_S)
+    with pressure.waiting("b") as first:
+        assert first.alone  # the fair queue admits it first: it is not held to the deadline
+    with pressure.waiting("b") as second:  # the first still streams: this one waits behind it
+        assert not second.alone
+    with pressure.waiting("a") as other:
+        assert other.alone  # another tenant's traffic does not count
+    first.done(), second.done(), first.done()  # idempotent: a stream ends in several places
+    with pytest.raises(RuntimeError), pressure.waiting("b") as failed:
+        raise RuntimeError("refused before it started")
+    with pressure.waiting("b") as again:
+        assert again.alone and failed is not again  # the failed one left the count by itself
