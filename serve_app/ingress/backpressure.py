@@ -35,6 +35,13 @@ class Overloaded(Exception):
         self.why, self.retry_after_s = why, retry_after_s
 
 
+def release(counts: Counter[str], tenant: str) -> None:
+    """One fewer for the tenant; a tenant at zero leaves the counter, so it holds only tenants with traffic."""
+    counts[tenant] -= 1
+    if not counts[tenant]:
+        del counts[tenant]
+
+
 @dataclass
 class Advice:
     """One tenant's recent refusals and the wait its refusals advise."""
@@ -57,9 +64,7 @@ class Ticket:
         """Idempotent: a stream ends in one of several places."""
         if self._open:
             self._open = False
-            self._in_flight[self._tenant] -= 1
-            if not self._in_flight[self._tenant]:
-                del self._in_flight[self._tenant]
+            release(self._in_flight, self._tenant)
 
 
 class SlotPressure:
@@ -90,9 +95,7 @@ class SlotPressure:
             ticket.done()
             raise
         finally:
-            self._waiting[tenant] -= 1
-            if not self._waiting[tenant]:
-                del self._waiting[tenant]
+            release(self._waiting, tenant)
 
     def started(self) -> None:
         self._starts.append(time.monotonic())
