@@ -4,7 +4,8 @@ One llama.cpp context holds `parallel` sequence slots, each with its own KV wind
 tokens. One decode thread owns the context. Each step it feeds every streaming sequence its
 last sampled token, fills the rest of the step with prompt chunks of newly admitted sequences
 (chunked prefill: at most `prefill_chunk` prompt tokens while others stream, so a long prompt
-never pauses them for more than one step), decodes all of it in one `llama_decode` with logits
+never pauses them for more than one step; the shortest rest first, so a follow-up turn's few new
+tokens do not wait behind a long new prompt, which waits at most for the other slots), decodes all of it in one `llama_decode` with logits
 only for the rows that sample, and samples each of those rows with the sequence's own sampler
 chain. Requests wait for a free slot in a fair queue (`deployments.llama_cpp.fair_queue`: by tenant share,
 each charged the tokens its sequences feed) and are admitted at the next step; a finished
@@ -67,7 +68,7 @@ class DecodeLoop:
         self._kv_cells = settings.parallel * settings.n_ctx
         self._waiting = FairQueue()  # guarded by _wake
         self.step_stats = StepStats()
-        self._active: list[Sequence] = []  # admission order: prompts are fed first come, first served
+        self._active: list[Sequence] = []  # in admission order
         self._wake = threading.Condition()
         self._stopping = False
         self.thread = threading.Thread(target=self._run, name=f"llama-decode-{name}", daemon=True)
@@ -192,16 +193,15 @@ class DecodeLoop:
             )
 
     def _step(self) -> None:
-        """One llama_decode: a token for each streaming sequence, then prompt chunks in admission order."""
+        """One llama_decode: a token for each streaming sequence, then prompt chunks, the shortest rest first."""
         feeds = [Feed(s, [s.next_token], True) for s in self._active if s.streaming]
         room = self._capacity - len(feeds)
         if feeds:
             room = min(room, self._prefill_chunk)
-        for sequence in self._active:
+        prefilling = sorted((s for s in self._active if not s.streaming), key=lambda s: len(s.prompt.tokens) - s.n_fed)
+        for sequence in prefilling:
             if room <= 0:
                 break
-            if sequence.streaming:
-                continue
             start = sequence.n_fed
             chunk = sequence.prompt.tokens[start : start + room]
             feeds.append(Feed(sequence, chunk, start + len(chunk) == len(sequence.prompt.tokens)))
