@@ -1,4 +1,4 @@
-"""Refusing early and cheaply when a model has no slot to give, and telling refused clients how long to stay away.
+"""Refusing early and cheaply when a model has no slot to give, and telling refused clients when to come back.
 
 Under overload the costly part of a refusal is what comes before it: the limiter's round trip, the
 call to a replica and the wait for the queue deadline, all on the cores the admitted requests decode
@@ -6,10 +6,13 @@ on (bench/bench_overload.py). So each ingress replica watches its own traffic to
 request missed the deadline, a tenant that already has as many requests waiting as slots free up in
 two deadlines is refused at once (another tenant still reaches the replica's fair queue). A tenant's
 only request in flight is not held to the deadline at all: the fair queue admits it first, so it
-waits at most for the next free slot, however busy other tenants keep the model. Retry-After
-follows the load, per tenant: it doubles (once clients had the time to follow it) while the tenant's
-refusals outnumber the model's starts and halves each second when they do not, so clients that honour it (the OpenAI SDK does) come back about as fast as
-slots free up, and a flooding tenant's long advice is not given to a tenant that sends little.
+waits at most for the next free slot, however busy other tenants keep the model.
+
+Retry-After is a place in line, per tenant: refused clients are told to come back one after another,
+as far apart as slots free up for that tenant (its own start rate, at least its fair share of the
+model's), so clients that honour it (the OpenAI SDK does) find a slot when they return instead of
+returning as one herd, or staying away while slots sit idle. A flooding tenant's long line is not
+given to a tenant that sends little.
 """
 
 from __future__ import annotations
@@ -20,11 +23,10 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 WINDOW_S = 5.0  # rates are measured over the last few seconds; shedding lasts this long after a missed deadline
 MAX_RETRY_AFTER_S = 30.0  # the OpenAI SDK honours a Retry-After of up to 60 s
-ADVICE_INTERVAL_S = 1.0  # Retry-After shrinks at most once a second
+MIN_RETRY_AFTER_S = 0.1  # what `retry-after-ms` says at least; `Retry-After` says whole seconds
 
 
 class Overloaded(Exception):
@@ -40,15 +42,6 @@ def release(counts: Counter[str], tenant: str) -> None:
     counts[tenant] -= 1
     if not counts[tenant]:
         del counts[tenant]
-
-
-@dataclass
-class Advice:
-    """One tenant's recent refusals and the wait its refusals advise."""
-
-    refusals: deque[float] = field(default_factory=deque)
-    wait_s: float = 1.0
-    at: float = -math.inf
 
 
 class Ticket:
@@ -74,8 +67,8 @@ class SlotPressure:
         self._deadline_s = deadline_s
         self._waiting: Counter[str] = Counter()  # tenant -> requests not yet started
         self._in_flight: Counter[str] = Counter()  # tenant -> requests admitted and not yet ended
-        self._starts: deque[float] = deque()
-        self._advice: dict[str, Advice] = {}
+        self._starts: deque[tuple[float, str]] = deque()  # (when, tenant) over the last window
+        self._returns: dict[str, float] = {}  # tenant -> when its last refused client was told to come back
         self._missed_at = -math.inf
 
     @contextmanager
@@ -86,7 +79,7 @@ class SlotPressure:
         room = self._room(now)
         if now - self._missed_at < WINDOW_S and self._waiting[tenant] >= room:
             raise Overloaded(f"{self._waiting[tenant]} requests of this tenant already wait for a slot",
-                             self.refused(tenant, now))
+                             self._advise(tenant, now, ahead=self._waiting[tenant]))
         self._waiting[tenant] += 1
         ticket = Ticket(self._in_flight, tenant)
         try:
@@ -97,36 +90,33 @@ class SlotPressure:
         finally:
             release(self._waiting, tenant)
 
-    def started(self) -> None:
-        self._starts.append(time.monotonic())
+    def started(self, tenant: str) -> None:
+        self._starts.append((time.monotonic(), tenant))
 
     def missed(self, tenant: str) -> float:
-        """A request waited the whole deadline: shed from now on; returns its Retry-After."""
+        """A request (still counted as waiting) waited the whole deadline: shed from now on; returns its Retry-After."""
         self._missed_at = time.monotonic()
-        return self.refused(tenant, self._missed_at)
+        return self._advise(tenant, self._missed_at, ahead=self._waiting[tenant] - 1)
 
-    def refused(self, tenant: str, now: float) -> float:
-        """Count a refusal; the Retry-After to send, jittered so that refused clients do not return as one herd."""
-        advice = self._advice.get(tenant)
-        if advice is None:
-            self._forget_quiet_tenants(now)
-            advice = self._advice[tenant] = Advice()
-        quiet = not advice.refusals or now - advice.refusals[-1] > WINDOW_S
-        advice.refusals.append(now)
-        if quiet:
-            advice.wait_s, advice.at = 1.0, now  # a fresh overload starts from a short wait
-        else:
-            starts, refusals = self._count(self._starts, now), self._count(advice.refusals, now)
-            factor = 2.0 if not starts else min(2.0, max(0.5, refusals / starts))
-            # it grows once clients had the time to follow the last advice (else it overshoots and slots go idle)
-            if now - advice.at >= (advice.wait_s if factor > 1 else ADVICE_INTERVAL_S):
-                advice.wait_s = min(MAX_RETRY_AFTER_S, max(1.0, advice.wait_s * factor))
-                advice.at = now
-        return advice.wait_s * random.uniform(0.5, 1.5)
+    def _advise(self, tenant: str, now: float, ahead: int) -> float:
+        """The Retry-After for a refused request: one slot's time after the tenant's last refused client and after
+        the `ahead` requests of the tenant already waiting; jittered within that slot's time, so clients keep order."""
+        self._forget_past_returns(now)
+        spacing = self._spacing(tenant, now)
+        at = max(self._returns.get(tenant, -math.inf), now + spacing * ahead) + spacing
+        self._returns[tenant] = at = min(at, now + MAX_RETRY_AFTER_S)
+        return max(MIN_RETRY_AFTER_S, at - now + random.uniform(-0.5, 0.5) * spacing)
 
-    def _forget_quiet_tenants(self, now: float) -> None:
-        for tenant in [t for t, advice in self._advice.items() if now - advice.refusals[-1] > WINDOW_S]:
-            del self._advice[tenant]
+    def _spacing(self, tenant: str, now: float) -> float:
+        """Seconds between two of the tenant's slots: its own start rate, at least an equal share of the model's."""
+        self._count(self._starts, now)
+        mine = sum(who == tenant for _, who in self._starts)
+        tenants = len(self._in_flight.keys() | {tenant})
+        return WINDOW_S / max(mine, max(1, len(self._starts)) / tenants)
+
+    def _forget_past_returns(self, now: float) -> None:
+        for tenant in [t for t, at in self._returns.items() if at < now - WINDOW_S]:
+            del self._returns[tenant]
 
     def _room(self, now: float) -> int:
         """Waiting requests per tenant that can expect a slot within two deadlines (at least two)."""
@@ -134,7 +124,7 @@ class SlotPressure:
         return max(2, math.ceil(2 * per_second * self._deadline_s))
 
     @staticmethod
-    def _count(events: deque[float], now: float) -> int:
-        while events and events[0] < now - WINDOW_S:
+    def _count(events: deque[tuple[float, str]], now: float) -> int:
+        while events and events[0][0] < now - WINDOW_S:
             events.popleft()
         return len(events)

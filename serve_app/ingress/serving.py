@@ -145,7 +145,7 @@ class Serving:
             if not deadline:
                 raise
             raise Overloaded(f"no slot freed within {self._max_queue_wait_s:g} s", pressure.missed(tenant)) from None
-        pressure.started()
+        pressure.started(tenant)
 
     @staticmethod
     async def collect(model: str, first: GenerationChunk, stream: MeteredStream, n: int) -> Choices:

@@ -24,7 +24,7 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
     monkeypatch.setattr(backpressure.time, "monotonic", fake)
-    monkeypatch.setattr(backpressure.random, "uniform", lambda low, high: 1.0)  # no jitter: exact advice
+    monkeypatch.setattr(backpressure.random, "uniform", lambda low, high: 0.0)  # no jitter: exact advice
     return fake
 
 
@@ -54,7 +54,7 @@ def test_after_a_miss_a_tenant_with_its_share_waiting_is_refused_at_once_and_oth
 def test_the_room_grows_with_the_rate_slots_free_up(clock: Clock) -> None:
     pressure = SlotPressure(DEADLINE_S)
     for _ in range(40):  # 8 starts a second over the window: 8 expected in two deadlines
-        pressure.started()
+        pressure.started("a")
     pressure.missed("a")
     with ExitStack() as stack:
         hold(pressure, "a", 8, stack)
@@ -70,26 +70,42 @@ def test_shedding_ends_a_window_after_the_last_miss(clock: Clock) -> None:
         hold(pressure, "a", 10, stack)
 
 
-def test_retry_after_doubles_while_refusals_outnumber_starts_and_falls_back_when_they_do_not(clock: Clock) -> None:
+def refuse(pressure: SlotPressure, tenant: str, stack: ExitStack) -> float:
+    with pytest.raises(Overloaded) as refused:
+        hold(pressure, tenant, 1, stack)
+    return refused.value.retry_after_s
+
+
+def test_refused_clients_are_told_to_come_back_one_after_another_as_slots_free_up(clock: Clock) -> None:
     pressure = SlotPressure(DEADLINE_S)
-    advice = []
-    for _ in range(40):  # one start and many refusals each second: the advice climbs to its cap
-        pressure.started()
-        for _ in range(10):
-            last = pressure.refused("a", clock.now)
-        advice.append(last)
-        clock.now += 1.0
-    # it doubles only once the clients it advised had the time to follow it
-    assert advice[:8] == [1.0, 2.0, 2.0, 4.0, 4.0, 4.0, 4.0, 8.0] and advice[-1] == MAX_RETRY_AFTER_S
-    assert pressure.refused("b", clock.now) == 1.0  # another tenant refused once is not told the flooder's wait
-    for _ in range(4):  # starts now outnumber refusals: the advice halves each second
-        for _ in range(40):
-            pressure.started()
-        clock.now += 1.0
-        last = pressure.refused("a", clock.now)
-    assert last < MAX_RETRY_AFTER_S / 4
-    clock.now += WINDOW_S + 1  # a fresh overload after a quiet spell starts from a short wait again
-    assert pressure.refused("a", clock.now) == 1.0
+    for _ in range(10):  # two starts a second: a slot frees up every 0.5 s
+        pressure.started("a")
+    with pressure.waiting("a"):
+        assert pressure.missed("a") == 0.5  # the first one missed: back when the next slot frees up
+    with ExitStack() as stack:
+        hold(pressure, "a", 2, stack)  # two may wait: they get the next two slots, refused clients the ones after
+        assert [refuse(pressure, "a", stack) for _ in range(4)] == [1.5, 2.0, 2.5, 3.0]
+        clock.now += 1.0  # the line is kept as time passes: the next one comes after the last one told
+        assert refuse(pressure, "a", stack) == 2.5
+        advice = [refuse(pressure, "a", stack) for _ in range(100)]
+        assert advice[-1] == MAX_RETRY_AFTER_S  # a flood's line is cut at what clients honour
+        hold(pressure, "b", 2, stack)  # another tenant: no start of its own yet, so half of the model's slots
+        assert refuse(pressure, "b", stack) == 3.0  # behind its own two waiting, not behind the flooder's line
+    clock.now += MAX_RETRY_AFTER_S + WINDOW_S + 1  # a fresh overload after a quiet spell starts a fresh line
+    with ExitStack() as stack:
+        pressure.started("a")
+        hold(pressure, "a", 1, stack)
+        assert pressure.missed("a") == WINDOW_S  # one start in the window: one slot in its length
+
+
+def test_retry_after_is_jittered_within_one_slots_time(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    pressure = SlotPressure(DEADLINE_S)
+    for _ in range(10):
+        pressure.started("a")
+    monkeypatch.setattr(backpressure.random, "uniform", lambda low, high: high)
+    with ExitStack() as stack:
+        hold(pressure, "a", 1, stack)
+        assert pressure.missed("a") == 0.75  # 0.5 s to the next slot, plus at most half a slot's time
 
 
 def test_a_tenants_only_request_in_flight_is_alone_until_its_stream_ends(clock: Clock) -> None:
