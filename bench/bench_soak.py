@@ -9,7 +9,8 @@ at the middle of the run one model replica is killed with SIGKILL.
 Reported: open fds, threads and RSS of every process of the cluster at start (after a warm-up) and end;
 requests sent and their outcomes (completed + cancelled + refused with a reason must equal sent: nothing
 lost, no hang, no truncated 200); 5xx, stream error events and connection errors outside the kill's
-window (must be 0); the kill's recovery time and the reloads' durations.
+window (must be 0), each with when it ended; when the kill and the reloads came and how long they took;
+requests ended in each minute (the rate must hold over the run).
 
     python bench/bench_soak.py [--minutes 20] [--clients 4] [--reload-every 120]
 """
@@ -72,12 +73,15 @@ class Ledger:
     outcomes: Counter = field(default_factory=Counter)
     failures: list[tuple[float, str]] = field(default_factory=list)  # (ended at, outcome) of 5xx and errors
     fault: tuple[float, float] | None = None
+    started: float = field(default_factory=time.monotonic)
+    per_minute: Counter = field(default_factory=Counter)  # requests ended in each minute of the run: a steady rate
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, outcome: str) -> None:
         with self.lock:
             self.sent += 1
             self.outcomes[outcome] += 1
+            self.per_minute[int((time.monotonic() - self.started) // 60)] += 1
             if outcome.startswith(("refused:5", "stream_error", "connection_error", "lost")):
                 self.failures.append((time.monotonic(), outcome))
 
@@ -245,7 +249,8 @@ def main() -> None:
             for i in range(20):
                 warm.record(send(http, KINDS[i % len(KINDS)], random.Random(i)))
         start_stats = process_stats(cluster.head.process.pid)
-        started = time.monotonic()
+        started = ledger.started = time.monotonic()
+        ledger.per_minute.clear()
         threads = [
             threading.Thread(target=client_loop, args=(base_url, token, ledger, stop, seed), daemon=True)
             for seed in range(args.clients)
@@ -257,7 +262,7 @@ def main() -> None:
             if not killed and elapsed >= duration / 2:
                 recovery_s, killed = kill_a_replica(cluster, ledger), True
             elif elapsed >= next_reload:
-                reloads.append(reload_policy(cluster, http_port, model_path, LIMITS[(len(reloads) + 1) % 2]))
+                reloads.append((elapsed, reload_policy(cluster, http_port, model_path, LIMITS[(len(reloads) + 1) % 2])))
                 next_reload += args.reload_every
             time.sleep(1)
         stop.set()
@@ -270,7 +275,7 @@ def main() -> None:
         stop.set()
         cluster.stop()
     window = ledger.fault or (float("inf"), float("inf"))
-    outside = [o for t, o in ledger.failures if not window[0] <= t <= window[1]]
+    outside = [(round(t - ledger.started, 1), o) for t, o in ledger.failures if not window[0] <= t <= window[1]]
     accounted = sum(n for o, n in ledger.outcomes.items() if not o.startswith("lost"))
     report = {
         "minutes": args.minutes,
@@ -281,8 +286,10 @@ def main() -> None:
         "client_threads_hung": hung,
         "failures_in_kill_window": len(ledger.failures) - len(outside),
         "5xx_or_errors_outside_kill_window": outside,
+        "kill_at_s": round(window[0] - ledger.started, 1),
         "kill_recovery_s": recovery_s and round(recovery_s, 1),
-        "policy_reloads_s": [round(r, 1) for r in reloads],
+        "policy_reloads_at_s_took_s": [(round(at), round(took, 1)) for at, took in reloads],
+        "requests_per_minute": [ledger.per_minute[m] for m in sorted(ledger.per_minute)],
         "warm_up": dict(warm.outcomes),
         "processes": compare(start_stats, end_stats),
         "logs": str(root),  # ray start and Serve logs, the config deployed last
