@@ -8,11 +8,13 @@ two deadlines is refused at once (another tenant still reaches the replica's fai
 only request in flight is not held to the deadline at all: the fair queue admits it first, so it
 waits at most for the next free slot, however busy other tenants keep the model.
 
-Retry-After is a place in line, per tenant: refused clients are told to come back one after another,
-as far apart as slots free up for that tenant (its own start rate, at least its fair share of the
-model's), so clients that honour it (the OpenAI SDK does) find a slot when they return instead of
-returning as one herd, or staying away while slots sit idle. A flooding tenant's long line is not
-given to a tenant that sends little.
+Retry-After is a place in line, per tenant: the tenant's refused clients are told to come back one
+after another, each when the next slot should free up. The ingress knows when: it sees every stream
+it admitted progress towards its token budget. Past the slots it can foresee, they are spaced as far
+apart as slots free up for the tenant (its own start rate, at least its fair share of the model's).
+So clients that honour it (the OpenAI SDK does) find a slot when they return, instead of returning
+as one herd, or staying away while slots sit idle; and a flooding tenant's long line is not given
+to a tenant that sends little.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from __future__ import annotations
 import math
 import random
 import time
+from bisect import bisect_right, insort
 from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from deployments.api import SamplingParams
 
 WINDOW_S = 5.0  # rates are measured over the last few seconds; shedding lasts this long after a missed deadline
 MAX_RETRY_AFTER_S = 30.0  # the OpenAI SDK honours a Retry-After of up to 60 s
@@ -37,6 +42,12 @@ class Overloaded(Exception):
         self.why, self.retry_after_s = why, retry_after_s
 
 
+def token_budget(sampling: SamplingParams) -> int | None:
+    """The most completion tokens a request may produce over all its choices, as far as the ingress knows."""
+    limit = sampling.max_tokens if sampling.max_tokens is not None else sampling.max_tokens_cap
+    return None if limit is None else limit * sampling.n
+
+
 def release(counts: Counter[str], tenant: str) -> None:
     """One fewer for the tenant; a tenant at zero leaves the counter, so it holds only tenants with traffic."""
     counts[tenant] -= 1
@@ -45,18 +56,38 @@ def release(counts: Counter[str], tenant: str) -> None:
 
 
 class Ticket:
-    """A request's place in its tenant's count of requests in flight, from admission to the end of its stream."""
+    """A request's place in its tenant's count of requests in flight, from admission to the end of its stream, and
+    how far its generation got (so when it should give its slot back)."""
 
-    def __init__(self, in_flight: Counter[str], tenant: str) -> None:
-        self._in_flight, self._tenant = in_flight, tenant
+    def __init__(self, live: set[Ticket], in_flight: Counter[str], tenant: str, budget: int | None) -> None:
+        self._live, self._in_flight, self._tenant, self._budget = live, in_flight, tenant, budget
         self.alone = not in_flight[tenant]  # nothing else of its tenant in flight: the fair queue puts it first
         in_flight[tenant] += 1
+        live.add(self)
         self._open = True
+        self._first: tuple[float, int] | None = None  # (when, completion tokens) at its first chunk
+        self._last: tuple[float, int] | None = None  # and at its latest
+
+    def progress(self, completion_tokens: int) -> None:
+        """A chunk passed with this many completion tokens so far."""
+        mark = (time.monotonic(), completion_tokens)
+        if self._first is None:
+            self._first = mark
+        else:
+            self._last = mark
+
+    def ends_at(self) -> float | None:
+        """When it runs out of token budget at its pace so far (it may stop sooner); None while that is unknown."""
+        if self._budget is None or self._first is None or self._last is None or self._last[1] <= self._first[1]:
+            return None
+        (since, before), (now, tokens) = self._first, self._last
+        return now + max(0, self._budget - tokens) * (now - since) / (tokens - before)
 
     def done(self) -> None:
         """Idempotent: a stream ends in one of several places."""
         if self._open:
             self._open = False
+            self._live.discard(self)
             release(self._in_flight, self._tenant)
 
 
@@ -67,21 +98,23 @@ class SlotPressure:
         self._deadline_s = deadline_s
         self._waiting: Counter[str] = Counter()  # tenant -> requests not yet started
         self._in_flight: Counter[str] = Counter()  # tenant -> requests admitted and not yet ended
+        self._live: set[Ticket] = set()  # the tickets of those requests
         self._starts: deque[tuple[float, str]] = deque()  # (when, tenant) over the last window
-        self._returns: dict[str, float] = {}  # tenant -> when its last refused client was told to come back
+        self._returns: dict[str, list[float]] = {}  # tenant -> when its refused clients were told to come back
         self._missed_at = -math.inf
 
     @contextmanager
-    def waiting(self, tenant: str) -> Iterator[Ticket]:
+    def waiting(self, tenant: str, budget: int | None = None) -> Iterator[Ticket]:
         """Count the request as waiting for its slot, or refuse it at once if its tenant's share already waits.
-        The ticket counts it in flight until `done()` (at the end of its stream, or here if it fails before)."""
+        The ticket counts it in flight until `done()` (at the end of its stream, or here if it fails before);
+        `budget` is the most completion tokens it may produce, if known."""
         now = time.monotonic()
         room = self._room(now)
         if now - self._missed_at < WINDOW_S and self._waiting[tenant] >= room:
             raise Overloaded(f"{self._waiting[tenant]} requests of this tenant already wait for a slot",
                              self._advise(tenant, now, ahead=self._waiting[tenant]))
         self._waiting[tenant] += 1
-        ticket = Ticket(self._in_flight, tenant)
+        ticket = Ticket(self._live, self._in_flight, tenant, budget)
         try:
             yield ticket
         except BaseException:
@@ -96,16 +129,24 @@ class SlotPressure:
     def missed(self, tenant: str) -> float:
         """A request (still counted as waiting) waited the whole deadline: shed from now on; returns its Retry-After."""
         self._missed_at = time.monotonic()
-        return self._advise(tenant, self._missed_at, ahead=self._waiting[tenant] - 1)
+        return self._advise(tenant, self._missed_at, ahead=max(0, self._waiting[tenant] - 1))
 
     def _advise(self, tenant: str, now: float, ahead: int) -> float:
-        """The Retry-After for a refused request: one slot's time after the tenant's last refused client and after
-        the `ahead` requests of the tenant already waiting; jittered within that slot's time, so clients keep order."""
+        """The Retry-After for a refused request: when the next slot should free up that neither the tenant's `ahead`
+        requests already waiting nor its clients refused before are told to take, less up to half a deadline
+        (jitter; a client that comes a little early waits for the slot in the queue)."""
         self._forget_past_returns(now)
-        spacing = self._spacing(tenant, now)
-        at = max(self._returns.get(tenant, -math.inf), now + spacing * ahead) + spacing
-        self._returns[tenant] = at = min(at, now + MAX_RETRY_AFTER_S)
-        return max(MIN_RETRY_AFTER_S, at - now + random.uniform(-0.5, 0.5) * spacing)
+        told = self._returns.setdefault(tenant, [])
+        ends = sorted(max(now, end) for end in map(Ticket.ends_at, self._live) if end is not None)
+        place = len(told) + ahead
+        if place < len(ends):
+            at = ends[place]
+        else:  # past what the streams in flight tell: a slot's time apart, after the last slot foreseen or promised
+            spacing = self._spacing(tenant, now)
+            at = max([(ends[-1] if ends else now) + spacing * (place - len(ends) + 1), *(t + spacing for t in told[-1:])])
+        at = min(at, now + MAX_RETRY_AFTER_S)
+        insort(told, at)
+        return max(MIN_RETRY_AFTER_S, at - now - random.uniform(0, 0.5) * self._deadline_s)
 
     def _spacing(self, tenant: str, now: float) -> float:
         """Seconds between two of the tenant's slots: its own start rate, at least an equal share of the model's."""
@@ -115,8 +156,10 @@ class SlotPressure:
         return WINDOW_S / max(mine, max(1, len(self._starts)) / tenants)
 
     def _forget_past_returns(self, now: float) -> None:
-        for tenant in [t for t, at in self._returns.items() if at < now - WINDOW_S]:
-            del self._returns[tenant]
+        for tenant, told in list(self._returns.items()):
+            del told[: bisect_right(told, now)]  # they came back, or gave up
+            if not told:
+                del self._returns[tenant]
 
     def _room(self, now: float) -> int:
         """Waiting requests per tenant that can expect a slot within two deadlines (at least two)."""

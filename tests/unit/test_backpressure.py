@@ -6,8 +6,16 @@ from contextlib import ExitStack
 
 import pytest
 
+from deployments.api import SamplingParams
 from serve_app.ingress import backpressure
-from serve_app.ingress.backpressure import MAX_RETRY_AFTER_S, WINDOW_S, Overloaded, SlotPressure
+from serve_app.ingress.backpressure import (
+    MAX_RETRY_AFTER_S,
+    WINDOW_S,
+    Overloaded,
+    SlotPressure,
+    Ticket,
+    token_budget,
+)
 
 DEADLINE_S = 0.5
 
@@ -76,36 +84,72 @@ def refuse(pressure: SlotPressure, tenant: str, stack: ExitStack) -> float:
     return refused.value.retry_after_s
 
 
-def test_refused_clients_are_told_to_come_back_one_after_another_as_slots_free_up(clock: Clock) -> None:
+def streaming(pressure: SlotPressure, clock: Clock, tenant: str, budget: int, done: int, per_s: float) -> Ticket:
+    """A request admitted and streaming: `done` of its `budget` tokens produced, `per_s` a second."""
+    with pressure.waiting(tenant, budget) as ticket:
+        pass  # started: no longer waiting, still in flight
+    clock.now -= done / per_s
+    ticket.progress(0)
+    clock.now += done / per_s
+    ticket.progress(done)
+    return ticket
+
+
+def test_refused_clients_are_told_to_come_back_when_the_streams_in_flight_should_end(clock: Clock) -> None:
+    pressure = SlotPressure(DEADLINE_S)
+    for _ in range(10):  # two starts a second: past what the streams tell, a slot every 0.5 s
+        pressure.started("a")
+    ends_in = [streaming(pressure, clock, "a", 100, done, 10.0) for done in (10, 70, 40)]  # 9, 3 and 6 s to go
+    assert [ticket.ends_at() - clock.now for ticket in ends_in] == [9.0, 3.0, 6.0]
+    with pressure.waiting("a"):
+        assert pressure.missed("a") == 3.0  # the first slot to free up
+    with ExitStack() as stack:
+        hold(pressure, "a", 2, stack)  # two may wait: they take the next two slots, refused clients the ones after
+        assert [refuse(pressure, "a", stack) for _ in range(4)] == [9.5, 10.0, 10.5, 11.0]
+        ends_in[1].done()  # a stream ended early (a stop): its slot is no longer foreseen
+        clock.now += 1.0  # and the line is kept as time passes
+        assert refuse(pressure, "a", stack) == 11.0
+    with pressure.waiting("a", 10) as fresh:
+        fresh.progress(1)
+        assert fresh.ends_at() is None  # one chunk gives no pace yet: nothing foreseen
+    with pressure.waiting("a") as unbounded:
+        unbounded.progress(1), unbounded.progress(2)
+        assert unbounded.ends_at() is None  # no token budget: nothing foreseen
+
+
+def test_without_streams_to_go_by_refused_clients_come_back_as_far_apart_as_slots_free_up(clock: Clock) -> None:
     pressure = SlotPressure(DEADLINE_S)
     for _ in range(10):  # two starts a second: a slot frees up every 0.5 s
         pressure.started("a")
     with pressure.waiting("a"):
-        assert pressure.missed("a") == 0.5  # the first one missed: back when the next slot frees up
+        assert pressure.missed("a") == 0.5
     with ExitStack() as stack:
-        hold(pressure, "a", 2, stack)  # two may wait: they get the next two slots, refused clients the ones after
-        assert [refuse(pressure, "a", stack) for _ in range(4)] == [1.5, 2.0, 2.5, 3.0]
-        clock.now += 1.0  # the line is kept as time passes: the next one comes after the last one told
-        assert refuse(pressure, "a", stack) == 2.5
+        hold(pressure, "a", 2, stack)
+        assert [refuse(pressure, "a", stack) for _ in range(4)] == [2.0, 2.5, 3.0, 3.5]
         advice = [refuse(pressure, "a", stack) for _ in range(100)]
         assert advice[-1] == MAX_RETRY_AFTER_S  # a flood's line is cut at what clients honour
         hold(pressure, "b", 2, stack)  # another tenant: no start of its own yet, so half of the model's slots
         assert refuse(pressure, "b", stack) == 3.0  # behind its own two waiting, not behind the flooder's line
-    clock.now += MAX_RETRY_AFTER_S + WINDOW_S + 1  # a fresh overload after a quiet spell starts a fresh line
+    clock.now += MAX_RETRY_AFTER_S + 1  # a fresh overload after a quiet spell starts a fresh line
     with ExitStack() as stack:
         pressure.started("a")
         hold(pressure, "a", 1, stack)
         assert pressure.missed("a") == WINDOW_S  # one start in the window: one slot in its length
 
 
-def test_retry_after_is_jittered_within_one_slots_time(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retry_after_is_jittered_a_little_early(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     pressure = SlotPressure(DEADLINE_S)
     for _ in range(10):
         pressure.started("a")
     monkeypatch.setattr(backpressure.random, "uniform", lambda low, high: high)
-    with ExitStack() as stack:
-        hold(pressure, "a", 1, stack)
-        assert pressure.missed("a") == 0.75  # 0.5 s to the next slot, plus at most half a slot's time
+    with pressure.waiting("a"):
+        assert pressure.missed("a") == 0.25  # 0.5 s to the next slot, less at most half a deadline: it waits there
+
+
+def test_the_token_budget_counts_every_choice_and_falls_back_to_the_tenants_cap() -> None:
+    assert token_budget(SamplingParams(max_tokens=16, n=3)) == 48
+    assert token_budget(SamplingParams(max_tokens_cap=100)) == 100
+    assert token_budget(SamplingParams()) is None
 
 
 def test_a_tenants_only_request_in_flight_is_alone_until_its_stream_ends(clock: Clock) -> None:
