@@ -4,17 +4,18 @@ Under overload the costly part of a refusal is what comes before it: the limiter
 call to a replica and the wait for the queue deadline, all on the cores the admitted requests decode
 on (bench/bench_overload.py). So each ingress replica watches its own traffic to each model: once a
 request missed the deadline, a tenant that already has as many requests waiting as slots free up in
-two deadlines is refused at once (another tenant still reaches the replica's fair queue). A tenant's
+two deadlines (as fast as requests started lately, or as the streams in flight should end; at least
+two) is refused at once (another tenant still reaches the replica's fair queue). A tenant's
 only request in flight is not held to the deadline at all: the fair queue admits it first, so it
 waits at most for the next free slot, however busy other tenants keep the model.
 
 Retry-After is a place in line, per tenant: the tenant's refused clients are told to come back one
 after another, each when the next slot should free up. The ingress knows when: it sees every stream
 it admitted progress towards its token budget. Past the slots it can foresee, they are spaced as far
-apart as slots free up for the tenant (its own start rate, at least its fair share of the model's).
-So clients that honour it (the OpenAI SDK does) find a slot when they return, instead of returning
-as one herd, or staying away while slots sit idle; and a flooding tenant's long line is not given
-to a tenant that sends little.
+apart as slots free up for the tenant; beyond 30 s (what clients honour) they are spread over its
+second half, holding no place. So clients that honour it (the OpenAI SDK does) find a slot when
+they return, instead of returning as one herd, or staying away while slots sit idle; and a
+flooding tenant's long line is not given to a tenant that sends little.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Ticket:
         self.alone = not in_flight[tenant]  # nothing else of its tenant in flight: the fair queue puts it first
         in_flight[tenant] += 1
         live.add(self)
-        self._open = True
+        self._open, self.opened_at = True, time.monotonic()
         self._first: tuple[float, int] | None = None  # (when, completion tokens) at its first chunk
         self._last: tuple[float, int] | None = None  # and at its latest
 
@@ -75,6 +76,10 @@ class Ticket:
             self._first = mark
         else:
             self._last = mark
+
+    @property
+    def streaming(self) -> bool:
+        return self._first is not None
 
     def ends_at(self) -> float | None:
         """When it runs out of token budget at its pace so far (it may stop sooner); None while that is unknown."""
@@ -109,10 +114,10 @@ class SlotPressure:
         The ticket counts it in flight until `done()` (at the end of its stream, or here if it fails before);
         `budget` is the most completion tokens it may produce, if known."""
         now = time.monotonic()
-        room = self._room(now)
-        if now - self._missed_at < WINDOW_S and self._waiting[tenant] >= room:
+        if now - self._missed_at < WINDOW_S and self._waiting[tenant] >= self._room(now):
             raise Overloaded(f"{self._waiting[tenant]} requests of this tenant already wait for a slot",
                              self._advise(tenant, now, ahead=self._waiting[tenant]))
+        self._arrived(tenant, now)
         self._waiting[tenant] += 1
         ticket = Ticket(self._live, self._in_flight, tenant, budget)
         try:
@@ -137,23 +142,39 @@ class SlotPressure:
         (jitter; a client that comes a little early waits for the slot in the queue)."""
         self._forget_past_returns(now)
         told = self._returns.setdefault(tenant, [])
-        ends = sorted(max(now, end) for end in map(Ticket.ends_at, self._live) if end is not None)
+        foreseen = [(end, ticket.opened_at) for ticket in self._live if (end := ticket.ends_at()) is not None]
+        ends = sorted(max(now, end) for end, _ in foreseen)
         place = len(told) + ahead
         if place < len(ends):
             at = ends[place]
         else:  # past what the streams in flight tell: a slot's time apart, after the last slot foreseen or promised
-            spacing = self._spacing(tenant, now)
+            spacing = self._spacing(tenant, now, foreseen)
             at = max([(ends[-1] if ends else now) + spacing * (place - len(ends) + 1), *(t + spacing for t in told[-1:])])
-        at = min(at, now + MAX_RETRY_AFTER_S)
+        if at > now + MAX_RETRY_AFTER_S:  # beyond the line clients honour: spread out, and not holding a place in it
+            return random.uniform(0.5, 1.0) * MAX_RETRY_AFTER_S
         insort(told, at)
         return max(MIN_RETRY_AFTER_S, at - now - random.uniform(0, 0.5) * self._deadline_s)
 
-    def _spacing(self, tenant: str, now: float) -> float:
-        """Seconds between two of the tenant's slots: its own start rate, at least an equal share of the model's."""
+    def _spacing(self, tenant: str, now: float, foreseen: list[tuple[float, float]]) -> float:
+        """Seconds between two of the tenant's slots. The model's slots free up as fast as requests started lately,
+        or, if faster, as the streams running take (each frees its slot once in as long as the foreseen ones take
+        on average); the tenant gets its share of them (of the starts, at least an equal share)."""
         self._count(self._starts, now)
+        starts = len(self._starts)
+        per_s = max(1, starts) / WINDOW_S
+        if foreseen:
+            running = sum(ticket.streaming for ticket in self._live)
+            per_s = max(per_s, running * len(foreseen) / sum(max(end - opened, self._deadline_s) for end, opened in foreseen))
         mine = sum(who == tenant for _, who in self._starts)
-        tenants = len(self._in_flight.keys() | {tenant})
-        return WINDOW_S / max(mine, max(1, len(self._starts)) / tenants)
+        share = max(mine / starts if starts else 0.0, 1 / len(self._in_flight.keys() | {tenant}))
+        return 1 / (share * per_s)
+
+    def _arrived(self, tenant: str, now: float) -> None:
+        """A request that comes when a refused client of its tenant is due (up to a deadline early) takes that
+        client's place: it now waits, or starts, and must not be counted twice."""
+        told = self._returns.get(tenant)
+        if told and told[0] <= now + self._deadline_s:
+            del told[0]
 
     def _forget_past_returns(self, now: float) -> None:
         for tenant, told in list(self._returns.items()):
@@ -162,9 +183,12 @@ class SlotPressure:
                 del self._returns[tenant]
 
     def _room(self, now: float) -> int:
-        """Waiting requests per tenant that can expect a slot within two deadlines (at least two)."""
+        """Waiting requests per tenant that can expect a slot within two deadlines: as many as started in that time
+        lately, or as the streams in flight should end in it; at least two."""
+        within = now + 2 * self._deadline_s
+        ending = sum(end is not None and end <= within for end in map(Ticket.ends_at, self._live))
         per_second = self._count(self._starts, now) / WINDOW_S
-        return max(2, math.ceil(2 * per_second * self._deadline_s))
+        return max(2, math.ceil(2 * per_second * self._deadline_s), ending)
 
     @staticmethod
     def _count(events: deque[tuple[float, str]], now: float) -> int:

@@ -32,7 +32,7 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
     monkeypatch.setattr(backpressure.time, "monotonic", fake)
-    monkeypatch.setattr(backpressure.random, "uniform", lambda low, high: 0.0)  # no jitter: exact advice
+    monkeypatch.setattr(backpressure.random, "uniform", lambda low, high: low)  # no jitter: exact advice
     return fake
 
 
@@ -124,10 +124,11 @@ def test_without_streams_to_go_by_refused_clients_come_back_as_far_apart_as_slot
     with pressure.waiting("a"):
         assert pressure.missed("a") == 0.5
     with ExitStack() as stack:
-        hold(pressure, "a", 2, stack)
-        assert [refuse(pressure, "a", stack) for _ in range(4)] == [2.0, 2.5, 3.0, 3.5]
+        hold(pressure, "a", 2, stack)  # the first is the refused client coming back: it takes its own place
+        assert [refuse(pressure, "a", stack) for _ in range(4)] == [1.5, 2.0, 2.5, 3.0]
         advice = [refuse(pressure, "a", stack) for _ in range(100)]
-        assert advice[-1] == MAX_RETRY_AFTER_S  # a flood's line is cut at what clients honour
+        assert max(advice) <= MAX_RETRY_AFTER_S  # a flood's line is cut at what clients honour; the rest are spread
+        assert advice[-1] == MAX_RETRY_AFTER_S / 2  # over its second half, holding no place in the line
         hold(pressure, "b", 2, stack)  # another tenant: no start of its own yet, so half of the model's slots
         assert refuse(pressure, "b", stack) == 3.0  # behind its own two waiting, not behind the flooder's line
     clock.now += MAX_RETRY_AFTER_S + 1  # a fresh overload after a quiet spell starts a fresh line
@@ -135,6 +136,17 @@ def test_without_streams_to_go_by_refused_clients_come_back_as_far_apart_as_slot
         pressure.started("a")
         hold(pressure, "a", 1, stack)
         assert pressure.missed("a") == WINDOW_S  # one start in the window: one slot in its length
+
+
+def test_as_many_may_wait_as_streams_should_end_within_two_deadlines(clock: Clock) -> None:
+    pressure = SlotPressure(DEADLINE_S)
+    for done in (95, 96, 97, 98, 10):  # four end within a second (two deadlines), one in 9 s
+        streaming(pressure, clock, "a", 100, done, 10.0)
+    pressure.missed("a")
+    with ExitStack() as stack:
+        hold(pressure, "a", 4, stack)  # not only two: four slots free up before they would miss the deadline
+        with pytest.raises(Overloaded):
+            hold(pressure, "a", 1, stack)
 
 
 def test_retry_after_is_jittered_a_little_early(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
