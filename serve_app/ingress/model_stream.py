@@ -34,7 +34,6 @@ class MeteredStream:
     async def __anext__(self) -> GenerationChunk:
         chunk = await self._stream.__anext__()
         self._account.record(chunk)
-        self._ticket.progress(chunk.completion_tokens)
         if not self._chunks:
             self._spans.first_chunk()
         self._chunks += 1

@@ -27,7 +27,7 @@ from deployments.spec import model_deployment_name
 from deployments.tracing import traceparent
 from serve_app.access.gate import RequestAccount
 from serve_app.config import IngressSettings
-from serve_app.ingress.backpressure import Overloaded, SlotPressure, token_budget
+from serve_app.ingress.backpressure import Overloaded, SlotPressure
 from serve_app.ingress.choices import Choices, call_deltas, chat_logprobs, completion_logprobs
 from serve_app.ingress.errors import model_error, overloaded, unavailable
 from serve_app.ingress.generation_fields import generation_options
@@ -114,7 +114,7 @@ class Serving:
         request = dataclasses.replace(request, tenant=account.principal.tenant, weight=account.policy.weight,
                                       trace_context=traceparent())
         try:  # Serve may refuse at `.remote()` already (queue full) or at the first chunk
-            with pressure.waiting(account.principal.tenant, token_budget(request.sampling)) as ticket:
+            with pressure.waiting(account.principal.tenant) as ticket:
                 await admit()
                 request = dataclasses.replace(request, submitted_at=time.time())
                 stream = MeteredStream(self.handle(model).options(stream=True).generate.remote(request), account,
@@ -145,7 +145,7 @@ class Serving:
             if not deadline:
                 raise
             raise Overloaded(f"no slot freed within {self._max_queue_wait_s:g} s", pressure.missed(tenant)) from None
-        pressure.started(tenant)
+        pressure.started()
 
     @staticmethod
     async def collect(model: str, first: GenerationChunk, stream: MeteredStream, n: int) -> Choices:
