@@ -25,6 +25,11 @@ from deployments.llama_cpp.sequence import Slot
 logger = logging.getLogger(__name__)
 
 MIB = 1 << 20
+# Every admission scans the saved prompts on the decode thread (a few µs each, more for long shared prefixes). Bytes
+# alone do not bound them: short prompts of a small model fit by the ten thousand in 512 MiB, and a 20-minute soak
+# on the tiny test model slowed to half its request rate as they piled up. A demo-model prompt of 1,000 tokens
+# keeps ~18 MiB, so the bytes bind long before this count does for real models.
+MAX_SAVED_PROMPTS = 256
 
 
 @dataclass(eq=False)
@@ -37,10 +42,10 @@ class SavedPrompt:
 
 
 class PromptStore:
-    """Saved prompts, least recently used first, `limit` bytes of state at most in all."""
+    """Saved prompts, least recently used first, `limit` bytes of state and `count` prompts at most in all."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limit: int, count: int = MAX_SAVED_PROMPTS) -> None:
+        self.limit, self.count = limit, count
         self.bytes = 0
         self._entries: list[SavedPrompt] = []
 
@@ -61,7 +66,7 @@ class PromptStore:
             return
         for held in [e for e in self.of(entry.owner) if common_prefix(e.tokens, entry.tokens) == len(e.tokens)]:
             self.remove(held)
-        while self.bytes + entry.state.size > self.limit:
+        while self.bytes + entry.state.size > self.limit or len(self._entries) >= self.count:
             self.remove(self._entries[0])
         self._entries.append(entry)
         self.bytes += entry.state.size

@@ -17,7 +17,7 @@ import pytest
 
 from deployments.llama_cpp.context import SavedState
 from deployments.llama_cpp.engine import BatchedLlamaEngine
-from deployments.llama_cpp.host_cache import PromptStore, SavedPrompt
+from deployments.llama_cpp.host_cache import MAX_SAVED_PROMPTS, PromptStore, SavedPrompt
 from deployments.strict import ConfigError
 from deployments.weights.cache import WeightCache
 from serve_app.config import parse_model_args
@@ -139,6 +139,14 @@ def test_the_prompt_store_keeps_the_most_recent_within_its_bytes() -> None:
     store.put(saved("a", [4, 5, 9], 20))  # holds all of `second`, which goes
     assert [entry.tokens for entry in store.of("a")] == [[4, 5, 9]] and store.bytes == 50
     assert store.holds("a", [4, 5]) and not store.holds("b", [4, 5])
+
+
+def test_the_prompt_store_keeps_a_bounded_count_however_small_the_prompts() -> None:
+    store = PromptStore(limit=1 << 20, count=3)  # bytes for thousands: every admission scans them all
+    for token in range(5):
+        store.put(saved("a", [token], 1))
+    assert len(store) == 3 and [entry.tokens for entry in store.of("a")] == [[2], [3], [4]]  # the least recent went
+    assert PromptStore(limit=1).count == MAX_SAVED_PROMPTS
 
 
 def test_the_host_cache_size_is_checked() -> None:
