@@ -46,8 +46,8 @@ def one_slot_shared(gemma_path: Path) -> Iterator[BatchedLlamaEngine]:
         yield engine
 
 
-def ask(engine: BatchedLlamaEngine, messages: Messages, tenant: str, max_tokens: int = 6, **sampling: Any) -> Completion:
-    """A greedy completion (short: decoding, not prefill, would take most of the module's time)."""
+def ask(engine: BatchedLlamaEngine, messages: Messages, tenant: str, max_tokens: int = 1, **sampling: Any) -> Completion:
+    """A greedy completion, one token unless asked (decoding, not prefill, would take most of the module's time)."""
     request = make_request(messages=tuple(messages), tenant=tenant, max_tokens=max_tokens, temperature=0, **sampling)
     return asyncio.run(drain(engine.generate(request), Completion()))
 
