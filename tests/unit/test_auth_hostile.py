@@ -19,7 +19,7 @@ from serve_app.access.authn import Authenticator, AuthError
 from serve_app.access.keys import AuthSettings
 from tests.support.auth_helpers import JwksServer, claims
 
-BOUND_S = 0.5  # auth.jwks_timeout_s in these tests
+BOUND_S = 0.3  # auth.jwks_timeout_s in these tests
 SLACK_S = 0.3  # scheduling on a busy 2-core machine
 
 
@@ -48,7 +48,7 @@ def misbehave(server: JwksServer, how: str) -> None:
     elif how == "slow":
         server.delay_s = 3.0
     elif how == "trickling":
-        server.raw, server.trickle_s = b'{"keys":[]}', 0.15  # each byte within the socket timeout, not the whole
+        server.raw, server.trickle_s = b'{"keys":[]}', BOUND_S / 3  # each byte within the socket timeout, not the whole
     else:
         server.raw = GARBAGE[how]
 
