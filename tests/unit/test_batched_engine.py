@@ -1,13 +1,15 @@
 """Continuous batching in the llama.cpp engine, driven through the Engine interface.
 
-Most tests use the tiny random-weight GGUF (one decode thread: on 2 cores a second one only spins against the
-event loop); its near-flat logits make every output depend on all the context and on the seed. The real demo
-Gemma 3 270M is used where a test times decode steps (cancellation, chunked prefill, prefix reuse: its steps
-take tens of ms, so ratios hold with a wide margin) and for Q4_K batch numerics. llama.cpp's CPU kernels give
-slightly batch-size-dependent logits, so outputs are compared only between runs whose batches match (requests
-sent together are admitted in the same step); batch-vs-solo agreement is measured by bench/bench_batching.py,
-not asserted. Copies are sent four at a time: Gemma's Q4_K matmuls take batch rows in groups of four and the
-leftover rows through another kernel, so copies agree bit for bit when every row of the batch falls in a group.
+Most tests use the tiny random-weight GGUF, whose near-flat logits make every output depend on all the context
+and on the seed. The real demo Gemma 3 270M is used where a test times decode steps (cancellation, chunked
+prefill, prefix reuse: its steps take tens of ms, so ratios hold with a wide margin) and for Q4_K batch numerics.
+Every engine here decodes on one thread: two threads meet at a barrier after each op, hundreds of times a step,
+and on 2 cores shared with other work each meeting can cost a time slice (a 10-token Gemma step then took 1.7 s,
+longer than a 400-token one), which no timing ratio survives. llama.cpp's CPU kernels give slightly
+batch-size-dependent logits, so outputs are compared only between runs whose batches match (requests sent
+together are admitted in the same step); batch-vs-solo agreement is measured by bench/bench_batching.py, not
+asserted. Copies are sent four at a time: Gemma's Q4_K matmuls take batch rows in groups of four and the leftover
+rows through another kernel, so copies agree bit for bit when every row of the batch falls in a group.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def tiny(tiny_path: Path) -> Iterator[BatchedLlamaEngine]:
 def gemma(gemma_path: Path) -> Iterator[BatchedLlamaEngine]:
     """Every token its own stream item (no merging interval, no items-per-second cap), so arrivals time decode
     steps; small prefill chunks, so a prompt of a few hundred tokens takes as many steps as a long one would."""
-    with running(gemma_path, n_ctx=2048, parallel=4, n_threads=2, chat_format="gemma", stream_interval_ms=0,
+    with running(gemma_path, n_ctx=2048, parallel=4, n_threads=1, chat_format="gemma", stream_interval_ms=0,
                  stream_items_per_s=0, prefill_chunk=PREFILL_CHUNK) as engine:
         yield engine
 
