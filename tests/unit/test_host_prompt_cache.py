@@ -2,7 +2,9 @@
 
 Gemma 3 has sliding-window layers, whose saved state holds only the window: a restored prompt must still decode
 its next turn as a full prefill does (greedy), and a prompt needing cells before the window is not restored.
-Conversations are short and two engines serve the whole module, so it takes a few seconds.
+Conversations are short and two engines serve the whole module, so it takes a few seconds. They decode on one
+thread: two meet at a barrier after every op, and on 2 cores shared with other work each meeting can cost a time
+slice (the module then took 67 s instead of 10).
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ def gemma_path() -> Path:
 @pytest.fixture(scope="module")
 def two_slots(gemma_path: Path) -> Iterator[BatchedLlamaEngine]:
     """Two slots, tenant-scoped reuse and the default host cache: a third conversation pushes one out to host RAM."""
-    with running(gemma_path, n_ctx=1024, parallel=2, n_threads=2, chat_format="gemma") as engine:
+    with running(gemma_path, n_ctx=1024, parallel=2, n_threads=1, chat_format="gemma") as engine:
         yield engine
 
 
 @pytest.fixture(scope="module")
 def one_slot_shared(gemma_path: Path) -> Iterator[BatchedLlamaEngine]:
     """One slot, a shared prefix cache and 4 MiB of host cache: one of its conversations (~3 MB) fits, not two."""
-    with running(gemma_path, n_ctx=1024, parallel=1, n_threads=2, chat_format="gemma", prefix_cache="shared",
+    with running(gemma_path, n_ctx=1024, parallel=1, n_threads=1, chat_format="gemma", prefix_cache="shared",
                  prompt_cache_ram_mib=4) as engine:
         yield engine
 
