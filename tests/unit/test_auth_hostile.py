@@ -80,7 +80,17 @@ def authenticator(server: JwksServer, cache_s: float = 300.0) -> Authenticator:
 
 
 def run(scenario: Callable[[], Any]) -> Any:
-    return asyncio.run(scenario())
+    """asyncio.run, except that a JWKS fetch still trickling in its thread once the checks are done is left to end
+    on its own (asyncio.run would wait for the whole trickle)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(scenario())
+    finally:
+        if pending := asyncio.all_tasks(loop):
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()  # shuts the thread pool down without waiting for its threads
 
 
 @pytest.mark.parametrize("how", HOSTILE)
