@@ -45,7 +45,7 @@ print(json.dumps({"path": str(path), "hit": cache.last_stats.cache_hit, "bytes":
 
 @pytest.fixture(scope="module")
 def moto() -> MotoS3:
-    with MotoS3() as server:
+    with MotoS3(in_subprocess=True) as server:
         yield server
 
 
