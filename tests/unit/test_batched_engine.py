@@ -87,23 +87,25 @@ def test_copies_of_one_prompt_sent_together_decode_identically(model: str, reque
     assert texts == [texts[0]] * 4
 
 
-def test_requests_in_freed_slots_match_a_fresh_engine(tiny_path: Path) -> None:
+def test_requests_in_freed_slots_match_a_fresh_engine(tmp_path: Path) -> None:
     prompts = ["Explain how a refrigerator works:", "A recipe for tomato soup:"]
     # Without prefix reuse a freed slot keeps nothing of what ran in it (with reuse, a kept BOS cell computed
     # in another batch may shift the last bits of the logits). Every token is its own chunk (stream_interval_ms=0),
-    # so the counting stream is cancelled a few tokens in.
-    settings = {"n_ctx": 512, "parallel": 2, "n_threads": 1, "prefix_reuse": False, "stream_interval_ms": 0}
+    # so the counting stream is cancelled a few tokens into the 2,000 it may take (~1 s of the tiny model's decoding).
+    path = write_tiny_llama_gguf(tmp_path / "tiny-2k.gguf", n_ctx_train=2048)
+    settings = {"n_ctx": 2048, "parallel": 2, "n_threads": 1, "prefix_reuse": False, "stream_interval_ms": 0}
 
     async def reuse_both_slots(engine: BatchedLlamaEngine) -> None:
         await together(engine, ["How do bees make honey?", "The rules of chess:"], max_tokens=30, temperature=0.7)
         cancelled = Completion()
-        task = asyncio.create_task(drain(engine.generate(make_request(COUNTING, max_tokens=200, temperature=0)), cancelled))
+        counting = make_request(COUNTING, max_tokens=2000, temperature=0)
+        task = asyncio.create_task(drain(engine.generate(counting), cancelled))
         await wait_for_chunks([cancelled], 3)
         task.cancel()  # as a client disconnect does: the slot is freed mid-stream
         await asyncio.gather(task, return_exceptions=True)
         assert cancelled.final.finish_reason is None
 
-    with running(tiny_path, **settings) as engine:  # what it answers fresh, then once other requests used both slots
+    with running(path, **settings) as engine:  # what it answers fresh, then once other requests used both slots
         expected_solo = asyncio.run(complete(engine, prompts[0], max_tokens=24, temperature=0)).text
         expected_pair = asyncio.run(together(engine, prompts, max_tokens=24, temperature=0))
         asyncio.run(reuse_both_slots(engine))
