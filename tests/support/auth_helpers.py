@@ -104,14 +104,14 @@ class JwksServer:
                 outer.fetches += 1
                 time.sleep(outer.delay_s)
                 body = json.dumps(outer.document).encode() if outer.raw is None else outer.raw
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if not outer.trickle_s:
-                    self.wfile.write(body)
-                    return
-                with contextlib.suppress(OSError):  # the client gave up
+                with contextlib.suppress(OSError):  # the client gave up (waiting for a slow answer, or a trickle)
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    if not outer.trickle_s:
+                        self.wfile.write(body)
+                        return
                     for byte in body:
                         self.wfile.write(bytes([byte]))
                         self.wfile.flush()

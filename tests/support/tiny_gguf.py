@@ -1,14 +1,16 @@
-"""Generate a tiny random-weight llama GGUF model so engine tests run without downloading weights.
+"""Generate tiny random-weight GGUF models so engine tests run without downloading weights.
 
-The file is deterministic for a given seed: a `llama` architecture with an SPM (`llama`) tokenizer
-holding the special tokens, all 256 byte-fallback tokens, a few hundred English pieces and a small
-Jinja chat template, so llama.cpp can load it, tokenize any text and apply a chat template.
+The files are deterministic for a given seed, with an SPM (`llama`) tokenizer holding the special tokens, all
+256 byte-fallback tokens and a few hundred English pieces, so llama.cpp can load them and tokenize any text: a
+`llama` architecture with a small Jinja chat template, and a `gemma3` one whose layers but every sixth attend
+over a sliding window (llama.cpp then saves and restores only the window of a sequence's KV in those layers).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -29,6 +31,15 @@ N_HEAD_KV = 4
 N_FF = 128
 RMS_NORM_EPS = 1e-5
 WEIGHT_SCALE = 0.02
+# The Gemma 3 variant: six layers, the last one global, the others over the sliding window (llama.cpp's Gemma 3
+# pattern); a token's K and V take 2 KiB a layer (f16): a 100-token prompt's saved state is ~0.9 MB.
+GEMMA3_EMBD = 128
+GEMMA3_LAYERS = 6
+GEMMA3_HEADS = 4
+GEMMA3_HEADS_KV = 4
+GEMMA3_HEAD_DIM = 128
+GEMMA3_FF = 256
+GEMMA3_CTX_TRAIN = 4096
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 UNK_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 0, 1, 2
@@ -111,19 +122,37 @@ def _random_tensors(rng: np.random.Generator, n_vocab: int) -> dict[str, np.ndar
     return tensors
 
 
+def _random_gemma3_tensors(rng: np.random.Generator, n_vocab: int) -> dict[str, np.ndarray]:
+    """Gemma 3 tensors (its output is the token embedding, as in Gemma 3 270M) in numpy (rows, cols) order."""
+
+    def matrix(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) * WEIGHT_SCALE).astype(np.float32)
+
+    def norm(size: int = GEMMA3_EMBD) -> np.ndarray:
+        return np.ones(size, dtype=np.float32)
+
+    tensors = {"token_embd.weight": matrix(n_vocab, GEMMA3_EMBD), "output_norm.weight": norm()}
+    heads, kv = GEMMA3_HEADS * GEMMA3_HEAD_DIM, GEMMA3_HEADS_KV * GEMMA3_HEAD_DIM
+    for layer in range(GEMMA3_LAYERS):
+        prefix = f"blk.{layer}"
+        tensors |= {
+            f"{prefix}.attn_norm.weight": norm(), f"{prefix}.attn_q.weight": matrix(heads, GEMMA3_EMBD),
+            f"{prefix}.attn_k.weight": matrix(kv, GEMMA3_EMBD), f"{prefix}.attn_v.weight": matrix(kv, GEMMA3_EMBD),
+            f"{prefix}.attn_q_norm.weight": norm(GEMMA3_HEAD_DIM), f"{prefix}.attn_k_norm.weight": norm(GEMMA3_HEAD_DIM),
+            f"{prefix}.attn_output.weight": matrix(GEMMA3_EMBD, heads), f"{prefix}.post_attention_norm.weight": norm(),
+            f"{prefix}.ffn_norm.weight": norm(), f"{prefix}.ffn_gate.weight": matrix(GEMMA3_FF, GEMMA3_EMBD),
+            f"{prefix}.ffn_up.weight": matrix(GEMMA3_FF, GEMMA3_EMBD),
+            f"{prefix}.ffn_down.weight": matrix(GEMMA3_EMBD, GEMMA3_FF), f"{prefix}.post_ffw_norm.weight": norm(),
+        }
+    return tensors
+
+
 def write_tiny_llama_gguf(path: str | Path, *, seed: int = 0, n_ctx_train: int = 512) -> Path:
     """Write a deterministic tiny llama GGUF to `path` atomically (temp file + rename)."""
     if n_ctx_train <= 0:
         raise ValueError(f"n_ctx_train must be positive, got {n_ctx_train}")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tokens, scores, token_types = _vocabulary()
-    tensors = _random_tensors(np.random.default_rng(seed), len(tokens))
 
-    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(temp_name, arch="llama")
+    def hyperparameters(writer: gguf.GGUFWriter) -> None:
         writer.add_name("tiny-random-llama")
         writer.add_context_length(n_ctx_train)
         writer.add_embedding_length(N_EMBD)
@@ -133,6 +162,50 @@ def write_tiny_llama_gguf(path: str | Path, *, seed: int = 0, n_ctx_train: int =
         writer.add_head_count_kv(N_HEAD_KV)
         writer.add_rope_dimension_count(N_EMBD // N_HEAD)
         writer.add_layer_norm_rms_eps(RMS_NORM_EPS)
+
+    return _write(path, "llama", hyperparameters, _random_tensors, seed, TINY_CHAT_TEMPLATE)
+
+
+def write_tiny_gemma3_gguf(path: str | Path, *, seed: int = 0, sliding_window: int = 64) -> Path:
+    """Write a deterministic tiny Gemma 3 GGUF (no chat template: use chat_format `gemma`) to `path` atomically."""
+
+    def hyperparameters(writer: gguf.GGUFWriter) -> None:
+        writer.add_name("tiny-random-gemma3")
+        writer.add_context_length(GEMMA3_CTX_TRAIN)
+        writer.add_embedding_length(GEMMA3_EMBD)
+        writer.add_block_count(GEMMA3_LAYERS)
+        writer.add_feed_forward_length(GEMMA3_FF)
+        writer.add_head_count(GEMMA3_HEADS)
+        writer.add_head_count_kv(GEMMA3_HEADS_KV)
+        writer.add_key_length(GEMMA3_HEAD_DIM)
+        writer.add_value_length(GEMMA3_HEAD_DIM)
+        writer.add_layer_norm_rms_eps(RMS_NORM_EPS)
+        writer.add_rope_freq_base(10000.0)
+        writer.add_sliding_window(sliding_window)
+
+    return _write(path, "gemma3", hyperparameters, _random_gemma3_tensors, seed)
+
+
+def _write(
+    path: str | Path,
+    arch: str,
+    hyperparameters: Callable[[gguf.GGUFWriter], None],
+    random_tensors: Callable[[np.random.Generator, int], dict[str, np.ndarray]],
+    seed: int,
+    chat_template: str | None = None,
+) -> Path:
+    """The GGUF of `arch` with the tiny tokenizer, its hyperparameters, random tensors (for the vocabulary's size)
+    and chat template, written to a temp file renamed to `path`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokens, scores, token_types = _vocabulary()
+    weights = random_tensors(np.random.default_rng(seed), len(tokens))
+
+    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(temp_name, arch=arch)
+        hyperparameters(writer)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         writer.add_tokenizer_model("llama")
         writer.add_token_list(tokens)
@@ -143,8 +216,9 @@ def write_tiny_llama_gguf(path: str | Path, *, seed: int = 0, n_ctx_train: int =
         writer.add_eos_token_id(EOS_TOKEN_ID)
         writer.add_add_bos_token(True)
         writer.add_add_eos_token(False)
-        writer.add_chat_template(TINY_CHAT_TEMPLATE)
-        for name, tensor in tensors.items():
+        if chat_template is not None:
+            writer.add_chat_template(chat_template)
+        for name, tensor in weights.items():
             writer.add_tensor(name, tensor)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

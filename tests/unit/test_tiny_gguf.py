@@ -10,7 +10,7 @@ import llama_cpp
 import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from tests.support.tiny_gguf import TINY_CHAT_TEMPLATE, write_tiny_llama_gguf
+from tests.support.tiny_gguf import TINY_CHAT_TEMPLATE, write_tiny_gemma3_gguf, write_tiny_llama_gguf
 
 N_CTX = 256
 
@@ -108,3 +108,14 @@ def test_chat_template_is_read_from_metadata_and_renders(llm: llama_cpp.Llama) -
     prompt_tokens = llm.tokenize(rendered.prompt.encode(), add_bos=False, special=True)
     assert prompt_tokens[0] == llm.token_bos()
     assert llm.token_eos() in prompt_tokens
+
+
+def test_gemma3_variant_has_the_sliding_window_it_was_given(tmp_path: Path) -> None:
+    path = write_tiny_gemma3_gguf(tmp_path / "tiny-gemma3.gguf", sliding_window=32)
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, verbose=False)
+    try:
+        assert model.metadata["general.architecture"] == "gemma3"
+        assert llama_cpp.llama_model_n_swa(model.model) == 32
+        assert model.detokenize(model.tokenize(b"The quick brown fox")) == b"The quick brown fox"
+    finally:
+        model.close()

@@ -45,7 +45,7 @@ print(json.dumps({"path": str(path), "hit": cache.last_stats.cache_hit, "bytes":
 
 @pytest.fixture(scope="module")
 def moto() -> MotoS3:
-    with MotoS3() as server:
+    with MotoS3(in_subprocess=True) as server:
         yield server
 
 
@@ -150,9 +150,9 @@ def test_directory_fetch_resumes_after_an_outage(moto, proxy, bucket, cache, tmp
 
 
 def test_four_processes_download_once(moto, bucket, tmp_path):
-    data = os.urandom(16 * MB)
+    data = os.urandom(8 * MB)
     put(moto, bucket, "shared.gguf", data)
-    slow_proxy = FaultProxy(moto.port, rate_bytes_per_s=10 * MB)  # ~1 s download: the others must wait
+    slow_proxy = FaultProxy(moto.port, rate_bytes_per_s=10 * MB)  # ~0.8 s download: the others must wait
     go = tmp_path / "go"
     command = [sys.executable, "-c", FETCH_IN_CHILD, str(tmp_path / "cache"), f"s3://{bucket}/shared.gguf"]
     env = subprocess_env(slow_proxy.endpoint_url)
