@@ -5,9 +5,9 @@ tokens. One decode thread owns the context. Each step it feeds every streaming s
 last sampled token, fills the rest of the step with prompt chunks of newly admitted sequences
 (chunked prefill: at most `prefill_chunk` prompt tokens while others stream, so a long prompt
 never pauses them for more than one step; the shortest rest first, so a follow-up turn's few new
-tokens do not wait behind a long new prompt, which waits at most for the other slots), decodes all of it in one `llama_decode` with logits
-only for the rows that sample, and samples each of those rows with the sequence's own sampler
-chain. Requests wait for a free slot in a fair queue (`deployments.llama_cpp.fair_queue`: by tenant share,
+tokens do not wait behind a long new prompt, which waits at most for the other slots), decodes
+all of it in one `llama_decode` with logits only for the rows that sample, and samples each of
+those rows with the sequence's own sampler chain. Requests wait for a free slot in a fair queue (`deployments.llama_cpp.fair_queue`: by tenant share,
 each charged the tokens its sequences feed) and are admitted at the next step; a finished
 or cancelled sequence gives its slot (and, unless prefix reuse keeps them, its KV cells) back at
 once. Prompts are rendered and tokenized on the decode thread at admission, so requests that
