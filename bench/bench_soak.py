@@ -78,12 +78,13 @@ class Ledger:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, outcome: str) -> None:
+        now = time.monotonic()
         with self.lock:
             self.sent += 1
             self.outcomes[outcome] += 1
-            self.per_minute[int((time.monotonic() - self.started) // 60)] += 1
+            self.per_minute[int((now - self.started) // 60)] += 1
             if outcome.startswith(("refused:5", "stream_error", "connection_error", "lost")):
-                self.failures.append((time.monotonic(), outcome))
+                self.failures.append((now, outcome))
 
 
 def error_code(body: bytes) -> str | None:

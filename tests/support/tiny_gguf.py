@@ -95,11 +95,16 @@ def _vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
+def _matrix(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """Small random weights: activations stay in range through the layers."""
+    return (rng.standard_normal((rows, cols)) * WEIGHT_SCALE).astype(np.float32)
+
+
 def _random_tensors(rng: np.random.Generator, n_vocab: int) -> dict[str, np.ndarray]:
     """Llama tensors in numpy (rows, cols) order; gguf reverses them to ggml's (ne0, ne1)."""
 
     def matrix(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols)) * WEIGHT_SCALE).astype(np.float32)
+        return _matrix(rng, rows, cols)
 
     def norm() -> np.ndarray:
         return np.ones(N_EMBD, dtype=np.float32)
@@ -126,7 +131,7 @@ def _random_gemma3_tensors(rng: np.random.Generator, n_vocab: int) -> dict[str, 
     """Gemma 3 tensors (its output is the token embedding, as in Gemma 3 270M) in numpy (rows, cols) order."""
 
     def matrix(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols)) * WEIGHT_SCALE).astype(np.float32)
+        return _matrix(rng, rows, cols)
 
     def norm(size: int = GEMMA3_EMBD) -> np.ndarray:
         return np.ones(size, dtype=np.float32)
