@@ -1,8 +1,9 @@
 """Multi-turn chat at CPU speed (issue 19): prefix KV reuse and prefix-aware routing.
 
 8 concurrent conversations x 6 turns (2 tenants, 4 conversations each), a ~800-token system prompt
-shared within a tenant plus each conversation's own history, 32 tokens per answer, greedy, the
-shipped config's CPU sizing (one replica: 8 slots x 4096 tokens, 2 threads). In one run:
+shared within a tenant plus each conversation's own history, 32 tokens per answer, greedy, one replica
+with the shipped config's engine settings (`serve_config.yaml`: slots, context, threads, chunked prefill,
+host cache). In one run:
 
 1. the modelserve engine with prefix reuse vs without: TTFT p50/p95 per turn and total time
    (target: turn >= 3 TTFT p50 at least 3x lower with reuse);
@@ -29,11 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from harness import demo_model, free_port, start_server
+from harness import ROOT, demo_model, free_port, start_server
 
 from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
 from deployments.llama_cpp.engine import BatchedLlamaEngine
 from deployments.spec import ModelSpec
+from serve_app.cli.serve_file import load_serve_config, parse_serve_config
 
 TOPICS = ["lighthouses", "volcanoes", "honey bees", "glaciers", "the printing press", "chess", "tides", "bridges"]
 FACT = "Answer carefully, cite the rule you apply, keep a friendly tone and never invent facts about {}. "
@@ -111,8 +113,14 @@ def engine_ask(engine: BatchedLlamaEngine) -> Ask:
     return ask
 
 
+def shipped_engine() -> dict[str, Any]:
+    """The engine settings of the shipped config's first model, as its replicas get them."""
+    spec = parse_serve_config(load_serve_config(ROOT / "serve_config.yaml")).models[0][1]
+    return spec.engine.model_dump()
+
+
 async def engine_run(name: str, model: str, args: argparse.Namespace, **engine: Any) -> Run:
-    settings = {"n_ctx": 4096, "parallel": 8, "n_threads": args.threads, "chat_format": "gemma", **engine}
+    settings = {**shipped_engine(), "n_threads": args.threads, **engine}
     served = BatchedLlamaEngine(ModelSpec(name="gemma-3-270m", source=model, engine=settings))
     await served.start()
     try:
@@ -146,7 +154,7 @@ async def routed_hit_rate(model: str, args: argparse.Namespace, prefix_affinity:
 
     from serve_app.app import model_deployment
 
-    spec = ModelSpec(name="gemma-3-270m", source=model, engine={"n_ctx": 4096, "parallel": 8, "chat_format": "gemma"},
+    spec = ModelSpec(name="gemma-3-270m", source=model, engine={**shipped_engine(), "n_threads": 1},
                      deployment={"num_replicas": 2, "ray_actor_options": {"num_cpus": 1}},
                      routing={"prefix_affinity": prefix_affinity})
     handle = serve.run(model_deployment(spec), name="bench-multiturn", route_prefix=None)
@@ -223,9 +231,10 @@ async def main_async(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-server", default=None, help="path of a llama-server binary (skipped if absent)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="decode threads (default: the shipped config's)")
     parser.add_argument("--quick", action="store_true", help="2 conversations x 2 turns, 8 tokens: checks it works")
     args = parser.parse_args()
+    args.threads = args.threads or shipped_engine()["n_threads"]
     args.conversations, args.turns, args.max_tokens, args.system_words = (2, 2, 8, 100) if args.quick else (8, 6, 32, 600)
     asyncio.run(main_async(args))
 

@@ -6,7 +6,9 @@ cores, the config exactly as committed), called over HTTP with the token it prin
 - raw `llama_cpp.Llama` in-process at c=1, right before modelserve and right after (their mean
   is the c=1 baseline), with the replica's thread count;
 - `llama-server -np 8 --cont-batching` (built from the llama.cpp source vendored in the
-  installed llama-cpp-python) with the replica's threads and context, c=1/4/8/16;
+  installed llama-cpp-python) with the replica's threads and context per slot, c=1/4/8/16: issue 14's
+  anchor; where the shipped config has more slots than 8, llama-server with as many slots at c=16 too
+  (below 16 the extra slots change nothing), so the table also shows it against an equal slot count;
 - modelserve at c=1/4/8/16, then c=8 again after an autoscale event: c=8 load runs until Serve
   decides to add a replica (8 in flight > target_ongoing_requests), then c=8 is measured again.
   Where the node has no free cores the new replica waits for one (on KubeRay the autoscaler adds
@@ -51,6 +53,7 @@ from serve_app.cli.serve_file import load_serve_config, parse_serve_config
 MAX_TOKENS = 64
 SETTLE_S = 10.0
 CONCURRENCIES = [1, 4, 8, 16]
+ANCHOR_SLOTS = 8  # issue 14 compares against `llama-server -np 8`
 
 
 def modelserve(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -129,12 +132,18 @@ def main() -> None:
 
     results: dict[str, Result] = {}
     no_repack = [] if repack.enabled else ["--no-repack"]
-    stream, stop = warmed(llama_server(args.llama_server, path, n_ctx, slots, threads, no_repack), SETTLE_S)
+    stream, stop = warmed(llama_server(args.llama_server, path, n_ctx, ANCHOR_SLOTS, threads, no_repack), SETTLE_S)
     try:
         for concurrency in CONCURRENCIES:
-            results[f"llama-server c{concurrency}"] = measure("llama-server", stream, concurrency)
+            results[f"llama-server c{concurrency}"] = measure(f"llama-server -np {ANCHOR_SLOTS}", stream, concurrency)
     finally:
         stop()
+    if slots > ANCHOR_SLOTS:
+        stream, stop = warmed(llama_server(args.llama_server, path, n_ctx, slots, threads, no_repack), SETTLE_S)
+        try:
+            results["llama-server c16 equal slots"] = measure(f"llama-server -np {slots}", stream, 16)
+        finally:
+            stop()
     bracket = []
     stream, stop = warmed(raw_backend(path, 1024, threads, repack=repack.enabled), 0)
     bracket.append(measure("raw", stream, 1, "  (before modelserve)"))
@@ -160,11 +169,13 @@ def main() -> None:
 
     print(f"machine: {os.cpu_count()} CPUs, AMX: {'yes' if cpu_has_amx() else 'no'}, weight repacking "
           f"{repack.describe()}; shipped config: {slots} slots x {n_ctx} tokens, {threads} threads = Ray CPUs per "
-          f"replica; llama-server -np {slots} -t {threads}{' --no-repack' if no_repack else ''}; {MAX_TOKENS} tokens")
+          f"replica; llama-server -np {ANCHOR_SLOTS} -t {threads}{' --no-repack' if no_repack else ''}; {MAX_TOKENS} tokens")
     ratios = [f"c1 modelserve/raw={results['modelserve c1'].tokens_per_s / raw.tokens_per_s:.2f}"]
     for key in ["c1", "c4", "c8", "c16", "c8 scaled"]:
         theirs = results[f"llama-server {key.split()[0]}"].tokens_per_s
         ratios.append(f"{key} modelserve/llama-server={results[f'modelserve {key}'].tokens_per_s / theirs:.2f}")
+    if equal := results.get("llama-server c16 equal slots"):
+        ratios.append(f"c16 modelserve/llama-server -np {slots}={results['modelserve c16'].tokens_per_s / equal.tokens_per_s:.2f}")
     print("ratios (decode tokens/s): " + "; ".join(ratios))
 
 

@@ -6,13 +6,14 @@ chat, completions, streamed chat and completions, and streams cancelled after th
 `--reload-every` seconds `serve deploy` changes the tenant's requests_per_minute (and back next time);
 at the middle of the run one model replica is killed with SIGKILL.
 
-Reported: open fds, threads and RSS of every process of the cluster at start (after a warm-up) and end;
+Reported: open fds, threads and RSS of every process of the cluster at start (after a warm-up) and end,
+and its RSS every `--sample-every` seconds (does growth level off?);
 requests sent and their outcomes (completed + cancelled + refused with a reason must equal sent: nothing
 lost, no hang, no truncated 200); 5xx, stream error events and connection errors outside the kill's
 window (must be 0), each with when it ended; when the kill and the reloads came and how long they took;
 requests ended in each minute (the rate must hold over the run).
 
-    python bench/bench_soak.py [--minutes 20] [--clients 4] [--reload-every 120]
+    python bench/bench_soak.py [--minutes 20] [--clients 4] [--reload-every 120] [--sample-every 300]
 """
 
 from __future__ import annotations
@@ -227,11 +228,22 @@ def compare(start: dict[int, dict[str, Any]], end: dict[int, dict[str, Any]]) ->
     return rows
 
 
+def rss_over_time(samples: list[tuple[float, dict[int, dict[str, Any]]]]) -> dict[str, Any]:
+    """Each process's RSS at every sample (minutes into the run): whether growth levels off or keeps on."""
+    pids = sorted({pid for _, stats in samples for pid in stats})
+    series: dict[str, Any] = {"minute": [round(at / 60, 1) for at, _ in samples]}
+    for pid in pids:
+        name = next(stats[pid]["name"] for _, stats in samples if pid in stats)
+        series[f"{name} ({pid})"] = [stats[pid]["rss_mb"] if pid in stats else None for _, stats in samples]
+    return series
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=20)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--reload-every", type=float, default=120, help="seconds between policy reloads")
+    parser.add_argument("--sample-every", type=float, default=300, help="seconds between RSS samples of every process")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="soak-"))
@@ -259,7 +271,11 @@ def main() -> None:
         for thread in threads:
             thread.start()
         duration, reloads, recovery_s, next_reload, killed = args.minutes * 60, [], None, args.reload_every, False
+        samples, next_sample = [(0.0, start_stats)], args.sample_every
         while (elapsed := time.monotonic() - started) < duration:
+            if elapsed >= next_sample:
+                samples.append((elapsed, process_stats(cluster.head.process.pid)))
+                next_sample += args.sample_every
             if not killed and elapsed >= duration / 2:
                 recovery_s, killed = kill_a_replica(cluster, ledger), True
             elif elapsed >= next_reload:
@@ -293,6 +309,7 @@ def main() -> None:
         "requests_per_minute": [ledger.per_minute[m] for m in sorted(ledger.per_minute)],
         "warm_up": dict(warm.outcomes),
         "processes": compare(start_stats, end_stats),
+        "rss_mb_every_sample": rss_over_time(samples + [(time.monotonic() - started, end_stats)]),
         "logs": str(root),  # ray start and Serve logs, the config deployed last
     }
     print(json.dumps(report, indent=1))
