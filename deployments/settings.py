@@ -37,10 +37,11 @@ class EngineSettings(Strict):
         "first come first served (deployment.max_queued_requests).",
     )
     prefill_chunk: int = Field(
-        64,
+        512,
         ge=1,
         description="Prompt tokens fed per decode step while other sequences stream (chunked prefill): "
-        "bounds how long a new prompt pauses them. With nothing streaming, prompts go n_batch at a time.",
+        "bounds how long a new prompt pauses them. With nothing streaming, prompts go n_batch at a time. "
+        "Smaller chunks pause streams less but fill new prompts slower (bench/bench_multiturn.py).",
     )
     prefix_reuse: bool = Field(
         True,
