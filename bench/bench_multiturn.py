@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from harness import ROOT, demo_model, free_port, start_server
+from harness import demo_model, free_port, shipped_model, start_server
 
 from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
 from deployments.llama_cpp.engine import BatchedLlamaEngine
 from deployments.spec import ModelSpec
-from serve_app.cli.serve_file import load_serve_config, parse_serve_config
 
 TOPICS = ["lighthouses", "volcanoes", "honey bees", "glaciers", "the printing press", "chess", "tides", "bridges"]
 FACT = "Answer carefully, cite the rule you apply, keep a friendly tone and never invent facts about {}. "
@@ -115,8 +114,7 @@ def engine_ask(engine: BatchedLlamaEngine) -> Ask:
 
 def shipped_engine() -> dict[str, Any]:
     """The engine settings of the shipped config's first model, as its replicas get them."""
-    spec = parse_serve_config(load_serve_config(ROOT / "serve_config.yaml")).models[0][1]
-    return spec.engine.model_dump()
+    return shipped_model().engine.model_dump()
 
 
 async def engine_run(name: str, model: str, args: argparse.Namespace, **engine: Any) -> Run:

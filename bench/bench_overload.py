@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 
 import httpx
 from bench_shipped import modelserve_up, replicas
-from harness import PROMPTS, ROOT, cpu_seconds, percentile, ray_processes
+from harness import PROMPTS, cpu_seconds, percentile, ray_processes, shipped_model
 
 from serve_app.cli import tokens as cli_auth
-from serve_app.cli.serve_file import load_serve_config, parse_serve_config
 
 MAX_TOKENS = 64
 RSS_ROLES = ("ingress", "model replica", "proxy")
@@ -117,7 +116,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--factor", type=int, default=10)
     args = parser.parse_args()
-    model = parse_serve_config(load_serve_config(ROOT / "serve_config.yaml")).models[0][1].name
+    model = shipped_model().name
     (_, stop), base = modelserve_up(model)
     token = cli_auth.mint_token(cli_auth.dev_secret(cli_auth.state_dir()), "dev", [], 3600)
     try:

@@ -17,10 +17,9 @@ import os
 from typing import Any
 
 from bench_batching import engine_backend
-from harness import ROOT, Result, demo_model, run_load, summarize
+from harness import Result, demo_model, run_load, shipped_model, summarize
 
 from deployments.llama_cpp.model import cpu_has_amx
-from serve_app.cli.serve_file import load_serve_config, parse_serve_config
 
 CONCURRENCIES = (1, 8)
 MAX_TOKENS = 64
@@ -52,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    _, spec = parse_serve_config(load_serve_config(ROOT / "serve_config.yaml")).models[0]
+    spec = shipped_model()
     model, _ = demo_model()
     settings = ["off"] if cpu_has_amx() else ["on", "off"]
     engine = {**spec.engine.model_dump(exclude={"repack"}), "n_ctx": 1024}

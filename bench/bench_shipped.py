@@ -43,12 +43,12 @@ from harness import (
     http_stream,
     llama_server,
     run_load,
+    shipped_model,
     summarize,
 )
 
 from deployments.llama_cpp.model import choose_repack, cpu_has_amx
 from serve_app.cli import tokens as cli_auth
-from serve_app.cli.serve_file import load_serve_config, parse_serve_config
 
 MAX_TOKENS = 64
 SETTLE_S = 10.0
@@ -113,7 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     if subprocess.run(["ray", "status"], capture_output=True, check=False).returncode == 0:
         sys.exit("a Ray is already running here: this bench brings up its own with `modelserve up`")
-    _, spec = parse_serve_config(load_serve_config(ROOT / "serve_config.yaml")).models[0]
+    spec = shipped_model()
     threads, slots, n_ctx = spec.engine.n_threads, spec.engine.parallel, spec.engine.n_ctx
     repack = choose_repack(spec.engine.repack)
     path, count_tokens = demo_model()

@@ -20,8 +20,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    from deployments.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -86,6 +90,13 @@ def demo_model() -> tuple[str, Callable[[str], int]]:
         return len(vocab.tokenize(text.encode("utf-8"), add_bos=False)) if text else 0
 
     return path, count_tokens
+
+
+def shipped_model() -> ModelSpec:
+    """The first model of the shipped serve_config.yaml, with the settings its replicas get."""
+    from serve_app.cli.serve_file import load_serve_config, parse_serve_config
+
+    return parse_serve_config(load_serve_config(ROOT / "serve_config.yaml")).models[0][1]
 
 
 def run_load(stream: Stream, concurrency: int, requests: int, max_tokens: int) -> tuple[float, list[Sample]]:
