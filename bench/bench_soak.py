@@ -97,7 +97,7 @@ def error_code(body: bytes) -> str | None:
 
 def send(http: httpx.Client, kind: str, rng: random.Random) -> str:
     """One request of this kind; its outcome: completed, cancelled, refused:<status>:<code>, stream_error:<code>,
-    connection_error, or lost:<why> (no reason given, truncated, or no answer in time)."""
+    connection_error, or lost:<why> (no reason given, truncated, a malformed event, or no answer in time)."""
     chat = kind.startswith("chat")
     prompt = rng.choice(PROMPTS)
     body: dict[str, Any] = {"model": MODEL, "max_tokens": rng.randint(8, 48), "temperature": 0.7}
@@ -115,6 +115,8 @@ def send(http: httpx.Client, kind: str, rng: random.Random) -> str:
             return read_stream(response, cancel=kind == "cancel")
     except httpx.TimeoutException:
         return "lost:timeout"
+    except json.JSONDecodeError:
+        return "lost:malformed-event"  # an event cut in two (its JSON broken across lines) is lost to the client
     except httpx.TransportError:
         return "connection_error"
 

@@ -11,6 +11,7 @@ with the model's tool parser); they pass through unchanged, and its tool call de
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,13 +163,16 @@ async def openai_stream_chunks(stream: AsyncIterator[Any], param: str) -> AsyncI
         yield last[index].chunk(index, prompt_tokens, completion_tokens, _FINISH[reason])
 
 
+_SSE_LINE_END = re.compile(r"\r\n|\r|\n")  # the only line ends of server-sent events
+
+
 def _events(batch: Any) -> Iterator[dict[str, Any]]:
     """The JSON payloads in one LLMServer stream item: SSE strings, or an ErrorResponse model."""
     for item in batch if isinstance(batch, list) else [batch]:
         if not isinstance(item, str):
             yield item.model_dump()
             continue
-        for line in item.splitlines():
+        for line in _SSE_LINE_END.split(item):  # not splitlines(): a token may hold U+2028, U+2029 or U+0085
             if line.startswith("data: ") and line != "data: [DONE]":
                 yield json.loads(line[len("data: ") :])
 

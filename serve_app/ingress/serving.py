@@ -62,9 +62,14 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, cap: int | Non
     )
 
 
+# JSON leaves these raw inside strings, but str.splitlines() ends a line at each, and so does every SSE client
+# built on it (httpx's iter_lines and its users): a token holding one would cut its event in two.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: BaseModel) -> str:
-    """One server-sent event; the protocol models decide which empty fields the schema wants omitted."""
-    return f"data: {payload.model_dump_json()}\n\n"
+    """One server-sent event on one line; the protocol models decide which empty fields the schema wants omitted."""
+    return f"data: {payload.model_dump_json().translate(_LINE_BREAKS)}\n\n"
 
 
 def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
@@ -245,7 +250,7 @@ async def chat_events(
         if include_usage:
             yield sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=choices.usage()))
     except OpenAIError as exc:
-        yield f"data: {exc.body.model_dump_json()}\n\n"
+        yield sse(exc.body)
     yield "data: [DONE]\n\n"
 
 
@@ -280,5 +285,5 @@ async def completion_events(
         if include_usage:
             yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[], usage=choices.usage()))
     except OpenAIError as exc:
-        yield f"data: {exc.body.model_dump_json()}\n\n"
+        yield sse(exc.body)
     yield "data: [DONE]\n\n"

@@ -133,6 +133,11 @@ def test_completion_logprobs_come_back() -> None:
         TokenLogprob(b" a", -1.0, ((b" a", -1.0),)), TokenLogprob(b" b", -2.0, ((b" c", -0.1),))), 0)]
 
 
+def test_an_event_whose_text_holds_unicode_line_separators_stays_one_event() -> None:
+    text = "a\u2028b\u2029c\x85d"  # raw in vLLM's JSON (pydantic does not escape them); str.splitlines() splits at each
+    frame = f"data: {json.dumps({'choices': [chat_choice(0, text, 'stop')]}, ensure_ascii=False)}\r\n\r\n"
+    assert [chunk.text for chunk in run([frame])] == [text]
+
 def test_a_stream_without_every_finish_is_a_failure() -> None:
     with pytest.raises(EngineUnavailable, match="finish_reason 'abort'"):
         run([sse({"choices": [chat_choice(0, "a", "abort")]})])
