@@ -138,6 +138,7 @@ def test_an_event_whose_text_holds_unicode_line_separators_stays_one_event() -> 
     frame = f"data: {json.dumps({'choices': [chat_choice(0, text, 'stop')]}, ensure_ascii=False)}\r\n\r\n"
     assert [chunk.text for chunk in run([frame])] == [text]
 
+
 def test_a_stream_without_every_finish_is_a_failure() -> None:
     with pytest.raises(EngineUnavailable, match="finish_reason 'abort'"):
         run([sse({"choices": [chat_choice(0, "a", "abort")]})])
