@@ -150,8 +150,9 @@ class DecodeLoop:
 
     def _admit(self, submission: Submission, free: list[Slot]) -> None:
         """Tokenize and check the prompt, then give it the free slot caching most of it for its tenant (`PrefixPolicy`,
-        or one a longer saved prompt is restored into: `HostCache`), and its other choices the lowest free ones
-        (llama.cpp decodes a run of consecutive ids as one micro-batch). STARTED goes first: its wait is over."""
+        or one a longer saved prompt is restored into: `HostCache`), else one beside the busy slots, and its other
+        choices the ones beside it (llama.cpp decodes a run of consecutive ids as one micro-batch). STARTED goes
+        first: its wait is over."""
         submission.emit(STARTED)
         try:
             prompt = self._prepare(submission.request)

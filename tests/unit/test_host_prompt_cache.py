@@ -9,6 +9,7 @@ WINDOW tokens: it runs the module in half a second, where the demo model took ~1
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,3 +160,32 @@ def test_the_host_cache_size_is_checked() -> None:
     assert parse_model_args({"model": {**model, "engine": {"prompt_cache_ram_mib": 0}}}).engine.prompt_cache_ram_mib == 0
     with pytest.raises(ConfigError, match="prompt_cache_ram_mib"):
         parse_model_args({"model": {**model, "engine": {"prompt_cache_ram_mib": -1}}})
+
+
+def test_a_cached_prefix_moves_beside_the_busy_slots_and_decodes_as_a_full_prefill(gemma3_path: Path) -> None:
+    """Three slots: conversations X and Y cache their first turns in slots 0 and 1, then a long answer takes slot 2.
+    X's next turn would add a micro-batch in slot 0 (not beside slot 2): its prefix is copied into slot 1, and Y's
+    turn there goes to host RAM, to be restored at Y's next turn."""
+    with running(gemma3_path, n_ctx=1024, parallel=3, n_threads=1, chat_format="gemma") as engine:
+        x_next, x_prompt = first_turn(engine, "tides")
+        y_next, _ = first_turn(engine, "glaciers", system="You answer in the style of a sea shanty. " * 4)
+        before = engine.stats()
+
+        async def next_turn_beside_a_long_answer() -> tuple[Completion, bool]:
+            long = engine.generate(make_request(prompt="Count slowly:", tenant="b", max_tokens=900, temperature=0))
+            async with contextlib.aclosing(long):
+                await anext(long)  # admitted: it holds a slot
+                request = make_request(messages=tuple(x_next), tenant="a", max_tokens=24, temperature=0)
+                turn = await drain(engine.generate(request), Completion())
+                still_running = await anext(long, None) is not None
+            return turn, still_running
+
+        moved, still_running = asyncio.run(next_turn_beside_a_long_answer())
+        assert still_running
+        assert before is not None and (after := engine.stats()) is not None
+        assert after.prompt_cache_hits == before.prompt_cache_hits  # X's prefix was copied, not restored
+        assert ask(engine, y_next, "a").final.cached_tokens > 0
+        assert (last := engine.stats()) is not None and last.prompt_cache_hits == before.prompt_cache_hits + 1
+        full = ask(engine, x_next, "a", max_tokens=24, seed=0)  # prefilled in full (seeded); greedy ignores the seed
+        assert moved.final.cached_tokens >= x_prompt
+        assert moved.text and moved.text == full.text

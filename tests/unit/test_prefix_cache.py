@@ -1,7 +1,10 @@
-"""Prefix KV reuse in the llama.cpp engine: what a prompt may reuse, and the cached tokens it reports.
+"""Prefix KV reuse in the llama.cpp engine: what a prompt may reuse, and the cached tokens it reports; and
+which slot a new sequence takes when it reuses nothing.
 
 Driven through the Engine interface on the tiny random-weight GGUF (reuse is about which cells are
-kept, not about the model); the time it saves is measured on Gemma in test_batched_engine.py.
+kept, not about the model); the time it saves is measured on Gemma in test_batched_engine.py. The slot
+choice is checked on `PrefixPolicy` itself: which sequence id a sequence gets shows nowhere else, only in
+decode speed (llama.cpp decodes each run of consecutive busy ids as a micro-batch of its own).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from typing import Any
 import pytest
 
 from deployments.llama_cpp.engine import BatchedLlamaEngine
+from deployments.llama_cpp.prefix_cache import PrefixPolicy
+from deployments.llama_cpp.sequence import Slot
+from deployments.settings import EngineSettings
 from deployments.spec import ModelSpec
 from tests.support.engine_streams import Completion, drain, make_request
 from tests.support.tiny_gguf import write_tiny_llama_gguf
@@ -91,3 +97,26 @@ def test_without_prefix_reuse_every_prompt_is_prefilled(tiny_path: Path) -> None
     with engine(tiny_path, prefix_reuse=False) as cold:
         complete(cold, PROMPT)
         assert complete(cold, PROMPT).final.cached_tokens == 0
+
+
+def free_slots(busy: set[int], coldest: int) -> list[Slot]:
+    """16 slots minus `busy`, each last used in id order except `coldest`, the least recently used."""
+    return [Slot(seq_id, used=0 if seq_id == coldest else 10 + seq_id) for seq_id in range(16) if seq_id not in busy]
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_new_sequence_goes_beside_the_busy_slots_not_to_the_coldest(reuse: bool) -> None:
+    policy = PrefixPolicy(EngineSettings(parallel=16, prefix_reuse=reuse))
+    request = make_request(PROMPT, tenant="a")
+    assert policy.choose(free_slots({4, 5, 6}, coldest=12), [1, 2, 3], request).seq_id in {3, 7}
+    assert policy.choose(free_slots({0, 1, 3, 4}, coldest=12), [1, 2, 3], request).seq_id == 2  # joins two runs
+    assert policy.coldest(free_slots({4, 5, 6}, coldest=12)).seq_id in {3, 7}
+
+
+def test_a_slot_holding_the_prompt_wins_wherever_it_is() -> None:
+    policy = PrefixPolicy(EngineSettings(parallel=16))
+    request = make_request(PROMPT, tenant="a")
+    free = free_slots({4, 5, 6}, coldest=0)
+    cached = next(slot for slot in free if slot.seq_id == 12)
+    cached.cached, cached.owner = [1, 2, 3, 4], "a"
+    assert policy.choose(free, [1, 2, 3, 4, 5], request) is cached
