@@ -295,6 +295,6 @@ class DecodeLoop:
         if sequence.sampler is not None:
             sequence.sampler.free()
             sequence.sampler = None
-        sequence.slot.sequence = None
         if not (keep_cache and self._prefix.enabled):
             self._context.clear(sequence.slot)
+        sequence.slot.sequence = None  # last: a slot that shows free (`busy_slots`, stats) has its cells freed too
