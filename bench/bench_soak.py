@@ -1,7 +1,7 @@
 """Soak: a mixed load for a set time, with policy reloads and one replica kill, on a private Ray cluster.
 
 A one-node cluster of its own (free ports, its own temp dir: no lock needed) runs the app with the tiny
-test model (two replicas, one ingress) under a policy with one tenant. Closed-loop clients send a mix of
+test model (two replicas, one ingress with the shipped ingress's runtime_env) under a policy with one tenant. Closed-loop clients send a mix of
 chat, completions, streamed chat and completions, and streams cancelled after their first token. Every
 `--reload-every` seconds `serve deploy` changes the tenant's requests_per_minute (and back next time);
 at the middle of the run one model replica is killed with SIGKILL.
@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import PROMPTS
+import yaml
+from harness import PROMPTS, ROOT
 
-from serve_app.cli.serve_file import application_entries
+from serve_app.cli.serve_file import application_entries, ingress_applications
 from serve_app.cli.tokens import mint_token
 from tests.support.ray_nodes import PrivateCluster, cluster_env, free_ports
 from tests.support.tiny_gguf import write_tiny_llama_gguf
@@ -57,7 +58,10 @@ def serve_config(http_port: int, model_path: Path, rpm: int) -> dict[str, Any]:
         "engine": {"n_ctx": 2048, "n_threads": 1, "stream_interval_ms": 20, "parallel": 4},
         "deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 1}},
     }
-    ingress = {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}}
+    # The shipped ingress's process environment (its malloc arenas), so the soak's RSS is what a deployment gets.
+    shipped = ingress_applications(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))[0]
+    runtime_env = shipped["args"]["ingress"]["deployment"]["ray_actor_options"]["runtime_env"]
+    ingress = {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25, "runtime_env": runtime_env}}}
     apps = application_entries([model], {"ingress": ingress}, name=APP, policy=policy(rpm))
     return {
         "proxy_location": "HeadOnly",

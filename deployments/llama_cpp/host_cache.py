@@ -93,7 +93,8 @@ class HostCache:
 
     def place(self, free: list[Slot], tokens: list[int], request: GenerationRequest) -> list[Slot]:
         """The slots of a request's `n` choices, taken out of `free`: first the one to prefill in (`PrefixPolicy`,
-        or the coldest with a longer saved prefix restored into it), then the coldest after it (they get its copy)."""
+        or the coldest with a longer saved prefix restored into it; moved beside the busy slots if it is apart from
+        them), then the coldest after it (they get its copy)."""
         first = self._prefix.choose(free, tokens, request)
         if self.enabled:
             first = self._restore(first, free, tokens, request)
