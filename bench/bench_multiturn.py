@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from harness import demo_model, free_port, shipped_model, start_server
+from harness import demo_model, free_port, repack_args, shipped_model, start_server
 
 from deployments.api import GenerationChunk, GenerationRequest, SamplingParams
 from deployments.llama_cpp.engine import BatchedLlamaEngine
@@ -205,7 +205,7 @@ async def main_async(args: argparse.Namespace) -> None:
         port = free_port()
         stop = start_server([args.llama_server, "-m", model, "--host", "127.0.0.1", "--port", str(port),
                              "-c", str(4096 * 8), "-np", "8", "-t", str(args.threads), "-tb", str(args.threads),
-                             "--no-webui", "--jinja"], port)
+                             "--no-webui", "--jinja", *repack_args()], port)
         try:
             server = await run("llama-server -np 8", llama_server_ask(f"http://127.0.0.1:{port}"), args)
         finally:

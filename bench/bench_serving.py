@@ -46,6 +46,7 @@ from harness import (
     llama_cpp_server,
     llama_server,
     run_load,
+    safe_repack,
     summarize,
     wait_http,
 )
@@ -53,12 +54,13 @@ from harness import (
 SETTLE_S = 10.0
 
 
-def raw_backend(model: str, n_ctx: int, threads: int, repack: bool = True) -> Backend:
+def raw_backend(model: str, n_ctx: int, threads: int, repack: bool | None = None) -> Backend:
     """llama_cpp.Llama in this process, owned by one thread that serves requests in turn.
 
     It is not thread-safe, and calling it from several threads (even one at a time) would make
     each caller an OpenMP master with its own spinning worker team, slowing every backend after it.
-    `repack=False` loads it as llama-server's --no-repack does (Llama has no argument for it).
+    `repack=False` loads it as llama-server's --no-repack does (Llama has no argument for it); unset, as is safe
+    on this CPU (`harness.safe_repack`).
     """
     import llama_cpp.llama_cpp as llama_cpp_lib
     from llama_cpp import Llama
@@ -67,7 +69,7 @@ def raw_backend(model: str, n_ctx: int, threads: int, repack: bool = True) -> Ba
 
     def model_params() -> Any:
         params = defaults()
-        params.use_extra_bufts = repack
+        params.use_extra_bufts = safe_repack() if repack is None else repack
         return params
 
     jobs: queue.Queue[tuple[str, int, queue.Queue[str | None]] | None] = queue.Queue()

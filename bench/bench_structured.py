@@ -25,7 +25,7 @@ from typing import Any
 import bench_batching
 import httpx
 import jsonschema
-from harness import Backend, Result, Stream, demo_model, free_port, run_load, start_server, summarize
+from harness import Backend, Result, Stream, demo_model, free_port, repack_args, run_load, start_server, summarize
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -61,7 +61,7 @@ def engine_backend(model: str, slots: int, threads: int, constrained: bool) -> B
 def llama_server_backend(binary: str, model: str, slots: int, threads: int) -> Backend:
     port = free_port()
     cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-c", str(1024 * slots), "-np", str(slots),
-           "--cont-batching", "-t", str(threads), "-tb", str(threads), "--no-webui"]
+           "--cont-batching", "-t", str(threads), "-tb", str(threads), "--no-webui", *repack_args()]
     stop = start_server(cmd, port)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600,
                           limits=httpx.Limits(max_keepalive_connections=0))

@@ -212,13 +212,27 @@ def llama_cpp_server(model: str, n_ctx: int, threads: int) -> Backend:
     return server_backend(cmd, port)
 
 
+def safe_repack() -> bool:
+    """Whether weight repacking is safe on this CPU, as the engine's `repack: auto` decides: not where it has AMX,
+    where llama.cpp's repacked path crashes (llama-server too, without `--no-repack`)."""
+    from deployments.llama_cpp.model import choose_repack
+
+    return choose_repack("auto").enabled
+
+
+def repack_args() -> list[str]:
+    """llama-server's flag for the repacking that is safe here (`safe_repack`)."""
+    return [] if safe_repack() else ["--no-repack"]
+
+
 def llama_server(binary: str, model: str, n_ctx: int, slots: int, threads: int, extra_args: list[str] | None = None
                  ) -> Backend:
-    """llama.cpp's native server with `slots` parallel sequences and continuous batching, no prompt cache."""
+    """llama.cpp's native server with `slots` parallel sequences and continuous batching, no prompt cache, and the
+    weight repacking that is safe on this CPU."""
     port = free_port()
     cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx * slots),
            "-np", str(slots), "--cont-batching", "-t", str(threads), "-tb", str(threads), "--no-webui",
-           *(extra_args or [])]
+           *repack_args(), *(extra_args or [])]
     return server_backend(cmd, port, {"cache_prompt": False})
 
 

@@ -10,8 +10,8 @@ the logits (batch-dependent CPU kernels), and a seed promises the same output fo
 
 Where nothing is reused, the slot matters for speed: with one KV stream per slot, llama.cpp splits a decode
 step into one micro-batch per run of consecutive busy sequence ids (`split_equal`, sequential), each a full
-pass over the weights. Eight one-token rows decode in 50 ms on ids 0-7 and in 184 ms on ids 0, 2, ... 14
-(bench/README.md). So a sequence goes where it adds no run: into a gap, else beside a busy slot.
+pass over the weights. Eight one-token rows took 57.6 ms on ids 0-7 and 205.7 ms on ids 0, 2, ... 14
+(`bench/bench_slot_runs.py`). So a sequence goes where it adds no run: into a gap, else beside a busy slot.
 """
 
 from __future__ import annotations
