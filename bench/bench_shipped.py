@@ -42,7 +42,6 @@ from harness import (
     demo_model,
     http_stream,
     llama_server,
-    repack_args,
     run_load,
     shipped_model,
     summarize,
@@ -132,14 +131,14 @@ def main() -> None:
         return backend
 
     results: dict[str, Result] = {}
-    stream, stop = warmed(llama_server(args.llama_server, path, n_ctx, ANCHOR_SLOTS, threads), SETTLE_S)
+    stream, stop = warmed(llama_server(args.llama_server, path, n_ctx, ANCHOR_SLOTS, threads, repack=repack.enabled), SETTLE_S)
     try:
         for concurrency in CONCURRENCIES:
             results[f"llama-server c{concurrency}"] = measure(f"llama-server -np {ANCHOR_SLOTS}", stream, concurrency)
     finally:
         stop()
     if slots > ANCHOR_SLOTS:
-        stream, stop = warmed(llama_server(args.llama_server, path, n_ctx, slots, threads), SETTLE_S)
+        stream, stop = warmed(llama_server(args.llama_server, path, n_ctx, slots, threads, repack=repack.enabled), SETTLE_S)
         try:
             results["llama-server c16 equal slots"] = measure(f"llama-server -np {slots}", stream, 16)
         finally:
@@ -169,7 +168,7 @@ def main() -> None:
 
     print(f"machine: {os.cpu_count()} CPUs, AMX: {'yes' if cpu_has_amx() else 'no'}, weight repacking "
           f"{repack.describe()}; shipped config: {slots} slots x {n_ctx} tokens, {threads} threads = Ray CPUs per "
-          f"replica; llama-server -np {ANCHOR_SLOTS} -t {threads}{' --no-repack' if repack_args() else ''}; {MAX_TOKENS} tokens")
+          f"replica; llama-server -np {ANCHOR_SLOTS} -t {threads}{' --no-repack' if not repack.enabled else ''}; {MAX_TOKENS} tokens")
     ratios = [f"c1 modelserve/raw={results['modelserve c1'].tokens_per_s / raw.tokens_per_s:.2f}"]
     for key in ["c1", "c4", "c8", "c16", "c8 scaled"]:
         theirs = results[f"llama-server {key.split()[0]}"].tokens_per_s

@@ -1,8 +1,9 @@
 """Soak: a mixed load for a set time, with policy reloads and one replica kill, on a private Ray cluster.
 
 A one-node cluster of its own (free ports, its own temp dir: no lock needed) runs the app with the tiny
-test model (two replicas, one ingress with the shipped ingress's runtime_env) under a policy with one tenant. Closed-loop clients send a mix of
-chat, completions, streamed chat and completions, and streams cancelled after their first token. Every
+test model (two replicas, one ingress with the shipped ingress's runtime_env) under a policy with one
+tenant. Closed-loop clients send a mix of chat, completions, streamed chat and completions, and streams
+cancelled after their first token. Every
 `--reload-every` seconds `serve deploy` changes the tenant's requests_per_minute (and back next time);
 at the middle of the run one model replica is killed with SIGKILL.
 

@@ -220,19 +220,19 @@ def safe_repack() -> bool:
     return choose_repack("auto").enabled
 
 
-def repack_args() -> list[str]:
-    """llama-server's flag for the repacking that is safe here (`safe_repack`)."""
-    return [] if safe_repack() else ["--no-repack"]
+def repack_args(repack: bool | None = None) -> list[str]:
+    """llama-server's flag for weight repacking `repack`; unset, the repacking that is safe here (`safe_repack`)."""
+    return [] if (safe_repack() if repack is None else repack) else ["--no-repack"]
 
 
-def llama_server(binary: str, model: str, n_ctx: int, slots: int, threads: int, extra_args: list[str] | None = None
-                 ) -> Backend:
-    """llama.cpp's native server with `slots` parallel sequences and continuous batching, no prompt cache, and the
-    weight repacking that is safe on this CPU."""
+def llama_server(binary: str, model: str, n_ctx: int, slots: int, threads: int, extra_args: list[str] | None = None,
+                 repack: bool | None = None) -> Backend:
+    """llama.cpp's native server with `slots` parallel sequences and continuous batching, no prompt cache, and
+    weight repacking `repack` (unset: as is safe on this CPU)."""
     port = free_port()
     cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx * slots),
            "-np", str(slots), "--cont-batching", "-t", str(threads), "-tb", str(threads), "--no-webui",
-           *repack_args(), *(extra_args or [])]
+           *repack_args(repack), *(extra_args or [])]
     return server_backend(cmd, port, {"cache_prompt": False})
 
 
