@@ -182,7 +182,8 @@ def _quota(bucket: Bucket | None) -> Quota | None:
     return bucket.quota() if bucket is not None else None
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
+# Calls record no task events, like the usage ledger's (usage_actor.py says why).
+@ray.remote(num_cpus=0, max_restarts=-1, enable_task_events=False)
 class RateLimiter:
     """The one place the buckets live; methods run one at a time, so each exchange is atomic."""
 

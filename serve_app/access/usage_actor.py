@@ -22,7 +22,9 @@ from serve_app.access.usage_store import UsageSettings, describe_location, usage
 logger = logging.getLogger("ray.serve.modelserve.usage")
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
+# Calls record no task events (nor do Serve's handle calls): the GCS would keep one for each request's `settle`,
+# up to Ray's 100,000-task cap, so the head's memory would grow with traffic (tests/e2e/test_gcs_footprint.py).
+@ray.remote(num_cpus=0, max_restarts=-1, enable_task_events=False)
 class UsageLedger:
     """Methods run on one event loop, so each reservation is atomic; storage I/O runs in a thread."""
 
