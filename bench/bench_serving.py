@@ -45,8 +45,8 @@ from harness import (
     http_stream,
     llama_cpp_server,
     llama_server,
+    repack_enabled,
     run_load,
-    safe_repack,
     summarize,
     wait_http,
 )
@@ -60,7 +60,7 @@ def raw_backend(model: str, n_ctx: int, threads: int, repack: bool | None = None
     It is not thread-safe, and calling it from several threads (even one at a time) would make
     each caller an OpenMP master with its own spinning worker team, slowing every backend after it.
     `repack=False` loads it as llama-server's --no-repack does (Llama has no argument for it); unset, as is safe
-    on this CPU (`harness.safe_repack`).
+    on this CPU (`harness.repack_enabled`).
     """
     import llama_cpp.llama_cpp as llama_cpp_lib
     from llama_cpp import Llama
@@ -69,7 +69,7 @@ def raw_backend(model: str, n_ctx: int, threads: int, repack: bool | None = None
 
     def model_params() -> Any:
         params = defaults()
-        params.use_extra_bufts = safe_repack() if repack is None else repack
+        params.use_extra_bufts = repack_enabled(repack)
         return params
 
     jobs: queue.Queue[tuple[str, int, queue.Queue[str | None]] | None] = queue.Queue()

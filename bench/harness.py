@@ -212,17 +212,17 @@ def llama_cpp_server(model: str, n_ctx: int, threads: int) -> Backend:
     return server_backend(cmd, port)
 
 
-def safe_repack() -> bool:
-    """Whether weight repacking is safe on this CPU, as the engine's `repack: auto` decides: not where it has AMX,
-    where llama.cpp's repacked path crashes (llama-server too, without `--no-repack`)."""
+def repack_enabled(repack: bool | None = None) -> bool:
+    """Weight repacking `repack`; unset, whether it is safe on this CPU, as the engine's `repack: auto` decides: not
+    where it has AMX, where llama.cpp's repacked path crashes (llama-server too, without `--no-repack`)."""
     from deployments.llama_cpp.model import choose_repack
 
-    return choose_repack("auto").enabled
+    return choose_repack("auto").enabled if repack is None else repack
 
 
 def repack_args(repack: bool | None = None) -> list[str]:
-    """llama-server's flag for weight repacking `repack`; unset, the repacking that is safe here (`safe_repack`)."""
-    return [] if (safe_repack() if repack is None else repack) else ["--no-repack"]
+    """llama-server's flag for weight repacking `repack` (unset: as is safe here, `repack_enabled`)."""
+    return [] if repack_enabled(repack) else ["--no-repack"]
 
 
 def llama_server(binary: str, model: str, n_ctx: int, slots: int, threads: int, extra_args: list[str] | None = None,
