@@ -32,25 +32,26 @@ from serve_app.config import (
 # - The controller reconciles twice a second instead of ten times (autoscaling delays are in seconds).
 # - Replicas, proxies and handles export Serve's cached metrics once a second instead of ten times
 #   (Prometheus scrapes every 10-15 s).
-# - Proxy -> ingress -> model calls and their streams go over Serve's direct gRPC data plane between
-#   replicas instead of Ray actor calls: the part of Ray's "throughput optimized" mode that keeps the
-#   Serve proxy (docs.ray.io, "Enable High Throughput on Ray Serve with KubeRay"). Replicas listen on
-#   an ephemeral port, so pods must reach each other on any port, as Ray's workers already do.
+# - Proxy -> ingress -> model calls and their streams stay on Ray actor calls, not Serve's direct gRPC data
+#   plane (part of Ray's "throughput optimized" mode): grpcio 1.85 keeps ~230 bytes of native memory per
+#   cancelled stream (grpc/grpc#43360, open; bench/grpc_cancel_leak.py), on the proxy, the ingress and
+#   the model alike, and every client disconnect cancels one. In a soak its leftovers were all of the
+#   ingress's and the model replica's growth in live native memory (heaptrack). The plane was worth +5%
+#   decode tokens/s at c=1 on 2 vCPUs; export RAY_SERVE_USE_GRPC_BY_DEFAULT=1 to take it back once
+#   grpcio is fixed (the message limit below keeps a 4 MiB default from failing large requests then).
 # - Replicas run our code on their own event loop rather than on a second loop in another thread, so
 #   a stream item does not cross threads inside the replica (also part of that mode). Our deployments
 #   never block their loop: weight fetches, model loads and Serve status reads go to threads.
 # Measured on 2 vCPUs (bench_serving.py, c=1): idle Ray CPU 10.8% -> 7% of a core; decode tokens/s
-# +4% (intervals), +5% (gRPC) and +3-8% (one loop); time to first token -10 ms.
-# - That gRPC plane refuses messages over 4 MiB by default: a request the ingress admits (a body up to
-#   ingress.limits.max_body_bytes, 8 MiB) or a batch of embeddings failed between replicas with a 500.
-# - Not set: RAY_task_events_max_num_task_in_gcs. The GCS keeps the events of the last 100,000 tasks
-#   (51 -> 206 MB over a 20-minute soak, bench_soak.py); capped at 10,000 it stayed at 73 MB, but the
-#   soak's request rate fell with the run's length (2,190 -> 1,570 -> 1,300 a minute over 2, 4 and
-#   20 minutes, against 2,545 uncapped over 20), so the cap waits for a measurement that clears it.
+# +4% (intervals) and +3-8% (one loop); time to first token -10 ms.
+# - The gRPC plane, when on, refuses messages over 4 MiB by default: a request the ingress admits (a body
+#   up to ingress.limits.max_body_bytes, 8 MiB) or a batch of embeddings failed between replicas with a 500.
+# - Not set: RAY_task_events_max_num_task_in_gcs. Serve's handle calls record no task events and neither do
+#   our limiter's and usage ledger's (enable_task_events=False), so the GCS holds none per request.
 SERVE_PROCESS_ENV = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
-    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0",
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(64 * 1024 * 1024),
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
