@@ -29,10 +29,23 @@ METHOD = "/probe.Probe/Stream"
 
 
 class MallInfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2`; `uordblks` is the bytes allocated and not yet freed."""
+
     _fields_ = [
         (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
-    ] + [("keepcost", ctypes.c_size_t)]
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 LIBC = ctypes.CDLL("libc.so.6")

@@ -37,9 +37,9 @@ from serve_app.config import (
 #   cancelled stream (grpc/grpc#43360, open; bench/grpc_cancel_leak.py), on the proxy, the ingress and
 #   the model alike, and every client disconnect cancels one. In a soak its leftovers were all of the
 #   ingress's and the model replica's growth in live native memory (heaptrack). The plane was worth +5%
-#   decode tokens/s at c=1 in paired runs on 2 vCPUs, within spread on the full benchmark (bench/README.md);
-#   export RAY_SERVE_USE_GRPC_BY_DEFAULT=1 to take it back once
-#   grpcio is fixed (the message limit below keeps a 4 MiB default from failing large requests then).
+#   decode tokens/s at c=1 in paired runs on 2 vCPUs, within spread on the full benchmark (bench/README.md).
+#   Export RAY_SERVE_USE_GRPC_BY_DEFAULT=1 to take it back once grpcio is fixed (the message limit below
+#   keeps the plane's 4 MiB default from failing large requests then).
 # - Replicas run our code on their own event loop rather than on a second loop in another thread, so
 #   a stream item does not cross threads inside the replica (also part of that mode). Our deployments
 #   never block their loop: weight fetches, model loads and Serve status reads go to threads.
