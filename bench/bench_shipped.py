@@ -63,9 +63,9 @@ def modelserve(*argv: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, timeout=900, check=False)
 
 
-def modelserve_up(model: str) -> tuple[Backend, str]:
-    """`modelserve up` on the shipped config: the stream, its stop, and the base URL."""
-    up = modelserve("up")
+def modelserve_up(model: str, config: str = "serve_config.yaml") -> tuple[Backend, str]:
+    """`modelserve up` on this config (the shipped one unless named): the stream, its stop, and the base URL."""
+    up = modelserve("up", config)
     if up.returncode != 0:
         raise RuntimeError(f"modelserve up failed:\n{up.stdout}\n{up.stderr}")
     token = re.search(r"export TOKEN=(\S+)", up.stdout).group(1)

@@ -35,9 +35,9 @@ from typing import Any
 
 import httpx
 import yaml
-from harness import PROMPTS, ROOT
+from harness import PROMPTS, ROOT, process_env
 
-from serve_app.cli.serve_file import application_entries, ingress_applications
+from serve_app.cli.serve_file import application_entries, ingress_applications, model_applications
 from serve_app.cli.tokens import mint_token
 from tests.support.ray_nodes import PrivateCluster, cluster_env, free_ports
 from tests.support.tiny_gguf import write_tiny_llama_gguf
@@ -53,16 +53,18 @@ def policy(rpm: int) -> dict[str, Any]:
 
 
 def serve_config(http_port: int, model_path: Path, rpm: int) -> dict[str, Any]:
+    # The shipped ingress's and model replicas' process environments (their malloc arenas), so the soak's RSS
+    # is what a deployment gets.
+    shipped = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    ingress_env = ingress_applications(shipped)[0]["args"]["ingress"]["deployment"]["ray_actor_options"]["runtime_env"]
+    model_env = model_applications(shipped)[0]["args"]["model_defaults"]["deployment"]["ray_actor_options"]["runtime_env"]
     model = {
         "name": MODEL,
         "source": str(model_path),
         "engine": {"n_ctx": 2048, "n_threads": 1, "stream_interval_ms": 20, "parallel": 4},
-        "deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 1}},
+        "deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 1, "runtime_env": model_env}},
     }
-    # The shipped ingress's process environment (its malloc arenas), so the soak's RSS is what a deployment gets.
-    shipped = ingress_applications(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))[0]
-    runtime_env = shipped["args"]["ingress"]["deployment"]["ray_actor_options"]["runtime_env"]
-    ingress = {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25, "runtime_env": runtime_env}}}
+    ingress = {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25, "runtime_env": ingress_env}}}
     apps = application_entries([model], {"ingress": ingress}, name=APP, policy=policy(rpm))
     return {
         "proxy_location": "HeadOnly",
@@ -269,6 +271,11 @@ def main() -> None:
             for i in range(20):
                 warm.record(send(http, KINDS[i % len(KINDS)], random.Random(i)))
         start_stats = process_stats(cluster.head.process.pid)
+        arena_caps = {
+            f"{stats['name']} ({pid})": process_env(pid).get("MALLOC_ARENA_MAX", "glibc default")
+            for pid, stats in start_stats.items()
+            if stats["name"].startswith("ray::")
+        }
         started = ledger.started = time.monotonic()
         ledger.per_minute.clear()
         threads = [
@@ -315,6 +322,7 @@ def main() -> None:
         "policy_reloads_at_s_took_s": [(round(at), round(took, 1)) for at, took in reloads],
         "requests_per_minute": [ledger.per_minute[m] for m in sorted(ledger.per_minute)],
         "warm_up": dict(warm.outcomes),
+        "malloc_arena_max": arena_caps,
         "processes": compare(start_stats, end_stats),
         "rss_mb_every_sample": rss_over_time(samples + [(time.monotonic() - started, end_stats)]),
         "logs": str(root),  # ray start and Serve logs, the config deployed last

@@ -251,6 +251,15 @@ def ray_processes(model: str) -> dict[int, str]:
     return found
 
 
+def process_env(pid: int) -> dict[str, str]:
+    """The environment a process started with (what glibc read its malloc settings from); {} once it has gone."""
+    try:
+        items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(item.decode(errors="replace").split("=", 1) for item in items if b"=" in item)
+
+
 def cpu_seconds(model: str) -> Counter:
     """CPU time (user + system) used so far by each role's processes, and by this bench's own client."""
     used: Counter = Counter()
