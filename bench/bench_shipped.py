@@ -56,16 +56,18 @@ CONCURRENCIES = [1, 4, 8, 16]
 ANCHOR_SLOTS = 8  # issue 14 compares against `llama-server -np 8`
 
 
-def modelserve(*argv: str) -> subprocess.CompletedProcess[str]:
+def modelserve(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, **(env or {}), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run([str(bin_dir / "modelserve"), *argv], cwd=ROOT, env=env, text=True,
                           capture_output=True, timeout=900, check=False)
 
 
-def modelserve_up(model: str, config: str = "serve_config.yaml") -> tuple[Backend, str]:
-    """`modelserve up` on this config (the shipped one unless named): the stream, its stop, and the base URL."""
-    up = modelserve("up", config)
+def modelserve_up(model: str, config: str = "serve_config.yaml", env: dict[str, str] | None = None
+                  ) -> tuple[Backend, str]:
+    """`modelserve up` on this config (the shipped one unless named), Ray started with `env` added to ours:
+    the stream, its stop, and the base URL."""
+    up = modelserve("up", config, env=env)
     if up.returncode != 0:
         raise RuntimeError(f"modelserve up failed:\n{up.stdout}\n{up.stderr}")
     token = re.search(r"export TOKEN=(\S+)", up.stdout).group(1)

@@ -47,6 +47,11 @@ from serve_app.config import (
 # +4% (intervals) and +3-8% (one loop); time to first token -10 ms.
 # - The gRPC plane, when on, refuses messages over 4 MiB by default: a request the ingress admits (a body
 #   up to ingress.limits.max_body_bytes, 8 MiB) or a batch of embeddings failed between replicas with a 500.
+# - glibc keeps 2 malloc arenas per process, not 8 per core: Ray's processes run 20-40 threads each, and
+#   freed memory kept in many arenas was most of what Serve's proxy and controller and the model replicas
+#   gained in a soak (proxy +0.9 MB after warm-up capped, +5.0 not). No decode cost measured
+#   (bench/bench_malloc_arenas.py). serve_config.yaml sets it for our deployments too, for clusters
+#   started without this environment.
 # - Not set: RAY_task_events_max_num_task_in_gcs. Serve's handle calls record no task events and neither do
 #   our limiter's and usage ledger's (enable_task_events=False), so the GCS holds none per request.
 SERVE_PROCESS_ENV = {
@@ -55,6 +60,7 @@ SERVE_PROCESS_ENV = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0",
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(64 * 1024 * 1024),
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "MALLOC_ARENA_MAX": "2",
 }
 
 
