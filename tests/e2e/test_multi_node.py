@@ -32,7 +32,7 @@ from tests.support.s3_server import TEST_CREDENTIALS, MotoS3, subprocess_env
 from tests.support.tiny_gguf import write_tiny_llama_gguf
 
 MODEL, SOURCE, APP = "tiny-s3", "s3://models/tiny/tiny.gguf", "ms"
-HELD = 3000  # tokens per held stream: still decoding when the node stops (the tiny model makes ~2000/s alone)
+HELD = 3000  # tokens per held stream: most still decoding when the node stops (the tiny model makes ~2000/s alone)
 
 
 class ObjectGets(logging.Handler):
@@ -200,15 +200,15 @@ def test_stopping_a_node_fails_only_its_in_flight_requests(nodes: TwoNodes) -> N
     client = nodes.client(nodes.ports[0], timeout_s=90)  # the head's proxy, which outlives the worker
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         streams = [pool.submit(held_stream, client) for _ in range(8)]  # one per replica slot
-        time.sleep(3)  # every stream admitted and decoding
-        early = [s.exception() or s.result() for s in streams if s.done()]
-        assert not early, f"streams ended before the node stopped: {early}"
+        time.sleep(3)  # streams admitted and decoding; on a fast CPU one may already have finished
+        early = [s.result() for s in streams if s.done()]
+        assert all(outcome == "completed" for outcome, _ in early), f"failed before the node stopped: {early}"
         stopped_at = time.monotonic()
         nodes.worker.stop()
         ended = [stream.result(timeout=120) for stream in streams]  # a hang fails here
     outcomes = [outcome for outcome, _ in ended]
     failed = [o for o in outcomes if o != "completed"]
-    assert 0 < len(failed) < len(outcomes), outcomes  # the worker's share failed, the head's finished
+    assert 0 < len(failed) < len(outcomes), outcomes  # the worker's streams in flight failed, the rest finished
     errors_in = max(when for outcome, when in ended if outcome != "completed") - stopped_at
 
     wait_until(lambda: len(nodes.cluster.alive_nodes()) == 1, 60, "the worker node to be dead")
