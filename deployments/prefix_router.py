@@ -4,10 +4,12 @@ Every chat turn re-sends the conversation's history, and the replica that served
 holds its KV (`deployments.llama_cpp.prefix_cache`); Serve's default power-of-two choice scatters
 the turns, so each pays a full prefill. This router remembers, per replica, the prompts it sent
 there as chained hashes of fixed-size text blocks (one hash stands for a whole prefix) and, while
-load is balanced, ranks first the replica holding the longest prefix of the new prompt; when
-replicas' ongoing requests differ by more than `imbalanced_threshold` all replicas share one rank,
-so Serve takes the least loaded. Prompts are keyed by tenant like the engine's cache (unless the
-model shares it), so one tenant's prompts never steer another's.
+load is balanced, ranks first the replica holding the longest prefix of the new prompt, or, for a
+prompt no replica holds, the one holding the fewest blocks, so conversations spread their KV over
+the replicas (Ray's `PrefixCacheAffinityRouter` does the same); when replicas' ongoing requests
+differ by more than `imbalanced_threshold` all replicas share one rank, in random order so ties do
+not all go to the first, and Serve takes the least loaded. Prompts are keyed by tenant like the
+engine's cache (unless the model shares it), so one tenant's prompts never steer another's.
 
 Ray's own `PrefixCacheAffinityRouter` (ray.serve.llm) does not fit: on the CPU install it does not
 import (pyarrow), it reads `messages` only as a list (ours are a tuple: it divides by a zero-length
@@ -19,6 +21,7 @@ replica as long as its turns come through the same ingress (the usual case with 
 from __future__ import annotations
 
 import json
+import random
 from collections import OrderedDict
 from typing import Any
 
@@ -46,7 +49,8 @@ def block_hashes(key: str, block_chars: int) -> list[int]:
 
 
 class PrefixAffinityRouter(RequestRouter):
-    """The replica that already holds a request's longest prefix while load is balanced, else the least loaded."""
+    """While load is balanced, the replica holding a request's longest prefix, else the one holding least; when it
+    is not, the least loaded."""
 
     def initialize_state(
         self, imbalanced_threshold: int = 2, block_chars: int = 64, max_blocks: int = 100_000, shared: bool = False
@@ -77,9 +81,11 @@ class PrefixAffinityRouter(RequestRouter):
         hashes = self._hashes(pending_request)
         if hashes and len(candidate_replicas) > 1 and self._balanced(candidate_replicas):
             best = max(candidate_replicas, key=lambda r: self._depth(r.replica_id, hashes))
-            if self._depth(best.replica_id, hashes):
-                return [[best], [r for r in candidate_replicas if r is not best]]
-        return [candidate_replicas]  # Serve probes them and takes the least loaded
+            if not self._depth(best.replica_id, hashes):
+                best = min(random.sample(candidate_replicas, len(candidate_replicas)),
+                           key=lambda r: len(self._sent.get(r.replica_id, ())))
+            return [[best], [r for r in candidate_replicas if r is not best]]
+        return [random.sample(candidate_replicas, len(candidate_replicas))]  # Serve takes the least loaded
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         sent = self._sent.setdefault(replica_id, OrderedDict())

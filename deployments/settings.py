@@ -103,7 +103,8 @@ class RoutingSettings(Strict):
 
     prefix_affinity: bool = Field(
         True, description="Send a request to the replica that served the longest prefix of its prompt (a "
-        "conversation's earlier turns), whose prefix cache holds it; false: Serve's power-of-two choice.",
+        "conversation's earlier turns), whose prefix cache holds it, and a prompt none was sent to the replica sent "
+        "the fewest; false: Serve's power-of-two choice.",
     )
     imbalanced_threshold: int = Field(
         2, ge=0, description="Prefix affinity holds while replicas' ongoing requests differ by at most this; "

@@ -7,6 +7,7 @@ with two replicas and `prefix_cache: shared`, routed by `deployments.prefix_rout
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import os
 import re
 from collections.abc import Iterator
@@ -74,17 +75,13 @@ def test_a_shared_prefix_cache_serves_every_tenant(
     assert reused == tokens - 1
 
 
-def converse(client: openai.OpenAI, model: str, topic: str, turns: int) -> list[tuple[int, int]]:
-    """One conversation's turns, each re-sending the history: (prompt tokens, cached tokens) per turn."""
-    messages: list[dict[str, Any]] = [{"role": "system", "content": f"You are an expert on {topic}. " * 4}]
-    usages = []
-    for turn in range(turns):
-        messages.append({"role": "user", "content": f"Question {turn} about {topic}, please answer briefly."})
-        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
-        assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
-        usages.append((reply.usage.prompt_tokens, reply.usage.prompt_tokens_details.cached_tokens or 0))
-        messages.append({"role": "assistant", "content": reply.choices[0].message.content})
-    return usages
+def turn(client: openai.OpenAI, model: str, messages: list[dict[str, Any]], question: str) -> tuple[int, int]:
+    """One turn of a conversation, re-sending its history: (prompt tokens, cached tokens); the reply joins it."""
+    messages.append({"role": "user", "content": question})
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
+    assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+    messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+    return reply.usage.prompt_tokens, reply.usage.prompt_tokens_details.cached_tokens or 0
 
 
 def replicas_prompt_tokens(model: str) -> dict[str, float]:
@@ -99,10 +96,18 @@ def replicas_prompt_tokens(model: str) -> dict[str, float]:
 
 def test_a_conversations_turns_land_on_the_replica_holding_it(client: openai.OpenAI, shared_model: str) -> None:
     topics = ["lighthouses", "volcanoes", "bees", "glaciers"]
-    with concurrent.futures.ThreadPoolExecutor(len(topics)) as pool:  # together: both replicas get conversations
-        conversations = list(pool.map(lambda topic: converse(client, shared_model, topic, 3), topics))
+    histories = {t: [{"role": "system", "content": f"You are an expert on {t}. " * 4}] for t in topics}
+    # Opened one after another, each new conversation goes to the replica sent the fewest prompts: both get some.
+    openings = [turn(client, shared_model, histories[t], f"Question 0 about {t}, please answer briefly.") for t in topics]
+
+    def carry_on(topic: str) -> list[tuple[int, int]]:
+        return [turn(client, shared_model, histories[topic], f"Question {n} about {topic}, please answer briefly.")
+                for n in (1, 2)]
+
+    with concurrent.futures.ThreadPoolExecutor(len(topics)) as pool:  # together: at most 2 apart, affinity holds
+        conversations = [[opening, *rest] for opening, rest in zip(openings, pool.map(carry_on, topics))]
     for turns in conversations:
-        for (previous, _), (_, reused) in zip(turns, turns[1:]):
+        for (previous, _), (_, reused) in itertools.pairwise(turns):
             assert reused >= previous - 1, conversations  # the whole previous prompt came from that replica's cache
     spread = wait_until(lambda: len(replicas_prompt_tokens(shared_model)) == 2 and replicas_prompt_tokens(shared_model),
                         30, "both replicas' prefix metrics")
